@@ -1,0 +1,8 @@
+//! mailgrid replication: one openraft group per partition plus the meta group, their storage
+//! adapters, and the QUIC transport (mutual TLS) that carries raft and service RPCs.
+
+pub mod store;
+pub mod tls;
+pub mod types;
+
+pub use types::*;

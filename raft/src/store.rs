@@ -1,0 +1,423 @@
+//! openraft storage adapters over the `storage` crate: the log store (durable appends through
+//! the node-wide group-commit syncer) and the state machine (atomic apply, file snapshots).
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::{Stream, TryStreamExt};
+use openraft::entry::RaftEntry;
+use openraft::storage::{EntryResponder, IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::type_config::alias::SnapshotOf;
+use openraft::{
+    EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+};
+use storage::codec;
+use storage::log::{COMMITTED, PURGED, VOTE};
+use storage::machine::GroupKind;
+use storage::{GroupLog, GroupMachine};
+
+use crate::types::*;
+
+fn to_io(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+#[derive(Clone, Debug)]
+pub struct LogStore {
+    log: GroupLog,
+}
+
+impl LogStore {
+    pub fn new(log: GroupLog) -> LogStore {
+        LogStore { log }
+    }
+
+    fn decode_mark<T: serde::de::DeserializeOwned>(&self, name: &str) -> io::Result<Option<T>> {
+        match self.log.mark(name).map_err(to_io)? {
+            Some(bytes) => Ok(Some(codec::decode(&bytes).map_err(to_io)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits until everything written so far is durable (shares the node's group commit).
+    async fn synced(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.log.store().sync_then(Box::new(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await.map_err(to_io)?.map_err(io::Error::other)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e,
+            Bound::Excluded(&0) => return Ok(Vec::new()),
+            Bound::Excluded(&e) => e - 1,
+            Bound::Unbounded => u64::MAX,
+        };
+        let raw = self.log.read(start..=end).map_err(to_io)?;
+        raw.iter()
+            .map(|(index, bytes)| {
+                let entry: Entry = codec::decode(bytes).map_err(to_io)?;
+                assert_eq!(
+                    entry.index(),
+                    *index,
+                    "log entry stored under the wrong index"
+                );
+                Ok(entry)
+            })
+            .collect()
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.decode_mark(VOTE)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let purged: Option<LogId> = self.decode_mark(PURGED)?;
+        let last = match self.log.last().map_err(to_io)? {
+            Some((_, bytes)) => Some(codec::decode::<Entry>(&bytes).map_err(to_io)?.log_id()),
+            None => purged.clone(),
+        };
+        Ok(LogState {
+            last_purged_log_id: purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> LogStore {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        self.log
+            .set_mark(VOTE, &codec::encode(vote))
+            .map_err(to_io)?;
+        self.synced().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        // Not synced on its own: it rides along with the next append's sync, and openraft
+        // tolerates a committed mark that lags after a crash.
+        self.log
+            .set_mark(COMMITTED, &codec::encode(&committed))
+            .map_err(to_io)
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        Ok(self.decode_mark::<Option<LogId>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let encoded: Vec<(u64, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| (e.index(), codec::encode(&e)))
+            .collect();
+        self.log
+            .append(encoded.iter().map(|(i, b)| (*i, &b[..])))
+            .map_err(to_io)?;
+        // Durable once the shared syncer's next flush + fdatasync completes.
+        self.log.store().sync_then(Box::new(move |r| {
+            callback.io_completed(r.map_err(io::Error::other))
+        }));
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.map(|l| l.index() + 1).unwrap_or(0);
+        self.log.truncate_from(from).map_err(to_io)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        self.log
+            .set_mark(PURGED, &codec::encode(&log_id))
+            .map_err(to_io)?;
+        self.log.purge_upto(log_id.index()).map_err(to_io)
+    }
+}
+
+/// The applied-state record stored atomically with every apply.
+type AppliedState = (Option<LogId>, StoredMembership);
+
+/// A snapshot on disk, streamed by the transport and installed from the file.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    pub path: PathBuf,
+}
+
+/// The state machine of one group. Cheap to clone; openraft owns one clone, readers another.
+#[derive(Clone, Debug)]
+pub struct StateMachine {
+    machine: Arc<GroupMachine>,
+    snapshot_dir: PathBuf,
+    /// The newest snapshot file and its meta, if any.
+    current: Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>,
+}
+
+const SNAPSHOT_SUFFIX: &str = ".snap";
+
+impl StateMachine {
+    pub fn open(machine: Arc<GroupMachine>, snapshot_dir: PathBuf) -> io::Result<StateMachine> {
+        std::fs::create_dir_all(&snapshot_dir)?;
+        let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
+        for entry in std::fs::read_dir(&snapshot_dir)? {
+            let path = entry?.path();
+            let is_snapshot = path
+                .extension()
+                .is_some_and(|e| format!(".{}", e.to_string_lossy()) == SNAPSHOT_SUFFIX);
+            if !is_snapshot {
+                // A partly received or partly built snapshot from before a crash.
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let Ok(meta) = snapshot_meta(&path) else {
+                tracing::warn!(path = %path.display(), "removing unreadable snapshot");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            if newest
+                .as_ref()
+                .is_none_or(|(m, _)| m.last_log_id < meta.last_log_id)
+            {
+                newest = Some((meta, path));
+            }
+        }
+        Ok(StateMachine {
+            machine,
+            snapshot_dir,
+            current: Arc::new(Mutex::new(newest)),
+        })
+    }
+
+    pub fn machine(&self) -> &Arc<GroupMachine> {
+        &self.machine
+    }
+
+    pub fn kind(&self) -> GroupKind {
+        self.machine.kind()
+    }
+
+    /// A path for a snapshot being received; not picked up as a snapshot until renamed.
+    pub fn incoming_path(&self) -> PathBuf {
+        self.snapshot_dir
+            .join(format!("incoming-{}.part", rand::random::<u64>()))
+    }
+
+    fn applied(&self) -> io::Result<AppliedState> {
+        match self.machine.raft_state().map_err(to_io)? {
+            Some(bytes) => codec::decode(&bytes).map_err(to_io),
+            None => Ok((None, StoredMembership::default())),
+        }
+    }
+
+    fn set_current(&self, meta: SnapshotMeta, path: PathBuf) {
+        let old = self
+            .current
+            .lock()
+            .expect("snapshot lock poisoned")
+            .replace((meta, path.clone()));
+        if let Some((_, old_path)) = old {
+            if old_path != path {
+                let _ = std::fs::remove_file(old_path);
+            }
+        }
+    }
+}
+
+fn snapshot_meta(path: &Path) -> io::Result<SnapshotMeta> {
+    let state = GroupMachine::snapshot_raft_state(path).map_err(to_io)?;
+    let (last_log_id, last_membership): AppliedState = match state {
+        Some(bytes) => codec::decode(&bytes).map_err(to_io)?,
+        None => (None, StoredMembership::default()),
+    };
+    Ok(SnapshotMeta {
+        last_log_id,
+        last_membership,
+    })
+}
+
+fn snapshot_name(meta: &SnapshotMeta) -> String {
+    match &meta.last_log_id {
+        Some(id) => format!(
+            "{:020}-{:020}{SNAPSHOT_SUFFIX}",
+            id.committed_leader_id().term,
+            id.index()
+        ),
+        None => format!("empty{SNAPSHOT_SUFFIX}"),
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotFile;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> io::Result<AppliedState> {
+        self.applied()
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
+    where
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let (_, mut membership) = self.applied()?;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id();
+            let cmd = match &entry.payload {
+                EntryPayload::Normal(cmd) => Some(cmd),
+                EntryPayload::Membership(m) => {
+                    membership = StoredMembership::new(Some(log_id.clone()), m.clone());
+                    None
+                }
+                EntryPayload::Blank => None,
+            };
+            let state = codec::encode(&(Some(log_id.clone()), membership.clone()));
+            let response = self.machine.apply(cmd, &state).map_err(to_io)?;
+            if let Some(responder) = responder {
+                responder.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        // The snapshot is written here, in the state machine's own task, so no apply runs
+        // while it is taken and it is consistent; building just hands it over.
+        let sm = self.clone();
+        let built = tokio::task::spawn_blocking(move || -> io::Result<(SnapshotMeta, PathBuf)> {
+            let tmp = sm
+                .snapshot_dir
+                .join(format!("building-{}.part", rand::random::<u64>()));
+            sm.machine.export(&tmp).map_err(to_io)?;
+            let meta = snapshot_meta(&tmp)?;
+            let path = sm.snapshot_dir.join(snapshot_name(&meta));
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&sm.snapshot_dir)?.sync_all()?;
+            Ok((meta, path))
+        })
+        .await
+        .map_err(to_io)
+        .and_then(|r| r);
+        SnapshotBuilder {
+            sm: self.clone(),
+            built: Some(built),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotFile,
+    ) -> io::Result<()> {
+        let sm = self.clone();
+        let meta = meta.clone();
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let found = snapshot_meta(&snapshot.path)?;
+            if found.last_log_id != meta.last_log_id {
+                return Err(io::Error::other(
+                    "snapshot file does not match its announced log id",
+                ));
+            }
+            sm.machine.install(&snapshot.path).map_err(to_io)?;
+            let path = sm.snapshot_dir.join(snapshot_name(&meta));
+            if path != snapshot.path {
+                std::fs::rename(&snapshot.path, &path)?;
+            }
+            std::fs::File::open(&sm.snapshot_dir)?.sync_all()?;
+            sm.set_current(meta, path);
+            Ok(())
+        })
+        .await
+        .map_err(to_io)?
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> io::Result<Option<SnapshotOf<TypeConfig, SnapshotFile>>> {
+        let current = self.current.lock().expect("snapshot lock poisoned").clone();
+        Ok(current.map(|(meta, path)| Snapshot {
+            meta,
+            snapshot: SnapshotFile { path },
+        }))
+    }
+}
+
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    sm: StateMachine,
+    built: Option<io::Result<(SnapshotMeta, PathBuf)>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotFile;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, SnapshotFile>> {
+        let (meta, path) = self
+            .built
+            .take()
+            .unwrap_or_else(|| Err(io::Error::other("snapshot already built")))?;
+        self.sm.set_current(meta.clone(), path.clone());
+        Ok(Snapshot {
+            meta,
+            snapshot: SnapshotFile { path },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::log::{StoreBuilder, Suite};
+    use openraft::type_config::TypeConfigExt;
+
+    struct Builder {
+        dirs: Mutex<Vec<tempfile::TempDir>>,
+    }
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for Builder {
+        async fn build(
+            &self,
+        ) -> Result<((), LogStore, StateMachine), openraft::StorageError<TypeConfig>> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = storage::Store::open(&dir.path().join("db"), true).expect("open store");
+            let log = LogStore::new(GroupLog::open(&store, 1).expect("log"));
+            let machine =
+                Arc::new(GroupMachine::open(&store, 1, GroupKind::Partition).expect("machine"));
+            let sm = StateMachine::open(machine, dir.path().join("snapshots")).expect("sm");
+            self.dirs.lock().unwrap().push(dir);
+            Ok(((), log, sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite() {
+        // Goal: the log store and state machine meet openraft's storage contract.
+        TypeConfig::run(async {
+            Suite::test_all(Builder {
+                dirs: Mutex::new(Vec::new()),
+            })
+            .await
+            .unwrap();
+        });
+    }
+}

@@ -1,0 +1,220 @@
+//! The node's one sled database and the group-commit syncer that makes writes durable.
+//!
+//! sled 0.34's `flush()` only issues `sync_file_range`, which neither flushes the device cache
+//! nor persists metadata (DESIGN.md invariant 6). After every flush we therefore `fdatasync` the
+//! database file ourselves. Many raft groups share this one database, so one flush + fdatasync
+//! covers all of their pending writes: the [`Syncer`] thread collects waiting callers while a
+//! sync runs and releases them together (group commit).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use crate::StorageError;
+
+/// How many durability requests one flush may cover; bounds the latency of the last one.
+const SYNC_BATCH_MAX: usize = 4096;
+
+/// A callback run once the writes issued before it are durable (or failed to become so).
+pub type SyncCallback = Box<dyn FnOnce(Result<(), String>) + Send + 'static>;
+
+/// Counters a test or bench can read to check that acknowledgements follow syncs.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    pub syncs: std::sync::atomic::AtomicU64,
+    pub callbacks: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+}
+
+struct StoreInner {
+    db: sled::Db,
+    dir: PathBuf,
+    /// Open handle on sled's data file; `sync_data` on it is the real durability barrier.
+    data_file: Mutex<File>,
+    /// Requests for the syncer thread. Bounded: a full queue makes writers wait (back-pressure).
+    sync_tx: mpsc::SyncSender<SyncCallback>,
+    stats: Arc<SyncStats>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.dir)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates, when `create` is true) the database under `dir`.
+    ///
+    /// Refuses to silently start on an empty store: opening a directory that has no database
+    /// with `create == false` is an error that names the directory.
+    pub fn open(dir: &Path, create: bool) -> Result<Store, StorageError> {
+        let exists = dir.join("db").exists();
+        if !exists && !create {
+            return Err(StorageError::Missing(dir.display().to_string()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| StorageError::Corrupt(format!("{}: {e}", dir.display())))?;
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path).map_err(|e| StorageError::io(&data_path, e))?;
+        if !exists {
+            // Make the new files' directory entries durable.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StorageError::io(dir, e))?;
+        }
+        let (sync_tx, sync_rx) = mpsc::sync_channel::<SyncCallback>(SYNC_BATCH_MAX);
+        let stats = Arc::new(SyncStats::default());
+        let inner = Arc::new(StoreInner {
+            db,
+            dir: dir.to_path_buf(),
+            data_file: Mutex::new(data_file),
+            sync_tx,
+            stats: stats.clone(),
+        });
+        let weak = Arc::downgrade(&inner);
+        thread::Builder::new()
+            .name("storage-sync".into())
+            .spawn(move || syncer_loop(weak, sync_rx))
+            .map_err(|e| StorageError::io(dir, e))?;
+        Ok(Store { inner })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn stats(&self) -> &SyncStats {
+        &self.inner.stats
+    }
+
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StorageError> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
+    pub(crate) fn drop_tree(&self, name: &str) -> Result<(), StorageError> {
+        self.inner.db.drop_tree(name)?;
+        Ok(())
+    }
+
+    pub(crate) fn tree_names(&self) -> Vec<String> {
+        self.inner
+            .db
+            .tree_names()
+            .into_iter()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .collect()
+    }
+
+    /// Flushes sled and `fdatasync`s its data file. Blocking.
+    pub fn sync(&self) -> Result<(), StorageError> {
+        self.inner.sync_now()
+    }
+
+    /// Calls `done` once everything written before this call is durable. Callers that arrive
+    /// while a sync is running share the next one.
+    pub fn sync_then(&self, done: SyncCallback) {
+        if let Err(mpsc::SendError(done)) = self.inner.sync_tx.send(done) {
+            done(Err("storage syncer stopped".into()));
+        }
+    }
+}
+
+impl StoreInner {
+    fn sync_now(&self) -> Result<(), StorageError> {
+        self.db.flush()?;
+        let file = self.data_file.lock().expect("data file lock poisoned");
+        file.sync_data()
+            .map_err(|e| StorageError::io(&self.dir.join("db"), e))?;
+        self.stats
+            .syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn syncer_loop(store: std::sync::Weak<StoreInner>, rx: mpsc::Receiver<SyncCallback>) {
+    let mut batch = Vec::with_capacity(64);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < SYNC_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            for done in batch.drain(..) {
+                done(Err("storage closed".into()));
+            }
+            return;
+        };
+        let result = store.sync_now().map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "storage sync failed");
+        }
+        store
+            .stats
+            .callbacks
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        drop(store);
+        for done in batch.drain(..) {
+            done(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_missing_without_create_fails() {
+        // Goal: a node never starts silently on an empty store.
+        let dir = tempfile::tempdir().unwrap();
+        let err = Store::open(&dir.path().join("nothing"), false).unwrap_err();
+        assert!(matches!(err, StorageError::Missing(_)), "{err}");
+    }
+
+    #[test]
+    fn sync_then_runs_after_a_sync() {
+        // Goal: every durability callback is preceded by at least one flush + fdatasync.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), true).unwrap();
+        let tree = store.tree("t").unwrap();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..50u32 {
+            tree.insert(i.to_be_bytes(), &b"v"[..]).unwrap();
+            let tx = tx.clone();
+            let stats = store.inner.stats.clone();
+            store.sync_then(Box::new(move |r| {
+                let syncs = stats.syncs.load(std::sync::atomic::Ordering::Relaxed);
+                tx.send((r, syncs)).unwrap();
+            }));
+        }
+        for _ in 0..50 {
+            let (r, syncs) = rx.recv().unwrap();
+            r.unwrap();
+            assert!(syncs >= 1);
+        }
+        assert!(
+            store
+                .stats()
+                .callbacks
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 50
+        );
+    }
+}

@@ -1,0 +1,337 @@
+//! A raft group's state machine: which keyspace it owns, atomic apply, and streaming snapshots.
+//!
+//! Each group's state lives in its own sled tree, named with a generation number. Installing a
+//! snapshot fills a fresh generation and then switches the pointer in one write, so a crash in
+//! the middle leaves the old state intact. Snapshots are streamed record by record to and from
+//! a file; a partition is never held in memory whole.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::RwLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::meta::{self, MetaCommand, MetaResponse, MetaView};
+use crate::partition::{self, PartitionCommand, PartitionResponse, PartitionView, Txn};
+use crate::{chunk, StorageError, Store};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Meta(MetaCommand),
+    Partition(PartitionCommand),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// For entries that carry no command (blank and membership entries).
+    Empty,
+    Meta(MetaResponse),
+    Partition(PartitionResponse),
+    /// The command was meant for the other kind of group; nothing was changed.
+    WrongGroup,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupKind {
+    Meta,
+    Partition,
+}
+
+/// Key of the raft layer's applied-state record (applied log id and membership), written in
+/// the same batch as every apply. The leading zero byte sorts it before every data key.
+const RAFT_STATE: &[u8] = b"\0raft";
+const GENERATIONS: &str = "sm-generation";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"MGSNAP01";
+const SNAPSHOT_END: u32 = u32::MAX;
+/// Records inserted per batch while installing a snapshot.
+const INSTALL_BATCH_RECORDS: usize = 1024;
+
+#[derive(Debug)]
+pub struct GroupMachine {
+    store: Store,
+    group: u64,
+    kind: GroupKind,
+    /// Current generation's tree. Apply and reads take the read lock; installing a snapshot
+    /// takes the write lock only for the moment of the switch.
+    tree: RwLock<(u64, sled::Tree)>,
+}
+
+fn tree_name(group: u64, generation: u64) -> String {
+    format!("sm/{group}/{generation}")
+}
+
+impl GroupMachine {
+    pub fn open(store: &Store, group: u64, kind: GroupKind) -> Result<GroupMachine, StorageError> {
+        let generations = store.tree(GENERATIONS)?;
+        let generation = match generations.get(group.to_be_bytes())? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StorageError::Corrupt(format!("generation of group {group}")))?,
+            ),
+            None => 0,
+        };
+        // Drop trees of other generations left by a crash during snapshot install.
+        let prefix = format!("sm/{group}/");
+        for name in store.tree_names() {
+            if name.starts_with(&prefix) && name != tree_name(group, generation) {
+                store.drop_tree(&name)?;
+            }
+        }
+        let tree = store.tree(&tree_name(group, generation))?;
+        Ok(GroupMachine {
+            store: store.clone(),
+            group,
+            kind,
+            tree: RwLock::new((generation, tree)),
+        })
+    }
+
+    pub fn kind(&self) -> GroupKind {
+        self.kind
+    }
+
+    fn tree(&self) -> sled::Tree {
+        self.tree.read().expect("machine lock poisoned").1.clone()
+    }
+
+    /// The raft layer's applied-state record, if anything was applied yet.
+    pub fn raft_state(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.tree().get(RAFT_STATE)?.map(|v| v.to_vec()))
+    }
+
+    /// Applies one entry atomically with its applied-state record. `cmd` is `None` for entries
+    /// without a command. Not durable by itself: the log is, and replay is deterministic.
+    pub fn apply(
+        &self,
+        cmd: Option<&Command>,
+        raft_state: &[u8],
+    ) -> Result<Response, StorageError> {
+        let tree = self.tree();
+        let mut txn = Txn::new(&tree);
+        let response = match (cmd, self.kind) {
+            (None, _) => Response::Empty,
+            (Some(Command::Meta(c)), GroupKind::Meta) => Response::Meta(meta::apply(&mut txn, c)?),
+            (Some(Command::Partition(c)), GroupKind::Partition) => {
+                Response::Partition(partition::apply(&mut txn, c)?)
+            }
+            (Some(_), _) => Response::WrongGroup,
+        };
+        txn.put_raw(RAFT_STATE.to_vec(), raft_state.to_vec());
+        tree.apply_batch(txn.into_batch())?;
+        Ok(response)
+    }
+
+    pub fn read_partition<T>(&self, f: impl FnOnce(&PartitionView<'_>) -> T) -> T {
+        assert_eq!(self.kind, GroupKind::Partition);
+        let tree = self.tree();
+        f(&PartitionView { tree: &tree })
+    }
+
+    pub fn read_meta<T>(&self, f: impl FnOnce(&MetaView<'_>) -> T) -> T {
+        assert_eq!(self.kind, GroupKind::Meta);
+        let tree = self.tree();
+        f(&MetaView { tree: &tree })
+    }
+
+    /// Digest of the data (not the raft bookkeeping), equal on replicas that applied the same
+    /// commands. Used by tests and the chaos checker to compare replicas.
+    pub fn digest(&self) -> Result<[u8; 32], StorageError> {
+        let mut h = blake3::Hasher::new();
+        for item in self.tree().iter() {
+            let (k, v) = item?;
+            if &k[..] == RAFT_STATE {
+                continue;
+            }
+            h.update(&(k.len() as u32).to_be_bytes());
+            h.update(&k);
+            h.update(&(v.len() as u32).to_be_bytes());
+            h.update(&v);
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// Writes a consistent snapshot of this group to `path` and fsyncs it. The caller must not
+    /// apply concurrently (the raft layer calls this from the state machine's own task). The
+    /// store is synced first so the state the snapshot covers is durable before logs are purged.
+    pub fn export(&self, path: &Path) -> Result<u64, StorageError> {
+        self.store.sync()?;
+        let file = std::fs::File::create(path).map_err(|e| StorageError::io(path, e))?;
+        let mut w = HashingWriter {
+            inner: BufWriter::new(file),
+            hash: blake3::Hasher::new(),
+        };
+        let io = |e| StorageError::io(path, e);
+        w.write_all(SNAPSHOT_MAGIC).map_err(io)?;
+        let mut records = 0u64;
+        for item in self.tree().iter() {
+            let (k, v) = item?;
+            assert!(v.len() <= chunk::CHUNK_BYTES_MAX && k.len() <= chunk::CHUNK_BYTES_MAX);
+            w.write_all(&(k.len() as u32).to_be_bytes()).map_err(io)?;
+            w.write_all(&k).map_err(io)?;
+            w.write_all(&(v.len() as u32).to_be_bytes()).map_err(io)?;
+            w.write_all(&v).map_err(io)?;
+            records += 1;
+        }
+        w.write_all(&SNAPSHOT_END.to_be_bytes()).map_err(io)?;
+        let digest = *w.hash.finalize().as_bytes();
+        let mut inner = w.inner;
+        inner.write_all(&digest).map_err(io)?;
+        let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(records)
+    }
+
+    /// Reads the applied-state record stored inside a snapshot file, after checking the file.
+    pub fn snapshot_raft_state(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut state = None;
+        for_each_record(path, |k, v| {
+            if k == RAFT_STATE {
+                state = Some(v.to_vec());
+            }
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    /// Replaces this group's state with the snapshot in `path` (checked in full first).
+    pub fn install(&self, path: &Path) -> Result<(), StorageError> {
+        for_each_record(path, |_, _| Ok(()))?;
+        let generation = self.tree.read().expect("machine lock poisoned").0 + 1;
+        let name = tree_name(self.group, generation);
+        let fresh = self.store.tree(&name)?;
+        fresh.clear()?;
+        let mut batch = sled::Batch::default();
+        let mut pending = 0;
+        for_each_record(path, |k, v| {
+            batch.insert(k, v);
+            pending += 1;
+            if pending == INSTALL_BATCH_RECORDS {
+                fresh.apply_batch(std::mem::take(&mut batch))?;
+                pending = 0;
+            }
+            Ok(())
+        })?;
+        fresh.apply_batch(batch)?;
+        self.store.sync()?;
+        // The switch: one durable write of the generation pointer.
+        let generations = self.store.tree(GENERATIONS)?;
+        generations.insert(self.group.to_be_bytes(), &generation.to_be_bytes())?;
+        self.store.sync()?;
+        let old = {
+            let mut guard = self.tree.write().expect("machine lock poisoned");
+            let old = guard.0;
+            *guard = (generation, fresh);
+            old
+        };
+        self.store.drop_tree(&tree_name(self.group, old))?;
+        Ok(())
+    }
+}
+
+struct HashingWriter<W: Write> {
+    inner: W,
+    hash: blake3::Hasher,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Streams the records of a snapshot file, verifying framing, limits and the trailing digest.
+/// The callback runs before the digest is verified, so callers that change state must run a
+/// verifying pass first.
+fn for_each_record(
+    path: &Path,
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let bad = |what: &str| StorageError::Snapshot(format!("{}: {what}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| StorageError::io(path, e))?;
+    let mut r = BufReader::new(file);
+    let mut hash = blake3::Hasher::new();
+    let read = |r: &mut BufReader<std::fs::File>, buf: &mut [u8], hash: &mut blake3::Hasher| {
+        r.read_exact(buf).map_err(|_| bad("truncated"))?;
+        hash.update(buf);
+        Ok::<(), StorageError>(())
+    };
+    let mut magic = [0u8; 8];
+    read(&mut r, &mut magic, &mut hash)?;
+    if &magic != SNAPSHOT_MAGIC {
+        return Err(bad("not a mailgrid snapshot"));
+    }
+    let (mut k, mut v) = (Vec::new(), Vec::new());
+    loop {
+        let mut len = [0u8; 4];
+        read(&mut r, &mut len, &mut hash)?;
+        let klen = u32::from_be_bytes(len);
+        if klen == SNAPSHOT_END {
+            break;
+        }
+        if klen as usize > chunk::CHUNK_BYTES_MAX {
+            return Err(bad("key too long"));
+        }
+        k.resize(klen as usize, 0);
+        read(&mut r, &mut k, &mut hash)?;
+        read(&mut r, &mut len, &mut hash)?;
+        let vlen = u32::from_be_bytes(len) as usize;
+        if vlen > chunk::CHUNK_BYTES_MAX {
+            return Err(bad("value too long"));
+        }
+        v.resize(vlen, 0);
+        read(&mut r, &mut v, &mut hash)?;
+        f(&k, &v)?;
+    }
+    let mut digest = [0u8; 32];
+    r.read_exact(&mut digest)
+        .map_err(|_| bad("truncated digest"))?;
+    if digest != *hash.finalize().as_bytes() {
+        return Err(bad("digest mismatch"));
+    }
+    let mut rest = [0u8; 1];
+    if r.read(&mut rest).map_err(|e| StorageError::io(path, e))? != 0 {
+        return Err(bad("trailing bytes"));
+    }
+    Ok(())
+}
+
+impl std::fmt::Display for Command {
+    /// A short description for logs: never the message body or a password hash.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use PartitionCommand as P;
+        match self {
+            Command::Meta(m) => write!(f, "meta {m:?}"),
+            Command::Partition(P::Deliver {
+                recipients, body, ..
+            }) => {
+                write!(
+                    f,
+                    "deliver {} bytes to {} recipients",
+                    body.len(),
+                    recipients.len()
+                )
+            }
+            Command::Partition(P::Append {
+                address,
+                mailbox,
+                body,
+                ..
+            }) => {
+                write!(f, "append {} bytes to {address} {mailbox}", body.len())
+            }
+            Command::Partition(P::CreateAccount { address, .. }) => {
+                write!(f, "create account {address}")
+            }
+            Command::Partition(P::SetPassword { address, .. }) => {
+                write!(f, "set password of {address}")
+            }
+            Command::Partition(other) => write!(f, "{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,1108 @@
+//! A partition's mail data and its deterministic `apply`: accounts, aliases, mailboxes, the
+//! message index, reference-counted content-addressed bodies and delivery keys.
+//!
+//! Apply reads no clock and no randomness: the proposer stamps `now` and internal dates, and
+//! hashes passwords, before proposing. Every command is applied as one atomic sled batch,
+//! together with the raft layer's applied-state record.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::types::*;
+use crate::{chunk, codec, StorageError};
+
+/// Mailboxes every new account gets, with their RFC 6154 special-use attribute.
+pub const DEFAULT_MAILBOXES: [(&str, Option<&str>); 6] = [
+    ("INBOX", None),
+    ("Sent", Some("\\Sent")),
+    ("Drafts", Some("\\Drafts")),
+    ("Trash", Some("\\Trash")),
+    ("Junk", Some("\\Junk")),
+    ("Archive", Some("\\Archive")),
+];
+
+/// How long a delivery key is remembered, so a retried delivery is recognised.
+pub const DELIVERY_KEY_RETENTION_SECONDS: i64 = 7 * 24 * 3600;
+/// How many expired delivery keys one apply may prune (bounds the work of one entry).
+const DELIVERY_KEY_PRUNE_MAX: usize = 32;
+/// Largest message body we store.
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most recipients in one partition for one delivery.
+pub const RECIPIENTS_MAX: usize = 10_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Quota {
+    /// Zero means unlimited.
+    pub bytes: u64,
+    /// Zero means unlimited.
+    pub messages: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Usage {
+    pub bytes: u64,
+    pub messages: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub address: String,
+    /// PHC string (argon2id), computed by the proposer.
+    pub password_hash: String,
+    pub quota: Quota,
+    pub usage: Usage,
+    pub created: UnixSeconds,
+}
+
+impl Account {
+    /// Whether one more message of `size` bytes fits in the quota.
+    pub fn fits(&self, size: u64) -> bool {
+        (self.quota.bytes == 0 || self.usage.bytes.saturating_add(size) <= self.quota.bytes)
+            && (self.quota.messages == 0 || self.usage.messages < self.quota.messages)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alias {
+    pub address: String,
+    pub targets: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mailbox {
+    pub id: u64,
+    pub name: String,
+    pub uid_validity: UidValidity,
+    pub uid_next: Uid,
+    pub highest_modseq: ModSeq,
+    pub subscribed: bool,
+    pub special_use: Option<String>,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub body: BodyHash,
+    pub size: u64,
+    pub internal_date: UnixSeconds,
+    pub flags: BTreeSet<String>,
+    pub modseq: ModSeq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct BodyMeta {
+    refs: u64,
+    size: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FlagOp {
+    Add,
+    Remove,
+    Replace,
+}
+
+/// Commands a partition group applies. Times and hashes are stamped by the proposer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartitionCommand {
+    CreateAccount {
+        address: String,
+        password_hash: String,
+        quota: Quota,
+        now: UnixSeconds,
+    },
+    SetPassword {
+        address: String,
+        password_hash: String,
+    },
+    SetQuota {
+        address: String,
+        quota: Quota,
+    },
+    RemoveAccount {
+        address: String,
+    },
+    SetAlias {
+        address: String,
+        targets: Vec<String>,
+    },
+    RemoveAlias {
+        address: String,
+    },
+    CreateMailbox {
+        address: String,
+        name: String,
+        now: UnixSeconds,
+    },
+    DeleteMailbox {
+        address: String,
+        name: String,
+    },
+    RenameMailbox {
+        address: String,
+        from: String,
+        to: String,
+        now: UnixSeconds,
+    },
+    Subscribe {
+        address: String,
+        name: String,
+        subscribed: bool,
+    },
+    /// Delivery of one message to the INBOX of each recipient in this partition. Applying the
+    /// same `key` twice returns the first outcome and stores nothing new.
+    Deliver {
+        key: [u8; 32],
+        recipients: Vec<String>,
+        body: Vec<u8>,
+        internal_date: UnixSeconds,
+        now: UnixSeconds,
+    },
+    Append {
+        address: String,
+        mailbox: String,
+        body: Vec<u8>,
+        flags: Vec<String>,
+        internal_date: UnixSeconds,
+    },
+    StoreFlags {
+        address: String,
+        mailbox: String,
+        uids: Vec<Uid>,
+        op: FlagOp,
+        flags: Vec<String>,
+    },
+    /// Removes the given messages, or every `\Deleted` one when `uids` is `None`.
+    Expunge {
+        address: String,
+        mailbox: String,
+        uids: Option<Vec<Uid>>,
+    },
+    Copy {
+        address: String,
+        from: String,
+        to: String,
+        uids: Vec<Uid>,
+        remove_source: bool,
+    },
+}
+
+/// Why a command had no effect. These are expected outcomes, not failures of the system.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum MailError {
+    #[error("no such account")]
+    NoSuchAccount,
+    #[error("address is already in use")]
+    AddressInUse,
+    #[error("no such mailbox")]
+    NoSuchMailbox,
+    #[error("mailbox already exists")]
+    MailboxExists,
+    #[error("invalid mailbox name")]
+    InvalidMailboxName,
+    #[error("invalid address")]
+    InvalidAddress,
+    #[error("invalid flag")]
+    InvalidFlag,
+    #[error("over quota")]
+    OverQuota,
+    #[error("message too large")]
+    TooLarge,
+    #[error("too many items")]
+    TooMany,
+    #[error("operation not allowed on this mailbox")]
+    NotAllowed,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecipientOutcome {
+    Delivered { uid_validity: UidValidity, uid: Uid },
+    NoSuchAccount,
+    OverQuota,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PartitionResponse {
+    Done,
+    Delivered(Vec<(String, RecipientOutcome)>),
+    Appended {
+        uid_validity: UidValidity,
+        uid: Uid,
+    },
+    Flags(Vec<(Uid, ModSeq, BTreeSet<String>)>),
+    Expunged(Vec<Uid>),
+    Copied {
+        uid_validity: UidValidity,
+        pairs: Vec<(Uid, Uid)>,
+    },
+    Refused(MailError),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct DeliveryKeyRecord {
+    at: UnixSeconds,
+    outcome: Vec<(String, RecipientOutcome)>,
+}
+
+// Key prefixes of the partition keyspace.
+const ACCOUNT: u8 = b'A';
+const ALIAS: u8 = b'L';
+const MAILBOX: u8 = b'M';
+const MESSAGE: u8 = b'I';
+const BODY_META: u8 = b'B';
+const BODY_CHUNKS: u8 = b'C';
+const DELIVERY_KEY: u8 = b'K';
+const DELIVERY_KEY_BY_TIME: u8 = b'T';
+const COUNTER: u8 = b'S';
+
+fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = vec![prefix];
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn mailbox_key(address: &str, name: &str) -> Vec<u8> {
+    key(MAILBOX, &[address.as_bytes(), &[0], name.as_bytes()])
+}
+
+fn message_key(mailbox: u64, uid: Uid) -> Vec<u8> {
+    key(MESSAGE, &[&mailbox.to_be_bytes(), &uid.0.to_be_bytes()])
+}
+
+/// Order-preserving encoding of a signed time for big-endian keys.
+fn time_key(t: UnixSeconds) -> [u8; 8] {
+    ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Read-your-writes overlay over the tree for one apply; turned into one atomic batch.
+pub(crate) struct Txn<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    chunks: sled::Batch,
+}
+
+impl<'a> Txn<'a> {
+    pub(crate) fn new(tree: &'a sled::Tree) -> Txn<'a> {
+        Txn {
+            tree,
+            writes: BTreeMap::new(),
+            chunks: sled::Batch::default(),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
+        let raw = self.get_raw(k)?;
+        raw.map(|v| codec::decode(&v))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    fn put<T: Serialize>(&mut self, k: Vec<u8>, v: &T) {
+        let bytes = codec::encode(v);
+        assert!(
+            bytes.len() <= chunk::CHUNK_BYTES_MAX,
+            "record over the sled value limit"
+        );
+        self.writes.insert(k, Some(bytes));
+    }
+
+    pub(crate) fn put_raw(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        assert!(
+            v.len() <= chunk::CHUNK_BYTES_MAX,
+            "record over the sled value limit"
+        );
+        self.writes.insert(k, Some(v));
+    }
+
+    fn del(&mut self, k: Vec<u8>) {
+        self.writes.insert(k, None);
+    }
+
+    pub(crate) fn del_raw(&mut self, k: Vec<u8>) {
+        self.del(k)
+    }
+
+    pub(crate) fn get_raw(&self, k: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(match self.writes.get(k) {
+            Some(v) => v.clone(),
+            None => self.tree.get(k)?.map(|v| v.to_vec()),
+        })
+    }
+
+    /// Keys and values with `prefix`, as stored before this apply (callers scan before writing).
+    fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, T)>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            if self.writes.contains_key(&k[..]) {
+                continue;
+            }
+            out.push((k.to_vec(), codec::decode(&v)?));
+        }
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if let Some(v) = v {
+                out.push((k.clone(), codec::decode(v)?));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    pub(crate) fn into_batch(self) -> sled::Batch {
+        let mut batch = self.chunks;
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+
+    fn counter(&mut self, name: &str) -> Result<u64, StorageError> {
+        Ok(self
+            .get::<u64>(&key(COUNTER, &[name.as_bytes()]))?
+            .unwrap_or(0))
+    }
+
+    fn set_counter(&mut self, name: &str, value: u64) {
+        self.put(key(COUNTER, &[name.as_bytes()]), &value);
+    }
+
+    /// Adds one reference to a body, storing its bytes if this is the first.
+    fn body_ref(
+        &mut self,
+        hash: BodyHash,
+        body: Option<&[u8]>,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let meta_key = key(BODY_META, &[&hash.0]);
+        let meta = match self.get::<BodyMeta>(&meta_key)? {
+            Some(mut meta) => {
+                meta.refs += 1;
+                meta
+            }
+            None => {
+                let body = body.expect("first reference to a body must carry its bytes");
+                chunk::put(&mut self.chunks, &key(BODY_CHUNKS, &[&hash.0]), body);
+                BodyMeta { refs: 1, size }
+            }
+        };
+        self.put(meta_key, &meta);
+        Ok(())
+    }
+
+    fn body_unref(&mut self, hash: BodyHash) -> Result<(), StorageError> {
+        let meta_key = key(BODY_META, &[&hash.0]);
+        let Some(mut meta) = self.get::<BodyMeta>(&meta_key)? else {
+            return Err(StorageError::Corrupt(format!(
+                "message refers to missing body {hash:?}"
+            )));
+        };
+        meta.refs -= 1;
+        if meta.refs == 0 {
+            self.del(meta_key);
+            chunk::remove(self.tree, &mut self.chunks, &key(BODY_CHUNKS, &[&hash.0]))?;
+        } else {
+            self.put(meta_key, &meta);
+        }
+        Ok(())
+    }
+}
+
+type Outcome = Result<PartitionResponse, StorageError>;
+
+fn refused(e: MailError) -> Outcome {
+    Ok(PartitionResponse::Refused(e))
+}
+
+/// Applies one command to the overlay. Pure function of (stored state, command).
+pub(crate) fn apply(txn: &mut Txn<'_>, cmd: &PartitionCommand) -> Outcome {
+    use PartitionCommand as C;
+    match cmd {
+        C::CreateAccount {
+            address,
+            password_hash,
+            quota,
+            now,
+        } => create_account(txn, address, password_hash, quota, *now),
+        C::SetPassword {
+            address,
+            password_hash,
+        } => update_account(txn, address, |a| {
+            a.password_hash = password_hash.clone();
+        }),
+        C::SetQuota { address, quota } => update_account(txn, address, |a| a.quota = quota.clone()),
+        C::RemoveAccount { address } => remove_account(txn, address),
+        C::SetAlias { address, targets } => {
+            if !is_valid_address(address) || targets.iter().any(|t| !is_valid_address(t)) {
+                return refused(MailError::InvalidAddress);
+            }
+            if targets.is_empty() || targets.len() > ALIAS_TARGETS_MAX {
+                return refused(MailError::TooMany);
+            }
+            if txn
+                .get::<Account>(&key(ACCOUNT, &[address.as_bytes()]))?
+                .is_some()
+            {
+                return refused(MailError::AddressInUse);
+            }
+            let alias = Alias {
+                address: address.clone(),
+                targets: targets.clone(),
+            };
+            txn.put(key(ALIAS, &[address.as_bytes()]), &alias);
+            Ok(PartitionResponse::Done)
+        }
+        C::RemoveAlias { address } => {
+            let k = key(ALIAS, &[address.as_bytes()]);
+            if txn.get::<Alias>(&k)?.is_none() {
+                return refused(MailError::NoSuchAccount);
+            }
+            txn.del(k);
+            Ok(PartitionResponse::Done)
+        }
+        C::CreateMailbox { address, name, now } => {
+            if txn
+                .get::<Account>(&key(ACCOUNT, &[address.as_bytes()]))?
+                .is_none()
+            {
+                return refused(MailError::NoSuchAccount);
+            }
+            let Some(name) = normalize_mailbox_name(name) else {
+                return refused(MailError::InvalidMailboxName);
+            };
+            if txn.scan::<Mailbox>(&mailbox_key(address, ""))?.len() >= MAILBOXES_PER_ACCOUNT_MAX {
+                return refused(MailError::TooMany);
+            }
+            if txn.get::<Mailbox>(&mailbox_key(address, &name))?.is_some() {
+                return refused(MailError::MailboxExists);
+            }
+            new_mailbox(txn, address, &name, None, *now)?;
+            Ok(PartitionResponse::Done)
+        }
+        C::DeleteMailbox { address, name } => delete_mailbox(txn, address, name),
+        C::RenameMailbox {
+            address,
+            from,
+            to,
+            now,
+        } => rename_mailbox(txn, address, from, to, *now),
+        C::Subscribe {
+            address,
+            name,
+            subscribed,
+        } => {
+            let k = mailbox_key(address, name);
+            let Some(mut mb) = txn.get::<Mailbox>(&k)? else {
+                return refused(MailError::NoSuchMailbox);
+            };
+            mb.subscribed = *subscribed;
+            txn.put(k, &mb);
+            Ok(PartitionResponse::Done)
+        }
+        C::Deliver {
+            key: dkey,
+            recipients,
+            body,
+            internal_date,
+            now,
+        } => deliver(txn, dkey, recipients, body, *internal_date, *now),
+        C::Append {
+            address,
+            mailbox,
+            body,
+            flags,
+            internal_date,
+        } => {
+            if body.len() > MESSAGE_BYTES_MAX {
+                return refused(MailError::TooLarge);
+            }
+            if flags.len() > FLAGS_PER_MESSAGE_MAX || !flags.iter().all(|f| is_valid_flag(f)) {
+                return refused(MailError::InvalidFlag);
+            }
+            let Some(mut account) = txn.get::<Account>(&key(ACCOUNT, &[address.as_bytes()]))?
+            else {
+                return refused(MailError::NoSuchAccount);
+            };
+            if txn
+                .get::<Mailbox>(&mailbox_key(address, mailbox))?
+                .is_none()
+            {
+                return refused(MailError::NoSuchMailbox);
+            }
+            if !account.fits(body.len() as u64) {
+                return refused(MailError::OverQuota);
+            }
+            let hash = BodyHash::of(body);
+            let size = body.len() as u64;
+            txn.body_ref(hash, Some(body), size)?;
+            let flags: BTreeSet<String> = flags.iter().cloned().collect();
+            let (uid_validity, uid) = add_message(
+                txn,
+                &mut account,
+                mailbox,
+                hash,
+                size,
+                *internal_date,
+                flags,
+            )?;
+            txn.put(key(ACCOUNT, &[address.as_bytes()]), &account);
+            Ok(PartitionResponse::Appended { uid_validity, uid })
+        }
+        C::StoreFlags {
+            address,
+            mailbox,
+            uids,
+            op,
+            flags,
+        } => store_flags(txn, address, mailbox, uids, *op, flags),
+        C::Expunge {
+            address,
+            mailbox,
+            uids,
+        } => expunge(txn, address, mailbox, uids.as_deref()),
+        C::Copy {
+            address,
+            from,
+            to,
+            uids,
+            remove_source,
+        } => copy(txn, address, from, to, uids, *remove_source),
+    }
+}
+
+fn create_account(
+    txn: &mut Txn<'_>,
+    address: &str,
+    password_hash: &str,
+    quota: &Quota,
+    now: UnixSeconds,
+) -> Outcome {
+    if !is_valid_address(address) {
+        return refused(MailError::InvalidAddress);
+    }
+    let k = key(ACCOUNT, &[address.as_bytes()]);
+    if txn.get::<Account>(&k)?.is_some()
+        || txn
+            .get::<Alias>(&key(ALIAS, &[address.as_bytes()]))?
+            .is_some()
+    {
+        return refused(MailError::AddressInUse);
+    }
+    let account = Account {
+        address: address.to_string(),
+        password_hash: password_hash.to_string(),
+        quota: quota.clone(),
+        usage: Usage::default(),
+        created: now,
+    };
+    txn.put(k, &account);
+    for (name, special_use) in DEFAULT_MAILBOXES {
+        new_mailbox(txn, address, name, special_use, now)?;
+    }
+    Ok(PartitionResponse::Done)
+}
+
+fn update_account(txn: &mut Txn<'_>, address: &str, f: impl FnOnce(&mut Account)) -> Outcome {
+    let k = key(ACCOUNT, &[address.as_bytes()]);
+    let Some(mut account) = txn.get::<Account>(&k)? else {
+        return refused(MailError::NoSuchAccount);
+    };
+    f(&mut account);
+    txn.put(k, &account);
+    Ok(PartitionResponse::Done)
+}
+
+fn remove_account(txn: &mut Txn<'_>, address: &str) -> Outcome {
+    let k = key(ACCOUNT, &[address.as_bytes()]);
+    if txn.get::<Account>(&k)?.is_none() {
+        return refused(MailError::NoSuchAccount);
+    }
+    for (mk, mb) in txn.scan::<Mailbox>(&mailbox_key(address, ""))? {
+        drop_mailbox_messages(txn, mb.id)?;
+        txn.del(mk);
+    }
+    txn.del(k);
+    Ok(PartitionResponse::Done)
+}
+
+fn new_mailbox(
+    txn: &mut Txn<'_>,
+    address: &str,
+    name: &str,
+    special_use: Option<&str>,
+    now: UnixSeconds,
+) -> Result<Mailbox, StorageError> {
+    let id = txn.counter("mailbox_id")? + 1;
+    txn.set_counter("mailbox_id", id);
+    // UIDVALIDITY follows the proposer's clock but never repeats within the partition, even if
+    // a mailbox is recreated within the same second or the clock steps back.
+    let last = txn.counter("uid_validity")?;
+    let validity = (now.clamp(1, u32::MAX as i64) as u64).max(last + 1);
+    let validity = u32::try_from(validity).unwrap_or(u32::MAX);
+    txn.set_counter("uid_validity", validity as u64);
+    let mb = Mailbox {
+        id,
+        name: name.to_string(),
+        uid_validity: UidValidity(validity),
+        uid_next: Uid(1),
+        highest_modseq: ModSeq(1),
+        subscribed: true,
+        special_use: special_use.map(str::to_string),
+        messages: 0,
+        bytes: 0,
+    };
+    txn.put(mailbox_key(address, name), &mb);
+    Ok(mb)
+}
+
+fn drop_mailbox_messages(txn: &mut Txn<'_>, mailbox_id: u64) -> Result<(u64, u64), StorageError> {
+    let (mut count, mut bytes) = (0, 0);
+    for (k, msg) in txn.scan::<MessageRecord>(&key(MESSAGE, &[&mailbox_id.to_be_bytes()]))? {
+        txn.body_unref(msg.body)?;
+        txn.del(k);
+        count += 1;
+        bytes += msg.size;
+    }
+    Ok((count, bytes))
+}
+
+fn delete_mailbox(txn: &mut Txn<'_>, address: &str, name: &str) -> Outcome {
+    let Some(name) = normalize_mailbox_name(name) else {
+        return refused(MailError::InvalidMailboxName);
+    };
+    if name == "INBOX" {
+        return refused(MailError::NotAllowed);
+    }
+    let Some(mut account) = txn.get::<Account>(&key(ACCOUNT, &[address.as_bytes()]))? else {
+        return refused(MailError::NoSuchAccount);
+    };
+    let k = mailbox_key(address, &name);
+    let Some(mb) = txn.get::<Mailbox>(&k)? else {
+        return refused(MailError::NoSuchMailbox);
+    };
+    let (count, bytes) = drop_mailbox_messages(txn, mb.id)?;
+    account.usage.messages -= count;
+    account.usage.bytes -= bytes;
+    txn.put(key(ACCOUNT, &[address.as_bytes()]), &account);
+    txn.del(k);
+    Ok(PartitionResponse::Done)
+}
+
+fn rename_mailbox(
+    txn: &mut Txn<'_>,
+    address: &str,
+    from: &str,
+    to: &str,
+    now: UnixSeconds,
+) -> Outcome {
+    let (Some(from), Some(to)) = (normalize_mailbox_name(from), normalize_mailbox_name(to)) else {
+        return refused(MailError::InvalidMailboxName);
+    };
+    if to == "INBOX" {
+        return refused(MailError::MailboxExists);
+    }
+    let Some(mut src) = txn.get::<Mailbox>(&mailbox_key(address, &from))? else {
+        return refused(MailError::NoSuchMailbox);
+    };
+    if txn.get::<Mailbox>(&mailbox_key(address, &to))?.is_some() {
+        return refused(MailError::MailboxExists);
+    }
+    if from == "INBOX" {
+        // RFC 3501 §6.3.5: renaming INBOX moves its messages to the new name and leaves an
+        // empty INBOX behind. We move the mailbox record and create a fresh INBOX.
+        src.name = to.clone();
+        src.special_use = None;
+        txn.del(mailbox_key(address, &from));
+        txn.put(mailbox_key(address, &to), &src);
+        new_mailbox(txn, address, "INBOX", None, now)?;
+        return Ok(PartitionResponse::Done);
+    }
+    // Children move with their parent ("a" → "b" renames "a/x" to "b/x").
+    let child_prefix = format!("{from}/");
+    for (k, mut mb) in txn.scan::<Mailbox>(&mailbox_key(address, ""))? {
+        let renamed = if mb.name == from {
+            to.clone()
+        } else if let Some(rest) = mb.name.strip_prefix(&child_prefix) {
+            format!("{to}/{rest}")
+        } else {
+            continue;
+        };
+        if txn
+            .get::<Mailbox>(&mailbox_key(address, &renamed))?
+            .is_some()
+        {
+            return refused(MailError::MailboxExists);
+        }
+        txn.del(k);
+        mb.name = renamed.clone();
+        txn.put(mailbox_key(address, &renamed), &mb);
+    }
+    Ok(PartitionResponse::Done)
+}
+
+/// Stores one message record in `mailbox`, bumping UIDNEXT, HIGHESTMODSEQ and usage.
+fn add_message(
+    txn: &mut Txn<'_>,
+    account: &mut Account,
+    mailbox: &str,
+    body: BodyHash,
+    size: u64,
+    internal_date: UnixSeconds,
+    flags: BTreeSet<String>,
+) -> Result<(UidValidity, Uid), StorageError> {
+    let mk = mailbox_key(&account.address, mailbox);
+    let mut mb: Mailbox = txn.get(&mk)?.expect("caller checked the mailbox exists");
+    let uid = mb.uid_next;
+    assert!(uid.0 < u32::MAX, "UID space exhausted");
+    mb.uid_next = Uid(uid.0 + 1);
+    mb.highest_modseq = ModSeq(mb.highest_modseq.0 + 1);
+    mb.messages += 1;
+    mb.bytes += size;
+    let record = MessageRecord {
+        body,
+        size,
+        internal_date,
+        flags,
+        modseq: mb.highest_modseq,
+    };
+    txn.put(message_key(mb.id, uid), &record);
+    txn.put(mk, &mb);
+    account.usage.messages += 1;
+    account.usage.bytes += size;
+    Ok((mb.uid_validity, uid))
+}
+
+fn deliver(
+    txn: &mut Txn<'_>,
+    dkey: &[u8; 32],
+    recipients: &[String],
+    body: &[u8],
+    internal_date: UnixSeconds,
+    now: UnixSeconds,
+) -> Outcome {
+    let kk = key(DELIVERY_KEY, &[dkey]);
+    if let Some(seen) = txn.get::<DeliveryKeyRecord>(&kk)? {
+        return Ok(PartitionResponse::Delivered(seen.outcome));
+    }
+    if body.len() > MESSAGE_BYTES_MAX {
+        return refused(MailError::TooLarge);
+    }
+    if recipients.len() > RECIPIENTS_MAX {
+        return refused(MailError::TooMany);
+    }
+    let hash = BodyHash::of(body);
+    let size = body.len() as u64;
+    let mut outcome = Vec::with_capacity(recipients.len());
+    let mut done = BTreeSet::new();
+    for rcpt in recipients {
+        if !done.insert(rcpt.as_str()) {
+            continue; // the same recipient twice gets one copy
+        }
+        let ak = key(ACCOUNT, &[rcpt.as_bytes()]);
+        let Some(mut account) = txn.get::<Account>(&ak)? else {
+            outcome.push((rcpt.clone(), RecipientOutcome::NoSuchAccount));
+            continue;
+        };
+        if !account.fits(size) {
+            outcome.push((rcpt.clone(), RecipientOutcome::OverQuota));
+            continue;
+        }
+        txn.body_ref(hash, Some(body), size)?;
+        let (uid_validity, uid) = add_message(
+            txn,
+            &mut account,
+            "INBOX",
+            hash,
+            size,
+            internal_date,
+            BTreeSet::new(),
+        )?;
+        txn.put(ak, &account);
+        outcome.push((
+            rcpt.clone(),
+            RecipientOutcome::Delivered { uid_validity, uid },
+        ));
+    }
+    txn.put(
+        kk,
+        &DeliveryKeyRecord {
+            at: now,
+            outcome: outcome.clone(),
+        },
+    );
+    txn.put(key(DELIVERY_KEY_BY_TIME, &[&time_key(now), dkey]), &());
+    prune_delivery_keys(txn, now)?;
+    Ok(PartitionResponse::Delivered(outcome))
+}
+
+fn prune_delivery_keys(txn: &mut Txn<'_>, now: UnixSeconds) -> Result<(), StorageError> {
+    let horizon = time_key(now.saturating_sub(DELIVERY_KEY_RETENTION_SECONDS));
+    let mut expired = Vec::new();
+    for item in txn.tree.scan_prefix([DELIVERY_KEY_BY_TIME]) {
+        let (k, _) = item?;
+        if k.len() != 1 + 8 + 32
+            || k[1..9] >= horizon[..]
+            || expired.len() >= DELIVERY_KEY_PRUNE_MAX
+        {
+            break;
+        }
+        expired.push(k.to_vec());
+    }
+    for k in expired {
+        txn.del(key(DELIVERY_KEY, &[&k[9..]]));
+        txn.del(k);
+    }
+    Ok(())
+}
+
+fn selected(txn: &Txn<'_>, address: &str, mailbox: &str) -> Result<Option<Mailbox>, StorageError> {
+    txn.get::<Mailbox>(&mailbox_key(address, mailbox))
+}
+
+fn store_flags(
+    txn: &mut Txn<'_>,
+    address: &str,
+    mailbox: &str,
+    uids: &[Uid],
+    op: FlagOp,
+    flags: &[String],
+) -> Outcome {
+    if flags.len() > FLAGS_PER_MESSAGE_MAX || !flags.iter().all(|f| is_valid_flag(f)) {
+        return refused(MailError::InvalidFlag);
+    }
+    let Some(mut mb) = selected(txn, address, mailbox)? else {
+        return refused(MailError::NoSuchMailbox);
+    };
+    let mut changed = Vec::new();
+    for uid in uids.iter().collect::<BTreeSet<_>>() {
+        let k = message_key(mb.id, *uid);
+        let Some(mut msg) = txn.get::<MessageRecord>(&k)? else {
+            continue; // expunged meanwhile: RFC 3501 lets STORE ignore it
+        };
+        let before = msg.flags.clone();
+        match op {
+            FlagOp::Add => msg.flags.extend(flags.iter().cloned()),
+            FlagOp::Remove => msg.flags.retain(|f| !flags.contains(f)),
+            FlagOp::Replace => msg.flags = flags.iter().cloned().collect(),
+        }
+        if msg.flags.len() > FLAGS_PER_MESSAGE_MAX {
+            return refused(MailError::TooMany);
+        }
+        if msg.flags != before {
+            mb.highest_modseq = ModSeq(mb.highest_modseq.0 + 1);
+            msg.modseq = mb.highest_modseq;
+            txn.put(k, &msg);
+        }
+        changed.push((*uid, msg.modseq, msg.flags));
+    }
+    txn.put(mailbox_key(address, mailbox), &mb);
+    Ok(PartitionResponse::Flags(changed))
+}
+
+fn expunge(txn: &mut Txn<'_>, address: &str, mailbox: &str, uids: Option<&[Uid]>) -> Outcome {
+    let ak = key(ACCOUNT, &[address.as_bytes()]);
+    let Some(mut account) = txn.get::<Account>(&ak)? else {
+        return refused(MailError::NoSuchAccount);
+    };
+    let Some(mut mb) = selected(txn, address, mailbox)? else {
+        return refused(MailError::NoSuchMailbox);
+    };
+    let wanted: Option<BTreeSet<Uid>> = uids.map(|u| u.iter().copied().collect());
+    let mut removed = Vec::new();
+    for (k, msg) in txn.scan::<MessageRecord>(&key(MESSAGE, &[&mb.id.to_be_bytes()]))? {
+        let uid = Uid(u32::from_be_bytes(k[9..13].try_into().expect("4-byte uid")));
+        let chosen = match &wanted {
+            Some(set) => set.contains(&uid),
+            None => msg.flags.contains("\\Deleted"),
+        };
+        if !chosen {
+            continue;
+        }
+        txn.body_unref(msg.body)?;
+        txn.del(k);
+        mb.messages -= 1;
+        mb.bytes -= msg.size;
+        account.usage.messages -= 1;
+        account.usage.bytes -= msg.size;
+        removed.push(uid);
+    }
+    if !removed.is_empty() {
+        mb.highest_modseq = ModSeq(mb.highest_modseq.0 + 1);
+    }
+    txn.put(mailbox_key(address, mailbox), &mb);
+    txn.put(ak, &account);
+    Ok(PartitionResponse::Expunged(removed))
+}
+
+fn copy(
+    txn: &mut Txn<'_>,
+    address: &str,
+    from: &str,
+    to: &str,
+    uids: &[Uid],
+    remove_source: bool,
+) -> Outcome {
+    let ak = key(ACCOUNT, &[address.as_bytes()]);
+    let Some(mut account) = txn.get::<Account>(&ak)? else {
+        return refused(MailError::NoSuchAccount);
+    };
+    let (Some(src), Some(dst)) = (selected(txn, address, from)?, selected(txn, address, to)?)
+    else {
+        return refused(MailError::NoSuchMailbox);
+    };
+    let mut sources = Vec::new();
+    for uid in uids.iter().collect::<BTreeSet<_>>() {
+        if let Some(msg) = txn.get::<MessageRecord>(&message_key(src.id, *uid))? {
+            sources.push((*uid, msg));
+        }
+    }
+    if !remove_source {
+        // A copy adds usage; a move within one account does not.
+        let extra: u64 = sources.iter().map(|(_, m)| m.size).sum();
+        let fits = (account.quota.bytes == 0 || account.usage.bytes + extra <= account.quota.bytes)
+            && (account.quota.messages == 0
+                || account.usage.messages + sources.len() as u64 <= account.quota.messages);
+        if !fits {
+            return refused(MailError::OverQuota);
+        }
+    }
+    let mut pairs = Vec::with_capacity(sources.len());
+    for (uid, msg) in &sources {
+        txn.body_ref(msg.body, None, msg.size)?;
+        let mut flags = msg.flags.clone();
+        flags.remove("\\Recent");
+        let (_, new_uid) = add_message(
+            txn,
+            &mut account,
+            &dst.name,
+            msg.body,
+            msg.size,
+            msg.internal_date,
+            flags,
+        )?;
+        pairs.push((*uid, new_uid));
+    }
+    txn.put(ak, &account);
+    if remove_source && !sources.is_empty() {
+        let moved: Vec<Uid> = sources.iter().map(|(u, _)| *u).collect();
+        expunge(txn, address, from, Some(&moved))?;
+    }
+    Ok(PartitionResponse::Copied {
+        uid_validity: dst.uid_validity,
+        pairs,
+    })
+}
+
+/// What an address is in this partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    Account(Account),
+    Alias(Alias),
+    Unknown,
+}
+
+/// Read-only view of a partition's data (reads are made linearizable by the raft layer).
+pub struct PartitionView<'a> {
+    pub(crate) tree: &'a sled::Tree,
+}
+
+impl PartitionView<'_> {
+    fn get<T: DeserializeOwned>(&self, k: &[u8]) -> Result<Option<T>, StorageError> {
+        self.tree
+            .get(k)?
+            .map(|v| codec::decode(&v))
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    pub fn lookup(&self, address: &str) -> Result<Lookup, StorageError> {
+        if let Some(a) = self.get(&key(ACCOUNT, &[address.as_bytes()]))? {
+            return Ok(Lookup::Account(a));
+        }
+        if let Some(a) = self.get(&key(ALIAS, &[address.as_bytes()]))? {
+            return Ok(Lookup::Alias(a));
+        }
+        Ok(Lookup::Unknown)
+    }
+
+    pub fn account(&self, address: &str) -> Result<Option<Account>, StorageError> {
+        self.get(&key(ACCOUNT, &[address.as_bytes()]))
+    }
+
+    /// Accounts in this partition whose domain is `domain` (all when `None`).
+    pub fn accounts(&self, domain: Option<&str>) -> Result<Vec<Account>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([ACCOUNT]) {
+            let a: Account = codec::decode(&item?.1)?;
+            if domain.is_none_or(|d| domain_of(&a.address) == d) {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn aliases(&self, domain: Option<&str>) -> Result<Vec<Alias>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix([ALIAS]) {
+            let a: Alias = codec::decode(&item?.1)?;
+            if domain.is_none_or(|d| domain_of(&a.address) == d) {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn mailboxes(&self, address: &str) -> Result<Vec<Mailbox>, StorageError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(mailbox_key(address, "")) {
+            out.push(codec::decode(&item?.1)?);
+        }
+        Ok(out)
+    }
+
+    pub fn mailbox(&self, address: &str, name: &str) -> Result<Option<Mailbox>, StorageError> {
+        let Some(name) = normalize_mailbox_name(name) else {
+            return Ok(None);
+        };
+        self.get(&mailbox_key(address, &name))
+    }
+
+    /// Up to `limit` messages of a mailbox with UID >= `from`, in UID order.
+    pub fn messages(
+        &self,
+        mailbox_id: u64,
+        from: Uid,
+        limit: usize,
+    ) -> Result<Vec<(Uid, MessageRecord)>, StorageError> {
+        let prefix = key(MESSAGE, &[&mailbox_id.to_be_bytes()]);
+        let start = message_key(mailbox_id, from);
+        let mut out = Vec::new();
+        for item in self.tree.range(start..) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let uid = Uid(u32::from_be_bytes(k[9..13].try_into().expect("4-byte uid")));
+            out.push((uid, codec::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    pub fn body(&self, hash: BodyHash) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(chunk::get(self.tree, &key(BODY_CHUNKS, &[&hash.0]))?)
+    }
+
+    /// Number of distinct bodies stored (for dedup checks and metrics).
+    pub fn body_count(&self) -> Result<usize, StorageError> {
+        Ok(self.tree.scan_prefix([BODY_META]).count())
+    }
+}
