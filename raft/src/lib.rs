@@ -1,8 +1,11 @@
 //! mailgrid replication: one openraft group per partition plus the meta group, their storage
 //! adapters, and the QUIC transport (mutual TLS) that carries raft and service RPCs.
 
+pub mod host;
+pub mod network;
 pub mod store;
 pub mod tls;
+pub mod transport;
 pub mod types;
 
 pub use types::*;

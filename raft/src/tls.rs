@@ -41,6 +41,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A name every node certificate also carries, for a joining node that knows the cluster's CA
+/// but not yet which node it is talking to.
+pub const CLUSTER_NAME: &str = "cluster.mailgrid";
+
 pub fn node_name(id: NodeId) -> String {
     format!("node-{id}.mailgrid")
 }
@@ -117,7 +121,7 @@ impl ClusterCa {
     pub fn issue(&self, id: NodeId, public_key_pem: &str) -> Result<String, TlsError> {
         let spki = SubjectPublicKeyInfo::from_pem(public_key_pem)
             .map_err(|_| TlsError::Pem("public key of the joining node".into()))?;
-        let mut p = CertificateParams::new(vec![node_name(id)])?;
+        let mut p = CertificateParams::new(vec![node_name(id), CLUSTER_NAME.to_string()])?;
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, node_name(id));
         p.is_ca = IsCa::ExplicitNoCa;
@@ -267,10 +271,4 @@ fn client_config(
     };
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(cfg)
-}
-
-/// Fingerprint of a CA certificate PEM, carried in join tokens so a joining node can tell the
-/// real cluster from an impostor before it trusts anything it is sent.
-pub fn ca_fingerprint(ca_pem: &str) -> String {
-    blake3::hash(ca_pem.trim().as_bytes()).to_hex()[..32].to_string()
 }

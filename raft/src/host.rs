@@ -1,0 +1,699 @@
+//! The raft groups of one node: opening and supervising them, serving peers' RPCs, proposing
+//! and linearizable reads on local leaders, and the reconciler that moves each group's
+//! membership toward the placement recorded in the meta state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use storage::codec;
+use storage::machine::GroupKind;
+use storage::meta::{MetaCommand, NodeRecord, PartitionRecord};
+use storage::{Command, GroupLog, GroupMachine, Response, Store};
+
+use crate::network::{NetworkFactory, Reply, Request};
+use crate::store::{LogStore, SnapshotFile, StateMachine};
+use crate::transport::{Body, Handler, Transport, BODY_BYTES_MAX};
+use crate::types::*;
+
+/// Timing and sizing of the raft groups; validated once at start.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    pub partitions: u32,
+    pub replicas: u32,
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// Entries after which a group takes a snapshot and may purge its log.
+    pub snapshot_logs: u64,
+    /// How long a proposal may wait for its commit before the outcome is reported unknown.
+    pub write_timeout: Duration,
+}
+
+/// Most voters in the meta group; further nodes follow it as learners.
+pub const META_VOTERS_MAX: usize = 5;
+/// A learner this close to the leader's log is promoted to voter.
+const CATCH_UP_ENTRIES: u64 = 64;
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl HostConfig {
+    pub fn raft_config(&self) -> Result<Arc<Config>, String> {
+        let config = Config {
+            cluster_name: "mailgrid".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            install_snapshot_timeout: 60_000,
+            max_payload_entries: 64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
+            max_in_snapshot_log_to_keep: self.snapshot_logs.min(1000),
+            purge_batch_size: 64,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map(Arc::new)
+            .map_err(|e| format!("raft timing: {e}"))
+    }
+}
+
+/// Answers application (non-raft) requests; provided by the node above this crate.
+pub trait ServiceHandler: Send + Sync + 'static {
+    fn handle(&self, peer: Option<NodeId>, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>>;
+}
+
+/// Why a proposal or read was not done here.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum GroupError {
+    #[error("not the leader of group {group}")]
+    NotLeader {
+        group: GroupId,
+        leader: Option<(NodeId, String)>,
+    },
+    #[error("no such group {0}")]
+    NoSuchGroup(GroupId),
+    #[error("group {group} unavailable: {reason}")]
+    Unavailable { group: GroupId, reason: String },
+    /// The proposal may or may not have been committed.
+    #[error("outcome unknown in group {group}: {reason}")]
+    Uncertain { group: GroupId, reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStatus {
+    pub group: GroupId,
+    pub state: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_applied: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub healthy: bool,
+}
+
+#[derive(Clone)]
+struct Group {
+    raft: Raft,
+    sm: StateMachine,
+}
+
+pub struct RaftHost {
+    config: HostConfig,
+    raft_config: Arc<Config>,
+    store: Store,
+    transport: Arc<Transport>,
+    /// Every group this node hosts, by id. Replaced entries come from supervision restarts.
+    groups: RwLock<BTreeMap<GroupId, Group>>,
+    service: OnceLock<Arc<dyn ServiceHandler>>,
+}
+
+impl std::fmt::Debug for RaftHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftHost")
+            .field("id", &self.config.id)
+            .finish()
+    }
+}
+
+fn group_kind(group: GroupId) -> GroupKind {
+    if group == META_GROUP {
+        GroupKind::Meta
+    } else {
+        GroupKind::Partition
+    }
+}
+
+impl RaftHost {
+    /// Opens every group (meta and all partitions) on `store` and starts serving peers.
+    pub async fn start(
+        config: HostConfig,
+        store: Store,
+        transport: Arc<Transport>,
+    ) -> Result<Arc<RaftHost>, String> {
+        let raft_config = config.raft_config()?;
+        let host = Arc::new(RaftHost {
+            config,
+            raft_config,
+            store,
+            transport,
+            groups: RwLock::new(BTreeMap::new()),
+            service: OnceLock::new(),
+        });
+        for group in 0..=host.config.partitions as GroupId {
+            let g = host.open_group(group).await?;
+            host.groups.write().expect("groups lock").insert(group, g);
+        }
+        host.transport
+            .serve(Arc::new(Dispatch(Arc::downgrade(&host))));
+        let weak = Arc::downgrade(&host);
+        tokio::spawn(async move { reconcile_loop(weak).await });
+        Ok(host)
+    }
+
+    async fn open_group(&self, group: GroupId) -> Result<Group, String> {
+        let io = |e: &dyn std::fmt::Display| format!("group {group}: {e}");
+        let log = LogStore::new(GroupLog::open(&self.store, group).map_err(|e| io(&e))?);
+        let machine = Arc::new(
+            GroupMachine::open(&self.store, group, group_kind(group)).map_err(|e| io(&e))?,
+        );
+        let snapshot_dir = self
+            .config
+            .data_dir
+            .join("snapshots")
+            .join(group.to_string());
+        let sm = StateMachine::open(machine, snapshot_dir).map_err(|e| io(&e))?;
+        let network = NetworkFactory {
+            transport: self.transport.clone(),
+            group,
+        };
+        let raft = Raft::new(
+            self.config.id,
+            self.raft_config.clone(),
+            network,
+            log,
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| io(&e))?;
+        Ok(Group { raft, sm })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    pub fn config(&self) -> &HostConfig {
+        &self.config
+    }
+
+    pub fn transport(&self) -> &Arc<Transport> {
+        &self.transport
+    }
+
+    pub fn set_service(&self, service: Arc<dyn ServiceHandler>) {
+        let _ = self.service.set(service);
+    }
+
+    fn group(&self, group: GroupId) -> Result<Group, GroupError> {
+        self.groups
+            .read()
+            .expect("groups lock")
+            .get(&group)
+            .cloned()
+            .ok_or(GroupError::NoSuchGroup(group))
+    }
+
+    /// This node's copy of the meta state (may lag; use [`RaftHost::read`] for fresh data).
+    pub fn meta(&self) -> Arc<GroupMachine> {
+        self.group(META_GROUP)
+            .expect("meta group always open")
+            .sm
+            .machine()
+            .clone()
+    }
+
+    /// Makes this node the only member of every group and records the cluster in the meta
+    /// state. Used once, by `init`.
+    pub async fn bootstrap(
+        &self,
+        info: storage::meta::ClusterInfo,
+        node: NodeRecord,
+    ) -> Result<(), String> {
+        let members = BTreeMap::from([(
+            self.config.id,
+            NodeAddr {
+                addr: node.cluster_addr.clone(),
+            },
+        )]);
+        let groups: Vec<Group> = self
+            .groups
+            .read()
+            .expect("groups lock")
+            .values()
+            .cloned()
+            .collect();
+        for g in &groups {
+            g.raft
+                .initialize(members.clone())
+                .await
+                .map_err(|e| format!("initialize: {e}"))?;
+        }
+        let cmd = Command::Meta(MetaCommand::Init { info, node });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.write(META_GROUP, cmd.clone()).await {
+                Ok(Response::Meta(storage::meta::MetaResponse::Done)) => return Ok(()),
+                Ok(other) => return Err(format!("meta state refused initialisation: {other:?}")),
+                Err(GroupError::NotLeader { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    fn leader_hint(&self, g: &Group) -> Option<(NodeId, String)> {
+        let metrics = g.raft.metrics().borrow_watched().clone();
+        let leader = metrics.current_leader?;
+        let addr = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())?;
+        Some((leader, addr))
+    }
+
+    /// Proposes `cmd` to `group` on this node, which must be its leader. Returns once the
+    /// entry is committed (durable on a majority) and applied here.
+    pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
+        let g = self.group(group)?;
+        match tokio::time::timeout(self.config.write_timeout, g.raft.client_write(cmd)).await {
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(e)) => {
+                if let Some(f) = e.forward_to_leader() {
+                    let leader = f
+                        .leader_id
+                        .and_then(|id| f.leader_node.as_ref().map(|n| (id, n.addr.clone())));
+                    return Err(GroupError::NotLeader { group, leader });
+                }
+                Err(GroupError::Uncertain {
+                    group,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => Err(GroupError::Uncertain {
+                group,
+                reason: "commit timed out (no quorum?)".into(),
+            }),
+        }
+    }
+
+    /// Confirms this node is still the group's leader (ReadIndex) and returns its state
+    /// machine, applied at least up to that point: reads from it are linearizable.
+    pub async fn read(&self, group: GroupId) -> Result<Arc<GroupMachine>, GroupError> {
+        let g = self.group(group)?;
+        match tokio::time::timeout(
+            self.config.write_timeout,
+            g.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(g.sm.machine().clone()),
+            Ok(Err(e)) => {
+                if e.forward_to_leader().is_some() {
+                    return Err(GroupError::NotLeader {
+                        group,
+                        leader: self.leader_hint(&g),
+                    });
+                }
+                Err(GroupError::Unavailable {
+                    group,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => Err(GroupError::Unavailable {
+                group,
+                reason: "read timed out (no quorum?)".into(),
+            }),
+        }
+    }
+
+    /// This node's own replica, however stale (status and replica comparison only).
+    pub fn local_machine(&self, group: GroupId) -> Result<Arc<GroupMachine>, GroupError> {
+        Ok(self.group(group)?.sm.machine().clone())
+    }
+
+    /// Where this node believes the group's leader is.
+    pub fn leader_of(&self, group: GroupId) -> Option<(NodeId, String)> {
+        self.leader_hint(&self.group(group).ok()?)
+    }
+
+    pub fn status(&self) -> Vec<GroupStatus> {
+        let groups: Vec<(GroupId, Group)> = self
+            .groups
+            .read()
+            .expect("groups lock")
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        groups
+            .into_iter()
+            .map(|(group, g)| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                let membership = m.membership_config.membership();
+                GroupStatus {
+                    group,
+                    state: format!("{:?}", m.state),
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    last_applied: m.last_applied.as_ref().map(|l| l.index),
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                    healthy: m.running_state.is_ok(),
+                }
+            })
+            .collect()
+    }
+
+    /// Asks every group to take a snapshot now (tests use this to force catch-up by snapshot).
+    pub async fn snapshot_all(&self) {
+        let groups: Vec<Group> = self
+            .groups
+            .read()
+            .expect("groups lock")
+            .values()
+            .cloned()
+            .collect();
+        for g in groups {
+            let _ = g.raft.trigger().snapshot().await;
+        }
+    }
+
+    pub async fn shutdown(&self) {
+        let groups: Vec<Group> = self
+            .groups
+            .read()
+            .expect("groups lock")
+            .values()
+            .cloned()
+            .collect();
+        for g in groups {
+            let _ = g.raft.shutdown().await;
+        }
+        self.transport.close();
+        let _ = self.store.sync();
+    }
+
+    async fn handle_raft(&self, peer: Option<NodeId>, request: Request, body: Body) -> Vec<u8> {
+        fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Vec<u8> {
+            codec::encode(&r.map_err(|e| e.to_string()))
+        }
+        if peer.is_none() {
+            return reply::<(), _>(Err("raft requests need a node certificate"));
+        }
+        let group_id = match &request {
+            Request::Append { group, .. }
+            | Request::Vote { group, .. }
+            | Request::Snapshot { group, .. }
+            | Request::TransferLeader { group, .. } => *group,
+            Request::Service(_) => unreachable!("service requests are dispatched elsewhere"),
+        };
+        let g = match self.group(group_id) {
+            Ok(g) => g,
+            Err(e) => return reply::<(), _>(Err(e)),
+        };
+        match request {
+            Request::Append { rpc, .. } => reply(g.raft.append_entries(rpc).await),
+            Request::Vote { rpc, .. } => reply(g.raft.vote(rpc).await),
+            Request::TransferLeader { rpc, .. } => reply(g.raft.handle_transfer_leader(rpc).await),
+            Request::Snapshot { vote, meta, .. } => {
+                let path = g.sm.incoming_path();
+                if let Err(e) = body.save(&path, BODY_BYTES_MAX).await {
+                    let _ = std::fs::remove_file(&path);
+                    return reply::<(), _>(Err(format!("receiving snapshot: {e}")));
+                }
+                // The file is checked in full (framing and digest) before anything is replaced.
+                if let Err(e) = GroupMachine::snapshot_raft_state(&path) {
+                    let _ = std::fs::remove_file(&path);
+                    return reply::<(), _>(Err(e));
+                }
+                let snapshot = openraft::Snapshot {
+                    meta,
+                    snapshot: SnapshotFile { path },
+                };
+                reply(g.raft.install_full_snapshot(vote, snapshot).await)
+            }
+            Request::Service(_) => unreachable!(),
+        }
+    }
+
+    /// Restarts groups whose core stopped with a fatal error (openraft leaves them stuck).
+    async fn supervise(&self) {
+        let failed: Vec<GroupId> = self
+            .groups
+            .read()
+            .expect("groups lock")
+            .iter()
+            .filter(|(_, g)| g.raft.metrics().borrow_watched().running_state.is_err())
+            .map(|(id, _)| *id)
+            .collect();
+        for group in failed {
+            tracing::error!(group, "raft group stopped; restarting it");
+            if let Ok(old) = self.group(group) {
+                let _ = old.raft.shutdown().await;
+            }
+            match self.open_group(group).await {
+                Ok(g) => {
+                    self.groups.write().expect("groups lock").insert(group, g);
+                }
+                Err(e) => tracing::error!(group, error = %e, "restarting raft group failed"),
+            }
+        }
+    }
+}
+
+struct Dispatch(Weak<RaftHost>);
+
+impl Handler for Dispatch {
+    fn handle(
+        &self,
+        peer: Option<NodeId>,
+        request: Vec<u8>,
+        body: Body,
+    ) -> BoxFuture<'static, Vec<u8>> {
+        let host = self.0.clone();
+        Box::pin(async move {
+            let Some(host) = host.upgrade() else {
+                return codec::encode(&Reply::<()>::Err("node is shutting down".into()));
+            };
+            let request: Request = match codec::decode(&request) {
+                Ok(r) => r,
+                Err(e) => return codec::encode(&Reply::<()>::Err(format!("bad request: {e}"))),
+            };
+            match request {
+                Request::Service(bytes) => match host.service.get() {
+                    Some(service) => service.handle(peer, bytes).await,
+                    None => codec::encode(&Reply::<()>::Err("node is starting".into())),
+                },
+                other => host.handle_raft(peer, other, body).await,
+            }
+        })
+    }
+}
+
+/// Highest-random-weight choice of `count` nodes for a partition: stable as nodes come and go.
+pub fn rendezvous(partition: u32, nodes: &[NodeId], count: usize) -> Vec<NodeId> {
+    let mut scored: Vec<([u8; 32], NodeId)> = nodes
+        .iter()
+        .map(|n| {
+            let mut h = blake3::Hasher::new();
+            h.update(&partition.to_be_bytes());
+            h.update(&n.to_be_bytes());
+            (*h.finalize().as_bytes(), *n)
+        })
+        .collect();
+    scored.sort();
+    scored.iter().rev().take(count).map(|(_, n)| *n).collect()
+}
+
+/// The partition's replica set after dropping removed nodes and filling up to the target.
+fn placement(record: &PartitionRecord, nodes: &[NodeId], target: usize) -> Vec<NodeId> {
+    let mut keep: Vec<NodeId> = record
+        .replicas
+        .iter()
+        .copied()
+        .filter(|n| nodes.contains(n))
+        .collect();
+    for n in rendezvous(record.id, nodes, nodes.len()) {
+        if keep.len() >= target {
+            break;
+        }
+        if !keep.contains(&n) {
+            keep.push(n);
+        }
+    }
+    keep
+}
+
+async fn reconcile_loop(host: Weak<RaftHost>) {
+    loop {
+        tokio::time::sleep(RECONCILE_INTERVAL).await;
+        let Some(host) = host.upgrade() else { return };
+        host.supervise().await;
+        if let Err(e) = reconcile(&host).await {
+            tracing::debug!(error = %e, "reconcile step");
+        }
+    }
+}
+
+async fn reconcile(host: &RaftHost) -> Result<(), String> {
+    let meta = host.meta();
+    let (nodes, partitions, info) = meta
+        .read_meta(|m| -> Result<_, storage::StorageError> {
+            Ok((m.nodes()?, m.partitions()?, m.cluster()?))
+        })
+        .map_err(|e| e.to_string())?;
+    let Some(info) = info else { return Ok(()) };
+    let addrs: BTreeMap<NodeId, String> = nodes
+        .iter()
+        .map(|n| (n.id, n.cluster_addr.clone()))
+        .collect();
+    let ids: Vec<NodeId> = addrs.keys().copied().collect();
+    let groups: Vec<(GroupId, Group)> = host
+        .groups
+        .read()
+        .expect("groups lock")
+        .iter()
+        .map(|(k, v)| (*k, v.clone()))
+        .collect();
+    for (group, g) in groups {
+        if !g.raft.is_leader() {
+            continue;
+        }
+        let (voters, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = if group == META_GROUP {
+            // The meta leader also keeps the partition map filled.
+            let target = (info.replicas as usize).min(ids.len());
+            for record in &partitions {
+                let wanted = placement(record, &ids, target);
+                if wanted != record.replicas {
+                    let cmd = Command::Meta(MetaCommand::SetReplicas {
+                        partition: record.id,
+                        replicas: wanted,
+                    });
+                    host.write(META_GROUP, cmd)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            let voters: BTreeSet<NodeId> = ids.iter().copied().take(META_VOTERS_MAX).collect();
+            let learners = ids
+                .iter()
+                .copied()
+                .filter(|n| !voters.contains(n))
+                .collect();
+            (voters, learners)
+        } else {
+            let Some(record) = partitions.iter().find(|p| partition_group(p.id) == group) else {
+                continue;
+            };
+            (record.replicas.iter().copied().collect(), BTreeSet::new())
+        };
+        if voters.is_empty() {
+            continue;
+        }
+        reconcile_group(&g, &voters, &learners, &addrs).await?;
+    }
+    Ok(())
+}
+
+/// One step toward the wanted membership: add a missing node as learner, promote a caught-up
+/// learner, then drop voters and learners no longer wanted. Never shrinks before it grows.
+async fn reconcile_group(
+    g: &Group,
+    want_voters: &BTreeSet<NodeId>,
+    want_learners: &BTreeSet<NodeId>,
+    addrs: &BTreeMap<NodeId, String>,
+) -> Result<(), String> {
+    let m = g.raft.metrics().borrow_watched().clone();
+    if m.state != ServerState::Leader {
+        return Ok(());
+    }
+    let membership = m.membership_config.membership().clone();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+    for id in want_voters.iter().chain(want_learners) {
+        if !members.contains(id) {
+            let Some(addr) = addrs.get(id) else { continue };
+            let node = NodeAddr { addr: addr.clone() };
+            return timed(g.raft.add_learner(*id, node, false)).await;
+        }
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let replication = m.replication.clone().unwrap_or_default();
+    for id in want_voters {
+        if voters.contains(id) {
+            continue;
+        }
+        let matched = replication
+            .get(id)
+            .cloned()
+            .flatten()
+            .map(|l| l.index)
+            .unwrap_or(0);
+        if matched + CATCH_UP_ENTRIES >= last {
+            let change = ChangeMembers::AddVoterIds(BTreeSet::from([*id]));
+            return timed(g.raft.change_membership(change, false)).await;
+        }
+    }
+    if !want_voters.is_subset(&voters) {
+        return Ok(());
+    }
+    let extra_voters: BTreeSet<NodeId> = voters.difference(want_voters).copied().collect();
+    if !extra_voters.is_empty() {
+        return timed(
+            g.raft
+                .change_membership(ChangeMembers::RemoveVoters(extra_voters), false),
+        )
+        .await;
+    }
+    let extra: BTreeSet<NodeId> = members
+        .iter()
+        .copied()
+        .filter(|n| !want_voters.contains(n) && !want_learners.contains(n))
+        .collect();
+    if !extra.is_empty() {
+        return timed(
+            g.raft
+                .change_membership(ChangeMembers::RemoveNodes(extra), false),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn timed<T, E: std::fmt::Display>(
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, f).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("membership change: {e}")),
+        Err(_) => Err("membership change timed out".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_replaces_removed_nodes_and_is_stable() {
+        // Goal: placement keeps surviving replicas, fills to the target, and never duplicates.
+        let record = PartitionRecord {
+            id: 7,
+            replicas: vec![1, 2, 3],
+        };
+        assert_eq!(placement(&record, &[1, 2, 3, 4], 3), vec![1, 2, 3]);
+        let moved = placement(&record, &[1, 2, 4, 5], 3);
+        assert_eq!(&moved[..2], &[1, 2]);
+        assert!(moved[2] == 4 || moved[2] == 5);
+        let grown = placement(
+            &PartitionRecord {
+                id: 7,
+                replicas: vec![1],
+            },
+            &[1, 2],
+            3,
+        );
+        assert_eq!(grown.len(), 2);
+        assert_eq!(grown[0], 1);
+        assert_eq!(rendezvous(3, &[1, 2, 3], 3).len(), 3);
+    }
+}

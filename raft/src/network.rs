@@ -1,0 +1,176 @@
+//! Raft RPCs between nodes: the wire messages, the client side each group's core uses, and
+//! the decoding of incoming calls. Every message names its group, so all groups share one
+//! connection per peer.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::errors::{RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::type_config::alias::SnapshotOf;
+use openraft::OptionalSend;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use storage::codec;
+
+use crate::store::SnapshotFile;
+use crate::transport::{Peer, Transport};
+use crate::types::*;
+
+/// Everything one node may ask another.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Append {
+        group: GroupId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    },
+    Vote {
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+    },
+    /// Followed on the stream by the snapshot file's bytes.
+    Snapshot {
+        group: GroupId,
+        vote: Vote,
+        meta: SnapshotMeta,
+    },
+    TransferLeader {
+        group: GroupId,
+        rpc: TransferLeaderRequest<TypeConfig>,
+    },
+    /// An application request, passed to the node's service handler as bytes.
+    Service(Vec<u8>),
+}
+
+/// The answer to a raft request: the group's reply, or why it could not be given.
+pub type Reply<T> = Result<T, String>;
+
+/// Slowest we let a snapshot transfer be, whatever openraft's option says.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[derive(Clone)]
+pub struct NetworkFactory {
+    pub transport: Arc<Transport>,
+    pub group: GroupId,
+}
+
+pub struct Connection {
+    transport: Arc<Transport>,
+    group: GroupId,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeAddr) -> Connection {
+        Connection {
+            transport: self.transport.clone(),
+            group: self.group,
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+fn unreachable(e: impl std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(e.to_string()))
+}
+
+impl Connection {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        request: &Request,
+        body: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        let bytes = codec::encode(request);
+        let response = self
+            .transport
+            .call(Peer::Node(self.target), &self.addr, &bytes, body, timeout)
+            .await
+            .map_err(unreachable)?;
+        let reply: Reply<T> = codec::decode(&response).map_err(unreachable)?;
+        reply.map_err(unreachable)
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = SnapshotFile;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(
+            &Request::Append {
+                group: self.group,
+                rpc,
+            },
+            None,
+            option.hard_ttl(),
+        )
+        .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(
+            &Request::Vote {
+                group: self.group,
+                rpc,
+            },
+            None,
+            option.hard_ttl(),
+        )
+        .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: SnapshotOf<TypeConfig, SnapshotFile>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = Request::Snapshot {
+            group: self.group,
+            vote,
+            meta: snapshot.meta.clone(),
+        };
+        let send = self.call::<SnapshotResponse<TypeConfig>>(
+            &request,
+            Some(&snapshot.snapshot.path),
+            SNAPSHOT_TIMEOUT,
+        );
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => Ok(result?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(
+            &Request::TransferLeader {
+                group: self.group,
+                rpc,
+            },
+            None,
+            option.hard_ttl(),
+        )
+        .await
+    }
+}

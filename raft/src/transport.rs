@@ -1,0 +1,320 @@
+//! QUIC transport with mutual TLS: one connection per peer, one bidirectional stream per call.
+//!
+//! A call is `u32be(len) ‖ request ‖ optional body bytes ‖ FIN`, answered by the response bytes
+//! and FIN. Every read is bounded. The server learns the caller's node id from its verified
+//! certificate; a caller without a certificate is passed on as `None` (only a join request is
+//! answered for it). This is the only module that names `quinn`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::io::AsyncWriteExt;
+
+use crate::tls::{self, Identity, TlsError};
+use crate::NodeId;
+
+/// Largest request header or response we read.
+pub const MESSAGE_BYTES_MAX: usize = 128 * 1024 * 1024;
+/// Largest snapshot body we accept in one call.
+pub const BODY_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
+/// Both ends use the same idle timeout (a mismatch makes one side give up first).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+const KEEP_ALIVE: Duration = Duration::from_secs(4);
+/// Concurrent calls in flight per connection (each is one stream).
+const STREAMS_MAX: u32 = 1024;
+/// Concurrent calls served for all connections together; more wait for a slot.
+const SERVED_CALLS_MAX: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("cannot connect to node {node} at {addr}: {reason}")]
+    Connect {
+        node: String,
+        addr: String,
+        reason: String,
+    },
+    #[error("call failed: {0}")]
+    Call(String),
+    #[error("call timed out")]
+    Timeout,
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind {addr}: {reason}")]
+    Bind { addr: String, reason: String },
+}
+
+/// Whom a call goes to: a node by id, or any cluster member (for joining).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Peer {
+    Node(NodeId),
+    AnyMember,
+}
+
+/// The body of an incoming call, read on demand.
+pub struct Body {
+    recv: quinn::RecvStream,
+}
+
+impl Body {
+    /// Copies the rest of the stream into `path` (created), at most `limit` bytes, and fsyncs it.
+    pub async fn save(mut self, path: &Path, limit: u64) -> std::io::Result<u64> {
+        let mut file = tokio::fs::File::create(path).await?;
+        let mut total = 0u64;
+        while let Some(chunk) = self
+            .recv
+            .read_chunk(64 * 1024, true)
+            .await
+            .map_err(std::io::Error::other)?
+        {
+            total += chunk.bytes.len() as u64;
+            if total > limit {
+                return Err(std::io::Error::other("body over limit"));
+            }
+            file.write_all(&chunk.bytes).await?;
+        }
+        file.sync_all().await?;
+        Ok(total)
+    }
+}
+
+/// Serves incoming calls. `peer` is the caller's verified node id, `None` for a caller
+/// without a certificate.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        peer: Option<NodeId>,
+        request: Vec<u8>,
+        body: Body,
+    ) -> BoxFuture<'static, Vec<u8>>;
+}
+
+pub struct Transport {
+    endpoint: quinn::Endpoint,
+    /// Open connections by peer, reused by every call and every raft group.
+    connections: Mutex<HashMap<Peer, quinn::Connection>>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("local", &self.endpoint.local_addr().ok())
+            .finish()
+    }
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout fits"),
+    ));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(STREAMS_MAX));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Tls(TlsError::Config(e.to_string())))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config());
+    Ok(cfg)
+}
+
+pub async fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| TransportError::Resolve(format!("{addr}: {e}")))?
+        .next()
+        .ok_or_else(|| TransportError::Resolve(addr.to_string()))
+}
+
+impl Transport {
+    /// A node's endpoint: serves on `addr` and calls peers with the node's certificate.
+    pub fn bind(identity: &Identity, addr: SocketAddr) -> Result<Transport, TransportError> {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(identity.server_config()?)
+            .map_err(|e| TransportError::Tls(TlsError::Config(e.to_string())))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        let mut endpoint =
+            quinn::Endpoint::server(server, addr).map_err(|e| TransportError::Bind {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        endpoint.set_default_client_config(client_config(identity.client_config()?)?);
+        Ok(Transport {
+            endpoint,
+            connections: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A calling-only endpoint with the given client TLS configuration.
+    pub fn client(tls: rustls::ClientConfig) -> Result<Transport, TransportError> {
+        let bind: SocketAddr = "0.0.0.0:0".parse().expect("literal address");
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| TransportError::Bind {
+            addr: bind.to_string(),
+            reason: e.to_string(),
+        })?;
+        endpoint.set_default_client_config(client_config(tls)?);
+        Ok(Transport {
+            endpoint,
+            connections: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// Accepts connections until the endpoint closes, serving each call with `handler`.
+    pub fn serve(self: &Arc<Self>, handler: Arc<dyn Handler>) {
+        let endpoint = self.endpoint.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(SERVED_CALLS_MAX));
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let handler = handler.clone();
+                let slots = slots.clone();
+                tokio::spawn(async move {
+                    let connection = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "refused a cluster connection");
+                            return;
+                        }
+                    };
+                    let peer = peer_id(&connection);
+                    while let Ok((send, recv)) = connection.accept_bi().await {
+                        let Ok(permit) = slots.clone().acquire_owned().await else {
+                            return;
+                        };
+                        let handler = handler.clone();
+                        tokio::spawn(async move {
+                            serve_call(peer, send, recv, handler).await;
+                            drop(permit);
+                        });
+                    }
+                });
+            }
+        });
+    }
+
+    async fn connection(
+        &self,
+        peer: Peer,
+        addr: &str,
+    ) -> Result<quinn::Connection, TransportError> {
+        if let Some(c) = self
+            .connections
+            .lock()
+            .expect("connections lock")
+            .get(&peer)
+        {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let sock = resolve(addr).await?;
+        let name = match peer {
+            Peer::Node(id) => tls::node_name(id),
+            Peer::AnyMember => tls::CLUSTER_NAME.to_string(),
+        };
+        let connect_err = |reason: String| TransportError::Connect {
+            node: name.clone(),
+            addr: addr.to_string(),
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect(sock, &name)
+            .map_err(|e| connect_err(e.to_string()))?;
+        let connection = connecting.await.map_err(|e| connect_err(e.to_string()))?;
+        self.connections
+            .lock()
+            .expect("connections lock")
+            .insert(peer, connection.clone());
+        Ok(connection)
+    }
+
+    /// One call: sends `request` (and the file at `body`, if any), returns the response.
+    pub async fn call(
+        &self,
+        peer: Peer,
+        addr: &str,
+        request: &[u8],
+        body: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        let work = async {
+            let connection = self.connection(peer, addr).await?;
+            let call_err = |e: &dyn std::fmt::Display| TransportError::Call(e.to_string());
+            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| call_err(&e))?;
+            let len = u32::try_from(request.len()).map_err(|e| call_err(&e))?;
+            send.write_all(&len.to_be_bytes())
+                .await
+                .map_err(|e| call_err(&e))?;
+            send.write_all(request).await.map_err(|e| call_err(&e))?;
+            if let Some(path) = body {
+                let mut file = tokio::fs::File::open(path)
+                    .await
+                    .map_err(|e| call_err(&e))?;
+                tokio::io::copy(&mut file, &mut send)
+                    .await
+                    .map_err(|e| call_err(&e))?;
+            }
+            send.finish().map_err(|e| call_err(&e))?;
+            recv.read_to_end(MESSAGE_BYTES_MAX)
+                .await
+                .map_err(|e| call_err(&e))
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout),
+        }
+    }
+
+    /// Closes every connection and the endpoint.
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::node_id_of(chain.first()?)
+}
+
+async fn serve_call(
+    peer: Option<NodeId>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handler: Arc<dyn Handler>,
+) {
+    let mut len = [0u8; 4];
+    if recv.read_exact(&mut len).await.is_err() {
+        return;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MESSAGE_BYTES_MAX {
+        let _ = send.reset(1u32.into());
+        return;
+    }
+    let mut request = vec![0u8; len];
+    if recv.read_exact(&mut request).await.is_err() {
+        return;
+    }
+    let response = handler.handle(peer, request, Body { recv }).await;
+    if send.write_all(&response).await.is_ok() {
+        let _ = send.finish();
+        // Wait for the peer to read it all; dropping the stream early would reset it.
+        let _ = send.stopped().await;
+    }
+}

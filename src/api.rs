@@ -1,0 +1,193 @@
+//! Requests nodes and commands send each other over the cluster transport, and their answers.
+//!
+//! `Peer*` requests travel between nodes (the caller already knows which node leads the
+//! group). `Client` requests come from `mailgrid` commands and are routed by the node.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use storage::meta::{ClusterInfo, Domain, NodeRecord, PartitionRecord};
+use storage::partition::{Account, Alias, Mailbox, MessageRecord, Quota, RecipientOutcome};
+use storage::types::{BodyHash, Uid};
+use storage::Command;
+
+pub use raft::host::GroupStatus;
+pub use raft::GroupId;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ServiceRequest {
+    Join(JoinRequest),
+    PeerWrite {
+        group: GroupId,
+        cmd: Command,
+    },
+    PeerRead {
+        group: GroupId,
+        query: Query,
+    },
+    /// This node's own view of its groups.
+    LocalStatus,
+    /// Digest of this node's own replica of a group.
+    LocalDigest(GroupId),
+    Client(ClientRequest),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub secret: String,
+    pub node_id: u64,
+    pub cluster_addr: String,
+    pub public_key_pem: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinAccepted {
+    pub cert_pem: String,
+    pub ca_key_pem: String,
+    pub cluster: ClusterInfo,
+}
+
+/// Reads served by a group's leader after confirming its leadership.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Query {
+    Lookup(String),
+    Accounts {
+        domain: Option<String>,
+    },
+    Aliases {
+        domain: Option<String>,
+    },
+    Mailboxes(String),
+    Messages {
+        address: String,
+        mailbox: String,
+        from: Uid,
+        limit: usize,
+    },
+    Body(BodyHash),
+    Digest,
+    Cluster,
+    Nodes,
+    Partitions,
+    Domains,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum QueryResult {
+    Lookup(Lookup),
+    Accounts(Vec<Account>),
+    Aliases(Vec<Alias>),
+    Mailboxes(Vec<Mailbox>),
+    Messages(Option<(Mailbox, Vec<(Uid, MessageRecord)>)>),
+    Body(Option<Vec<u8>>),
+    Digest([u8; 32]),
+    Cluster(Option<ClusterInfo>),
+    Nodes(Vec<NodeRecord>),
+    Partitions(Vec<PartitionRecord>),
+    Domains(Vec<Domain>),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Lookup {
+    Account(Account),
+    Alias(Alias),
+    Unknown,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClientRequest {
+    DomainAdd(String),
+    DomainRemove(String),
+    DomainList,
+    UserAdd {
+        address: String,
+        password: String,
+        quota: Quota,
+    },
+    UserPasswd {
+        address: String,
+        password: String,
+    },
+    UserRemove(String),
+    UserList {
+        domain: Option<String>,
+    },
+    AliasAdd {
+        address: String,
+        targets: Vec<String>,
+    },
+    AliasRemove(String),
+    AliasList {
+        domain: Option<String>,
+    },
+    QuotaSet {
+        address: String,
+        quota: Quota,
+    },
+    QuotaShow(String),
+    Deliver {
+        recipients: Vec<String>,
+        body: Vec<u8>,
+        delivery_id: Option<String>,
+    },
+    /// Every message of a mailbox with its body (for checks and tests).
+    Fetch {
+        address: String,
+        mailbox: String,
+    },
+    Status,
+    NodeRemove(u64),
+    /// Digest of every replica of a group, by node (replicas that caught up must agree).
+    Digests(GroupId),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ClientReply {
+    Done,
+    Domains(Vec<Domain>),
+    Accounts(Vec<Account>),
+    Aliases(Vec<Alias>),
+    Quota(Account),
+    Delivered(Vec<(String, RecipientOutcome)>),
+    Messages(Vec<FetchedMessage>),
+    Status(ClusterStatus),
+    Digests(BTreeMap<u64, Option<String>>),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FetchedMessage {
+    pub uid: u32,
+    pub uid_validity: u32,
+    pub flags: Vec<String>,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster: Option<ClusterInfo>,
+    pub nodes: Vec<NodeStatus>,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub cluster_addr: String,
+    pub reachable: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    /// `None` for the meta group.
+    pub partition: Option<u32>,
+    pub group: GroupId,
+    pub placement: Vec<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub healthy: bool,
+}
+
+/// What a node answers to a client request.
+pub type ClientResult = Result<ClientReply, String>;

@@ -1,0 +1,74 @@
+//! A node's data directory: its identity file, TLS material, database and snapshots.
+//!
+//! ```text
+//! DIR/node.toml      node id, cluster address, cluster id, partitions, replicas
+//! DIR/tls/           ca.pem, ca.key, node.pem, node.key, join.secret
+//! DIR/db/            the sled database (every group's log and state)
+//! DIR/snapshots/G/   snapshot files of group G
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeFile {
+    pub node_id: u64,
+    pub cluster_addr: String,
+    pub cluster_id: String,
+    pub partitions: u32,
+    pub replicas: u32,
+}
+
+pub const NODE_FILE: &str = "node.toml";
+pub const JOIN_SECRET_FILE: &str = "join.secret";
+
+pub fn tls_dir(dir: &Path) -> PathBuf {
+    dir.join("tls")
+}
+
+pub fn db_dir(dir: &Path) -> PathBuf {
+    dir.join("db")
+}
+
+impl NodeFile {
+    pub fn load(dir: &Path) -> anyhow::Result<NodeFile> {
+        let path = dir.join(NODE_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{} is not a mailgrid data directory (cannot read {})",
+                dir.display(),
+                path.display()
+            )
+        })?;
+        let file: NodeFile =
+            toml::from_str(&text).with_context(|| format!("{} is malformed", path.display()))?;
+        if file.partitions == 0 || file.replicas == 0 {
+            bail!(
+                "{}: partitions and replicas must be at least 1",
+                path.display()
+            );
+        }
+        Ok(file)
+    }
+
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string(self).context("encoding node.toml")?;
+        raft::tls::write_private(&dir.join(NODE_FILE), &text)?;
+        Ok(())
+    }
+}
+
+/// Refuses to create a node where one already exists (or anything else lives).
+pub fn prepare_new(dir: &Path) -> anyhow::Result<()> {
+    if dir.join(NODE_FILE).exists() || db_dir(dir).exists() {
+        bail!(
+            "{} already holds a mailgrid node; use a new directory",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(tls_dir(dir))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! `mailgrid dev`: a local cluster of separate node processes on loopback, with the demo
+//! domain `example.test` and demo users, stopped with its children on interrupt.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::api::{ClientReply, ClientRequest};
+use crate::client::Client;
+use storage::partition::Quota;
+
+pub const DEMO_DOMAIN: &str = "example.test";
+pub const DEMO_USERS: [(&str, &str); 2] = [
+    ("alice@example.test", "alice-password"),
+    ("bob@example.test", "bob-password"),
+];
+/// How long the cluster may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Children are stopped (SIGTERM, then SIGKILL) when this is dropped, even on error.
+struct Children(Vec<(u64, PathBuf, String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, _, _, child) in &mut self.0 {
+            // SAFETY-free: libc::kill with a child's pid is a plain syscall wrapper.
+            let _ = signal(child.id(), libc::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for (_, _, _, child) in &mut self.0 {
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) -> std::io::Result<()> {
+    let pid = i32::try_from(pid).map_err(std::io::Error::other)?;
+    nix_kill(pid, sig)
+}
+
+#[allow(unsafe_code)]
+fn nix_kill(pid: i32, sig: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(socket.local_addr()?.port())
+}
+
+fn run_step(exe: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "`mailgrid {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    Command::new(exe)
+        .args(["serve", "--data"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting a node")
+}
+
+/// Polls until every group has a leader with `voters` voters.
+async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(ClientReply::Status(s)) = client.request(ClientRequest::Status).await {
+            let ready = s
+                .partitions
+                .iter()
+                .all(|p| p.healthy && p.voters.len() >= voters);
+            if ready && !s.partitions.is_empty() {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the cluster did not become ready within {}s",
+                READY_TIMEOUT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow::Result<()> {
+    if !(1..=9).contains(&nodes) {
+        bail!("--nodes must be between 1 and 9");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir.canonicalize()?;
+    let exe = std::env::current_exe().context("locating the mailgrid binary")?;
+    let replicas = nodes.min(3);
+    let mut children = Children(Vec::new());
+    let mut token = String::new();
+    let mut seed = String::new();
+    for id in 1..=nodes as u64 {
+        let data = dir.join(format!("node{id}"));
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let data_s = data.to_string_lossy().to_string();
+        if id == 1 {
+            let out = run_step(
+                &exe,
+                &[
+                    "init",
+                    "--data",
+                    &data_s,
+                    "--node-id",
+                    "1",
+                    "--cluster-addr",
+                    &addr,
+                    "--partitions",
+                    &partitions.to_string(),
+                    "--replicas",
+                    &replicas.to_string(),
+                ],
+            )?;
+            token = out
+                .lines()
+                .find_map(|l| l.strip_prefix("join token: "))
+                .context("init printed no token")?
+                .to_string();
+            seed = addr.clone();
+        } else {
+            run_step(
+                &exe,
+                &[
+                    "join",
+                    "--data",
+                    &data_s,
+                    "--node-id",
+                    &id.to_string(),
+                    "--cluster-addr",
+                    &addr,
+                    "--seed",
+                    &seed,
+                    "--token",
+                    &token,
+                ],
+            )?;
+        }
+        let child = spawn_serve(&exe, &data, &dir.join(format!("node{id}.log")))?;
+        children.0.push((id, data.clone(), addr, child));
+        if id == 1 {
+            let client = Client::open(&data, None)?;
+            wait_ready(&client, 1).await?;
+            client
+                .request(ClientRequest::DomainAdd(DEMO_DOMAIN.into()))
+                .await?;
+            for (user, password) in DEMO_USERS {
+                client
+                    .request(ClientRequest::UserAdd {
+                        address: user.into(),
+                        password: password.into(),
+                        quota: Quota::default(),
+                    })
+                    .await?;
+            }
+        }
+    }
+    let first = Client::open(&children.0[0].1, None)?;
+    wait_ready(&first, replicas as usize).await?;
+    print_ready(&children, &dir, json)?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    drop(children);
+    Ok(())
+}
+
+fn print_ready(children: &Children, dir: &Path, json: bool) -> anyhow::Result<()> {
+    if json {
+        let nodes: Vec<_> = children
+            .0
+            .iter()
+            .map(|(id, data, addr, child)| {
+                serde_json::json!({ "id": id, "pid": child.id(), "data": data, "cluster": addr })
+            })
+            .collect();
+        let users: Vec<_> = DEMO_USERS
+            .iter()
+            .map(|(u, p)| serde_json::json!({ "address": u, "password": p }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "dir": dir, "domain": DEMO_DOMAIN, "nodes": nodes, "users": users })
+        );
+    } else {
+        println!(
+            "mailgrid dev cluster ready: {} nodes in {}",
+            children.0.len(),
+            dir.display()
+        );
+        for (id, data, addr, child) in &children.0 {
+            println!(
+                "  node {id}: pid {} cluster {addr} data {}",
+                child.id(),
+                data.display()
+            );
+        }
+        println!("demo domain {DEMO_DOMAIN}; users:");
+        for (u, p) in DEMO_USERS {
+            println!("  {u} / {p}");
+        }
+        let d = children.0[0].1.display();
+        println!("try: echo 'Subject: hi' | mailgrid deliver --data {d} --to alice@example.test");
+        println!("     mailgrid admin --data {d} fetch alice@example.test");
+        println!("     mailgrid status --data {d}");
+        println!("press Ctrl-C to stop the cluster");
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    Ok(())
+}

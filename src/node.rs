@@ -1,0 +1,648 @@
+//! A running node: the raft host, the router, and the service handler that answers peers
+//! (forwarded proposals and reads, joins) and commands (admin, deliver, status).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use raft::host::{GroupError, HostConfig, RaftHost, ServiceHandler};
+use raft::tls::{ClusterCa, Identity};
+use raft::transport::{Peer, Transport};
+use raft::{partition_group, META_GROUP};
+use storage::codec;
+use storage::meta::{MetaCommand, MetaResponse, NodeRecord};
+use storage::partition::{MailError, PartitionCommand, PartitionResponse};
+use storage::types::{is_valid_address, normalize_address, Uid};
+use storage::{Command, Response};
+
+use crate::api::*;
+use crate::datadir::{self, NodeFile};
+use crate::mail::{self, Resolved};
+use crate::router::{raft_service, Router};
+
+/// Tunables of a node that are not in its data directory.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    pub snapshot_logs: u64,
+    pub write_timeout: Duration,
+}
+
+impl Default for NodeOptions {
+    fn default() -> NodeOptions {
+        // With 64+ groups per node, heartbeats dominate idle load; these keep it modest while
+        // a dead leader is replaced well within two seconds.
+        NodeOptions {
+            heartbeat_ms: 150,
+            election_min_ms: 600,
+            election_max_ms: 1200,
+            snapshot_logs: 5_000,
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct Node {
+    pub file: NodeFile,
+    pub router: Router,
+    ca: ClusterCa,
+    join_secret: String,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("id", &self.file.node_id)
+            .finish()
+    }
+}
+
+pub fn read_file(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+impl Node {
+    /// Opens the data directory and starts serving the cluster transport.
+    pub async fn start(dir: &Path, options: &NodeOptions) -> anyhow::Result<Arc<Node>> {
+        let file = NodeFile::load(dir)?;
+        let tls = datadir::tls_dir(dir);
+        let identity = Identity::load(&tls)?;
+        if identity.id != file.node_id {
+            anyhow::bail!(
+                "{}: certificate is for node {}, node.toml says {}",
+                dir.display(),
+                identity.id,
+                file.node_id
+            );
+        }
+        let ca = ClusterCa::from_pem(
+            &read_file(&tls.join(raft::tls::CA_CERT_FILE))?,
+            &read_file(&tls.join(raft::tls::CA_KEY_FILE))?,
+        )?;
+        let join_secret = read_file(&tls.join(datadir::JOIN_SECRET_FILE))?
+            .trim()
+            .to_string();
+        let store = storage::Store::open(&datadir::db_dir(dir), false)?;
+        let addr = raft::transport::resolve(&file.cluster_addr).await?;
+        let transport = Arc::new(Transport::bind(&identity, addr)?);
+        let config = HostConfig {
+            id: file.node_id,
+            data_dir: dir.to_path_buf(),
+            partitions: file.partitions,
+            replicas: file.replicas,
+            heartbeat_ms: options.heartbeat_ms,
+            election_min_ms: options.election_min_ms,
+            election_max_ms: options.election_max_ms,
+            snapshot_logs: options.snapshot_logs,
+            write_timeout: options.write_timeout,
+        };
+        let host = RaftHost::start(config, store, transport)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let node = Arc::new(Node {
+            file,
+            router: Router::new(host.clone()),
+            ca,
+            join_secret,
+        });
+        host.set_service(Arc::new(Service(Arc::downgrade(&node))));
+        Ok(node)
+    }
+
+    pub fn host(&self) -> &Arc<RaftHost> {
+        self.router.host()
+    }
+
+    async fn join(&self, request: JoinRequest) -> Result<JoinAccepted, String> {
+        let secret_ok =
+            blake3::hash(request.secret.as_bytes()) == blake3::hash(self.join_secret.as_bytes());
+        if !secret_ok {
+            return Err("wrong join token".into());
+        }
+        if request.node_id == 0 {
+            return Err("node id 0 is reserved".into());
+        }
+        raft::transport::resolve(&request.cluster_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cluster = match self
+            .router
+            .read(META_GROUP, Query::Cluster)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            QueryResult::Cluster(Some(c)) => c,
+            _ => return Err("cluster is not initialised".into()),
+        };
+        let cert_pem = self
+            .ca
+            .issue(request.node_id, &request.public_key_pem)
+            .map_err(|e| e.to_string())?;
+        let record = NodeRecord {
+            id: request.node_id,
+            cluster_addr: request.cluster_addr,
+            listeners: BTreeMap::new(),
+            joined: mail::now(),
+        };
+        match self
+            .router
+            .meta_write(MetaCommand::AddNode(record))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::Meta(MetaResponse::Done) => {}
+            Response::Meta(MetaResponse::Refused(e)) => return Err(e.to_string()),
+            other => return Err(format!("unexpected {other:?}")),
+        }
+        Ok(JoinAccepted {
+            cert_pem,
+            ca_key_pem: self.ca.key_pem().to_string(),
+            cluster,
+        })
+    }
+
+    async fn handle(self: Arc<Self>, peer: Option<u64>, request: ServiceRequest) -> Vec<u8> {
+        match request {
+            ServiceRequest::Join(j) => codec::encode(&self.join(j).await),
+            _ if peer.is_none() => codec::encode(&Err::<(), _>(
+                "this request needs a node certificate".to_string(),
+            )),
+            ServiceRequest::PeerWrite { group, cmd } => {
+                codec::encode(&self.host().write(group, cmd).await)
+            }
+            ServiceRequest::PeerRead { group, query } => {
+                codec::encode(&self.router.read_local(group, query).await)
+            }
+            ServiceRequest::LocalStatus => codec::encode(&self.host().status()),
+            ServiceRequest::LocalDigest(group) => codec::encode(
+                &self
+                    .host()
+                    .local_machine(group)
+                    .ok()
+                    .and_then(|m| m.digest().ok()),
+            ),
+            ServiceRequest::Client(c) => codec::encode(&self.client(c).await),
+        }
+    }
+
+    async fn client(&self, request: ClientRequest) -> ClientResult {
+        let r = &self.router;
+        let err = |e: GroupError| e.to_string();
+        match request {
+            ClientRequest::DomainAdd(name) => {
+                let name = name.to_ascii_lowercase();
+                meta_done(
+                    r.meta_write(MetaCommand::AddDomain {
+                        name,
+                        now: mail::now(),
+                    })
+                    .await
+                    .map_err(err)?,
+                )
+            }
+            ClientRequest::DomainRemove(name) => meta_done(
+                r.meta_write(MetaCommand::RemoveDomain(name.to_ascii_lowercase()))
+                    .await
+                    .map_err(err)?,
+            ),
+            ClientRequest::DomainList => {
+                match r.read(META_GROUP, Query::Domains).await.map_err(err)? {
+                    QueryResult::Domains(d) => Ok(ClientReply::Domains(d)),
+                    other => Err(format!("unexpected {other:?}")),
+                }
+            }
+            ClientRequest::UserAdd {
+                address,
+                password,
+                quota,
+            } => {
+                let address = self.served_address(&address).await?;
+                if password.is_empty() {
+                    return Err("password must not be empty".into());
+                }
+                let hash = mail::hash_password(&password)?;
+                partition_done(
+                    r.write(
+                        r.group_of(&address),
+                        mail::account_command(&address, hash, quota),
+                    )
+                    .await
+                    .map_err(err)?,
+                )
+            }
+            ClientRequest::UserPasswd { address, password } => {
+                let address = normalize_address(&address);
+                let password_hash = mail::hash_password(&password)?;
+                let cmd = PartitionCommand::SetPassword {
+                    address: address.clone(),
+                    password_hash,
+                };
+                partition_done(
+                    r.write(r.group_of(&address), Command::Partition(cmd))
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            ClientRequest::UserRemove(address) => {
+                let address = normalize_address(&address);
+                let cmd = PartitionCommand::RemoveAccount {
+                    address: address.clone(),
+                };
+                partition_done(
+                    r.write(r.group_of(&address), Command::Partition(cmd))
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            ClientRequest::UserList { domain } => {
+                let mut all = Vec::new();
+                for p in 0..self.file.partitions {
+                    match r
+                        .read(
+                            partition_group(p),
+                            Query::Accounts {
+                                domain: domain.clone(),
+                            },
+                        )
+                        .await
+                        .map_err(err)?
+                    {
+                        QueryResult::Accounts(a) => all.extend(a),
+                        other => return Err(format!("unexpected {other:?}")),
+                    }
+                }
+                all.sort_by(|a, b| a.address.cmp(&b.address));
+                Ok(ClientReply::Accounts(all))
+            }
+            ClientRequest::AliasAdd { address, targets } => {
+                let address = self.served_address(&address).await?;
+                let targets: Vec<String> = targets.iter().map(|t| normalize_address(t)).collect();
+                if let Some(bad) = targets.iter().find(|t| !is_valid_address(t)) {
+                    return Err(format!("invalid target address {bad}"));
+                }
+                let cmd = PartitionCommand::SetAlias {
+                    address: address.clone(),
+                    targets,
+                };
+                partition_done(
+                    r.write(r.group_of(&address), Command::Partition(cmd))
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            ClientRequest::AliasRemove(address) => {
+                let address = normalize_address(&address);
+                let cmd = PartitionCommand::RemoveAlias {
+                    address: address.clone(),
+                };
+                partition_done(
+                    r.write(r.group_of(&address), Command::Partition(cmd))
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            ClientRequest::AliasList { domain } => {
+                let mut all = Vec::new();
+                for p in 0..self.file.partitions {
+                    match r
+                        .read(
+                            partition_group(p),
+                            Query::Aliases {
+                                domain: domain.clone(),
+                            },
+                        )
+                        .await
+                        .map_err(err)?
+                    {
+                        QueryResult::Aliases(a) => all.extend(a),
+                        other => return Err(format!("unexpected {other:?}")),
+                    }
+                }
+                all.sort_by(|a, b| a.address.cmp(&b.address));
+                Ok(ClientReply::Aliases(all))
+            }
+            ClientRequest::QuotaSet { address, quota } => {
+                let address = normalize_address(&address);
+                let cmd = PartitionCommand::SetQuota {
+                    address: address.clone(),
+                    quota,
+                };
+                partition_done(
+                    r.write(r.group_of(&address), Command::Partition(cmd))
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            ClientRequest::QuotaShow(address) => {
+                let address = normalize_address(&address);
+                match mail::lookup(r, &address).await.map_err(|e| e.to_string())? {
+                    Lookup::Account(a) => Ok(ClientReply::Quota(a)),
+                    _ => Err(format!("no such account {address}")),
+                }
+            }
+            ClientRequest::Deliver {
+                recipients,
+                body,
+                delivery_id,
+            } => self.deliver(recipients, body, delivery_id).await,
+            ClientRequest::Fetch { address, mailbox } => {
+                self.fetch(&normalize_address(&address), &mailbox).await
+            }
+            ClientRequest::Status => Ok(ClientReply::Status(self.status().await)),
+            ClientRequest::NodeRemove(id) => meta_done(
+                r.meta_write(MetaCommand::RemoveNode(id))
+                    .await
+                    .map_err(err)?,
+            ),
+            ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
+        }
+    }
+
+    /// Normalizes an address and checks that its domain is one we serve.
+    async fn served_address(&self, address: &str) -> Result<String, String> {
+        let address = normalize_address(address);
+        if !is_valid_address(&address) {
+            return Err(format!("invalid address {address}"));
+        }
+        let domain = storage::types::domain_of(&address);
+        match self.router.read(META_GROUP, Query::Domains).await.map_err(|e| e.to_string())? {
+            QueryResult::Domains(d) if d.iter().any(|x| x.name == domain) => Ok(address),
+            QueryResult::Domains(_) => Err(format!("domain {domain} is not served here (add it with `mailgrid admin domain add {domain}`)")),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
+    async fn deliver(
+        &self,
+        recipients: Vec<String>,
+        body: Vec<u8>,
+        delivery_id: Option<String>,
+    ) -> ClientResult {
+        if recipients.is_empty() {
+            return Err("no recipients".into());
+        }
+        if body.len() > storage::partition::MESSAGE_BYTES_MAX {
+            return Err(format!(
+                "message of {} bytes is over the {} byte limit",
+                body.len(),
+                storage::partition::MESSAGE_BYTES_MAX
+            ));
+        }
+        let mut accounts = Vec::new();
+        for rcpt in &recipients {
+            match mail::resolve(&self.router, rcpt)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Resolved::Accounts(a) => accounts.extend(a),
+                Resolved::Unknown => return Err(format!("unknown recipient {rcpt}")),
+            }
+        }
+        accounts.sort();
+        accounts.dedup();
+        let id = delivery_id.unwrap_or_default();
+        let outcomes = mail::deliver(&self.router, &accounts, &body, id.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ClientReply::Delivered(outcomes))
+    }
+
+    async fn fetch(&self, address: &str, mailbox: &str) -> ClientResult {
+        let group = self.router.group_of(address);
+        let mut out = Vec::new();
+        let mut from = Uid(1);
+        loop {
+            let query = Query::Messages {
+                address: address.into(),
+                mailbox: mailbox.into(),
+                from,
+                limit: 1000,
+            };
+            let (mb, messages) = match self
+                .router
+                .read(group, query)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                QueryResult::Messages(Some(m)) => m,
+                QueryResult::Messages(None) => {
+                    return Err(format!("no mailbox {mailbox} for {address}"))
+                }
+                other => return Err(format!("unexpected {other:?}")),
+            };
+            let Some(last) = messages.last().map(|(u, _)| *u) else {
+                break;
+            };
+            for (uid, record) in messages {
+                let body = match self
+                    .router
+                    .read(group, Query::Body(record.body))
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    QueryResult::Body(Some(b)) => b,
+                    _ => return Err(format!("body of uid {} is missing", uid.0)),
+                };
+                out.push(FetchedMessage {
+                    uid: uid.0,
+                    uid_validity: mb.uid_validity.0,
+                    flags: record.flags.into_iter().collect(),
+                    body,
+                });
+            }
+            from = Uid(last.0 + 1);
+        }
+        Ok(ClientReply::Messages(out))
+    }
+
+    /// Asks a node over the transport; `None` when it does not answer in time.
+    async fn ask_node<T: serde::de::DeserializeOwned>(
+        &self,
+        id: u64,
+        addr: &str,
+        request: ServiceRequest,
+    ) -> Option<T> {
+        let bytes = codec::encode(&raft_service(codec::encode(&request)));
+        let response = self
+            .host()
+            .transport()
+            .call(Peer::Node(id), addr, &bytes, None, Duration::from_secs(2))
+            .await
+            .ok()?;
+        codec::decode(&response).ok()
+    }
+
+    async fn status(&self) -> ClusterStatus {
+        let meta = self.host().meta();
+        let (cluster, nodes, placements) = meta
+            .read_meta(|m| {
+                Ok::<_, storage::StorageError>((m.cluster()?, m.nodes()?, m.partitions()?))
+            })
+            .unwrap_or_default();
+        let mut node_status = Vec::new();
+        let mut views: Vec<Vec<GroupStatus>> = Vec::new();
+        for n in &nodes {
+            let view: Option<Vec<GroupStatus>> = if n.id == self.file.node_id {
+                Some(self.host().status())
+            } else {
+                self.ask_node(n.id, &n.cluster_addr, ServiceRequest::LocalStatus)
+                    .await
+            };
+            node_status.push(NodeStatus {
+                id: n.id,
+                cluster_addr: n.cluster_addr.clone(),
+                reachable: view.is_some(),
+            });
+            views.extend(view);
+        }
+        let mut partitions = Vec::new();
+        for group in 0..=self.file.partitions as u64 {
+            // The freshest leader's view of the group wins.
+            let best = views
+                .iter()
+                .filter_map(|v| v.iter().find(|g| g.group == group))
+                .filter(|g| g.state == "Leader")
+                .max_by_key(|g| g.term)
+                .or_else(|| {
+                    views
+                        .iter()
+                        .filter_map(|v| v.iter().find(|g| g.group == group))
+                        .max_by_key(|g| g.term)
+                });
+            let partition = group.checked_sub(1).map(|p| p as u32);
+            let placement = match partition {
+                Some(p) => placements
+                    .iter()
+                    .find(|r| r.id == p)
+                    .map(|r| r.replicas.clone())
+                    .unwrap_or_default(),
+                None => nodes.iter().map(|n| n.id).collect(),
+            };
+            let (voters, learners, leader, term, healthy) = match best {
+                Some(g) => (
+                    g.voters.clone(),
+                    g.learners.clone(),
+                    (g.state == "Leader").then_some(g.leader).flatten(),
+                    g.term,
+                    g.healthy && g.state == "Leader",
+                ),
+                None => (Vec::new(), Vec::new(), None, 0, false),
+            };
+            partitions.push(PartitionStatus {
+                partition,
+                group,
+                placement,
+                voters,
+                learners,
+                leader,
+                term,
+                healthy,
+            });
+        }
+        ClusterStatus {
+            cluster,
+            nodes: node_status,
+            partitions,
+        }
+    }
+
+    async fn digests(&self, group: u64) -> BTreeMap<u64, Option<String>> {
+        let meta = self.host().meta();
+        let nodes = meta.read_meta(|m| m.nodes()).unwrap_or_default();
+        let mut out = BTreeMap::new();
+        for n in nodes {
+            let digest = if n.id == self.file.node_id {
+                self.host()
+                    .local_machine(group)
+                    .ok()
+                    .and_then(|m| m.digest().ok())
+            } else {
+                self.ask_node::<Option<[u8; 32]>>(
+                    n.id,
+                    &n.cluster_addr,
+                    ServiceRequest::LocalDigest(group),
+                )
+                .await
+                .flatten()
+            };
+            out.insert(n.id, digest.map(hex::encode));
+        }
+        out
+    }
+}
+
+fn meta_done(response: Response) -> ClientResult {
+    match response {
+        Response::Meta(MetaResponse::Done) => Ok(ClientReply::Done),
+        Response::Meta(MetaResponse::Refused(e)) => Err(e.to_string()),
+        other => Err(format!("unexpected {other:?}")),
+    }
+}
+
+fn partition_done(response: Response) -> ClientResult {
+    match response {
+        Response::Partition(PartitionResponse::Done) => Ok(ClientReply::Done),
+        Response::Partition(PartitionResponse::Refused(e)) => Err(match e {
+            MailError::NoSuchAccount => "no such account or alias".to_string(),
+            other => other.to_string(),
+        }),
+        other => Err(format!("unexpected {other:?}")),
+    }
+}
+
+struct Service(std::sync::Weak<Node>);
+
+impl ServiceHandler for Service {
+    fn handle(&self, peer: Option<u64>, request: Vec<u8>) -> BoxFuture<'static, Vec<u8>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let Some(node) = node.upgrade() else {
+                return codec::encode(&Err::<(), _>("node is shutting down".to_string()));
+            };
+            match codec::decode::<ServiceRequest>(&request) {
+                Ok(r) => node.handle(peer, r).await,
+                Err(e) => codec::encode(&Err::<(), _>(format!("bad request: {e}"))),
+            }
+        })
+    }
+}
+
+/// A join token: what a new node needs to find and trust the cluster, and prove it may join.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct JoinToken {
+    pub cluster_id: String,
+    pub secret: String,
+    pub ca_pem: String,
+}
+
+const TOKEN_PREFIX: &str = "mgjoin1.";
+
+impl JoinToken {
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        format!(
+            "{TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(codec::encode(self))
+        )
+    }
+
+    pub fn decode(token: &str) -> anyhow::Result<JoinToken> {
+        use base64::Engine;
+        let bad = || {
+            anyhow::anyhow!(
+                "the join token is malformed (copy it whole from `mailgrid init` output or {})",
+                datadir::JOIN_SECRET_FILE
+            )
+        };
+        let body = token.trim().strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| bad())?;
+        codec::decode(&bytes).map_err(|_| bad())
+    }
+}

@@ -1,0 +1,61 @@
+//! Reads against a group's state machine, run on the leader after it confirmed leadership.
+
+use storage::machine::GroupKind;
+use storage::partition::Lookup as StoredLookup;
+use storage::{GroupMachine, StorageError};
+
+use crate::api::{Lookup, Query, QueryResult};
+
+/// Most messages one read returns.
+pub const MESSAGES_PER_READ_MAX: usize = 10_000;
+
+pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, StorageError> {
+    if let Query::Digest = query {
+        return Ok(QueryResult::Digest(machine.digest()?));
+    }
+    if machine.kind() == GroupKind::Meta {
+        return machine.read_meta(|m| {
+            Ok(match query {
+                Query::Cluster => QueryResult::Cluster(m.cluster()?),
+                Query::Nodes => QueryResult::Nodes(m.nodes()?),
+                Query::Partitions => QueryResult::Partitions(m.partitions()?),
+                Query::Domains => QueryResult::Domains(m.domains()?),
+                other => {
+                    return Err(StorageError::Corrupt(format!(
+                        "{other:?} is not a meta query"
+                    )))
+                }
+            })
+        });
+    }
+    machine.read_partition(|p| {
+        Ok(match query {
+            Query::Lookup(address) => QueryResult::Lookup(match p.lookup(address)? {
+                StoredLookup::Account(a) => Lookup::Account(a),
+                StoredLookup::Alias(a) => Lookup::Alias(a),
+                StoredLookup::Unknown => Lookup::Unknown,
+            }),
+            Query::Accounts { domain } => QueryResult::Accounts(p.accounts(domain.as_deref())?),
+            Query::Aliases { domain } => QueryResult::Aliases(p.aliases(domain.as_deref())?),
+            Query::Mailboxes(address) => QueryResult::Mailboxes(p.mailboxes(address)?),
+            Query::Messages {
+                address,
+                mailbox,
+                from,
+                limit,
+            } => QueryResult::Messages(match p.mailbox(address, mailbox)? {
+                Some(mb) => {
+                    let messages = p.messages(mb.id, *from, (*limit).min(MESSAGES_PER_READ_MAX))?;
+                    Some((mb, messages))
+                }
+                None => None,
+            }),
+            Query::Body(hash) => QueryResult::Body(p.body(*hash)?),
+            other => {
+                return Err(StorageError::Corrupt(format!(
+                    "{other:?} is not a partition query"
+                )))
+            }
+        })
+    })
+}
