@@ -1,0 +1,388 @@
+//! The replicated core's promises, shown with real node processes on loopback.
+
+mod common;
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+/// Each test runs a multi-process cluster; on two cores they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const PARTITIONS: u32 = 4;
+
+/// The leader of the partition group holding `user`, per the cluster status.
+fn leader_of_user_group(c: &Cluster, user: &str) -> u64 {
+    let group = partition_group_of(user);
+    let s = c.wait_healthy(1);
+    s["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == group)
+        .unwrap()["leader"]
+        .as_u64()
+        .unwrap()
+}
+
+fn partition_group_of(user: &str) -> u64 {
+    let h = blake3_hash(user);
+    (h % PARTITIONS as u64) + 1
+}
+
+fn blake3_hash(s: &str) -> u64 {
+    // Same pinned mapping as the router: blake3, first 8 bytes little-endian.
+    let h = blake3::hash(s.to_ascii_lowercase().as_bytes());
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap())
+}
+
+#[test]
+fn acknowledged_delivery_survives_leader_kill_and_is_read_everywhere() {
+    // Goal (a): a delivery acknowledged by the cluster survives kill -9 of its partition's
+    // leader and is readable through every surviving node.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 2);
+    let user = "user0@example.test";
+    c.deliver(c.any(), &[user], b"Subject: a\r\n\r\nsurvives\r\n", "a-1")
+        .expect("delivery acknowledged");
+    let leader = leader_of_user_group(&c, user);
+    c.node(leader).kill9();
+    for n in [1u64, 2, 3].into_iter().filter(|n| *n != leader) {
+        let via = c.node(n).data().to_string();
+        let msgs = eventually(Duration::from_secs(30), "read after leader kill", || {
+            let out = run(&["admin", "--data", &via, "fetch", user], None);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        });
+        assert_eq!(msgs.lines().count(), 1, "node {n} sees {msgs}");
+        assert!(msgs.contains("survives"));
+    }
+}
+
+#[test]
+fn writes_resume_after_a_node_dies_and_it_catches_up() {
+    // Goal (b): after kill -9 of one of three nodes every partition accepts writes again, and
+    // the node catches up when restarted (its replicas match the others').
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 8);
+    c.node(1).kill9();
+    let via = c.node(2).data().to_string();
+    for i in 0..8 {
+        let user = format!("user{i}@example.test");
+        eventually(Duration::from_secs(30), "write after node death", || {
+            c.deliver(
+                &via,
+                &[&user],
+                format!("Subject: b{i}\r\n\r\nx\r\n").as_bytes(),
+                &format!("b-{i}"),
+            )
+            .ok()
+        });
+    }
+    c.restart(1);
+    c.wait_healthy(3);
+    c.wait_converged(PARTITIONS as u64, &[1, 2, 3]);
+    let n1 = c.node(1).data().to_string();
+    for i in 0..8 {
+        assert_eq!(c.fetch(&n1, &format!("user{i}@example.test")).len(), 1);
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_the_majority_acknowledges_nothing() {
+    // Goal (c): with both peers frozen, a node cannot commit, so it acknowledges no delivery.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 4);
+    let (p2, p3) = (c.node(2).pid(), c.node(3).pid());
+    signal(p2, "STOP");
+    signal(p3, "STOP");
+    let via = c.node(1).data().to_string();
+    let mut refused = 0;
+    for i in 0..4 {
+        let user = format!("user{i}@example.test");
+        let r = c.deliver(
+            &via,
+            &[&user],
+            b"Subject: c\r\n\r\nisolated\r\n",
+            &format!("c-{i}"),
+        );
+        assert!(
+            r.is_err(),
+            "an isolated node acknowledged a delivery: {r:?}"
+        );
+        refused += 1;
+    }
+    assert_eq!(refused, 4);
+    signal(p2, "CONT");
+    signal(p3, "CONT");
+    c.wait_healthy(3);
+}
+
+#[test]
+fn a_wiped_node_rejoins_under_a_new_id_and_catches_up_by_snapshot() {
+    // Goal (d): a node whose disk was wiped rejoins with a new id, receives replicas of every
+    // partition by snapshot (the others purged their logs) and holds the same data.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 20, 4);
+    for i in 0..40 {
+        let user = format!("user{}@example.test", i % 4);
+        c.deliver(
+            c.any(),
+            &[&user],
+            format!("Subject: d{i}\r\n\r\nbody {i}\r\n").as_bytes(),
+            &format!("d-{i}"),
+        )
+        .unwrap();
+    }
+    let wiped = c.node(3).dir.clone();
+    c.node(3).kill9();
+    std::fs::remove_dir_all(&wiped).unwrap();
+    c.admin(&["node", "remove", "3"]);
+    c.join(4);
+    eventually(Duration::from_secs(90), "node 4 holds every group", || {
+        let s = c.status_via(c.any())?;
+        let all = s["groups"].as_array()?.iter().all(|g| {
+            let v: Vec<u64> = g["voters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap())
+                .collect();
+            g["healthy"] == true && v.contains(&4) && !v.contains(&3)
+        });
+        all.then_some(())
+    });
+    c.wait_converged(PARTITIONS as u64, &[1, 2, 4]);
+    let snapshots = c.node(4).dir.join("snapshots");
+    let installed = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .filter(|g| {
+            std::fs::read_dir(g.path())
+                .map(|d| d.count() > 0)
+                .unwrap_or(false)
+        })
+        .count();
+    assert!(installed > 0, "node 4 caught up without any snapshot");
+    let n4 = c.node(4).data().to_string();
+    for i in 0..4 {
+        assert_eq!(c.fetch(&n4, &format!("user{i}@example.test")).len(), 10);
+    }
+}
+
+#[test]
+fn kill_during_a_stream_of_deliveries_loses_and_doubles_nothing() {
+    // Goal (e): kill -9 of a node in the middle of acknowledged deliveries: after restart every
+    // acknowledged message is present exactly once (retries reuse the delivery id).
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 4);
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        if i == 10 {
+            let victim = leader_of_user_group(&c, "user0@example.test");
+            c.node(victim).kill9();
+        }
+        if i == 20 {
+            let dead: Vec<u64> = c
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_none())
+                .map(|n| n.id)
+                .collect();
+            for d in dead {
+                c.restart(d);
+            }
+        }
+        let user = format!("user{}@example.test", i % 4);
+        let body = format!("Subject: e{i}\r\n\r\nmsg-{i}\r\n");
+        // The sender retries until acknowledged, through any live node, with the same id.
+        eventually(Duration::from_secs(30), "delivery acknowledged", || {
+            let via = c.any().to_string();
+            c.deliver(&via, &[&user], body.as_bytes(), &format!("e-{i}"))
+                .ok()
+        });
+        acked.push((user, format!("msg-{i}")));
+    }
+    c.wait_healthy(3);
+    c.wait_converged(PARTITIONS as u64, &[1, 2, 3]);
+    for u in 0..4 {
+        let user = format!("user{u}@example.test");
+        let msgs = c.fetch(c.any(), &user);
+        for (_, tag) in acked.iter().filter(|(to, _)| *to == user) {
+            let n = msgs
+                .iter()
+                .filter(|(_, b)| b.contains(&format!("{tag}\r\n")))
+                .count();
+            assert_eq!(n, 1, "{tag} present {n} times in {user}");
+        }
+        let uids: Vec<u64> = msgs.iter().map(|(u, _)| *u).collect();
+        assert!(
+            uids.windows(2).all(|w| w[0] < w[1]),
+            "UIDs not increasing: {uids:?}"
+        );
+        assert_eq!(
+            msgs.len(),
+            acked.iter().filter(|(to, _)| *to == user).count()
+        );
+    }
+}
+
+#[test]
+fn a_peer_with_a_certificate_from_another_ca_is_refused() {
+    // Goal (f): credentials of another cluster get nothing from this one, and a wrong join
+    // token is refused with a clear message.
+    let _g = serial();
+    let c = Cluster::start(1, PARTITIONS, 5000, 0);
+    let other = tempfile::tempdir().unwrap();
+    let other_dir = other.path().join("n");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ok(
+        &[
+            "init",
+            "--data",
+            path(&other_dir),
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            &format!("127.0.0.1:{port}"),
+            "--partitions",
+            "1",
+            "--replicas",
+            "1",
+        ],
+        None,
+    );
+    let target = c.nodes[0].addr.clone();
+    let out = run(
+        &["status", "--data", path(&other_dir), "--node", &target],
+        None,
+    );
+    assert!(!out.status.success(), "a foreign certificate was accepted");
+    let out = run(
+        &[
+            "admin",
+            "--data",
+            path(&other_dir),
+            "--node",
+            &target,
+            "domain",
+            "list",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    // The same command with this cluster's credentials works.
+    ok(&["status", "--data", c.any(), "--node", &target], None);
+
+    let joiner = other.path().join("j");
+    let bad_token = c.token.replace('A', "B");
+    let out = run(
+        &[
+            "join",
+            "--data",
+            path(&joiner),
+            "--node-id",
+            "9",
+            "--cluster-addr",
+            "127.0.0.1:1",
+            "--seed",
+            &target,
+            "--token",
+            &bad_token,
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("token") || err.contains("refused") || err.contains("cannot reach"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_data_and_config_fail_with_a_clear_message() {
+    // Goal: a corrupted data directory or bad config names the problem and exits non-zero;
+    // never a silent start on an empty store.
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["serve", "--data", path(dir.path())], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a mailgrid data directory"));
+
+    let node = dir.path().join("n");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    ok(
+        &[
+            "init",
+            "--data",
+            path(&node),
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            &format!("127.0.0.1:{port}"),
+            "--partitions",
+            "2",
+            "--replicas",
+            "1",
+        ],
+        None,
+    );
+    let out = run(
+        &[
+            "init",
+            "--data",
+            path(&node),
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            &format!("127.0.0.1:{port}"),
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a mailgrid node"));
+
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[raft]\nheartbeat_ms = \"fast\"\n").unwrap();
+    let out = run(
+        &["serve", "--data", path(&node), "--config", path(&config)],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid config"));
+
+    std::fs::write(node.join("node.toml"), "node_id = 1\ncluster_addr = ").unwrap();
+    let out = run(&["serve", "--data", path(&node)], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node.toml is malformed"));
+
+    let out = run(
+        &[
+            "init",
+            "--data",
+            path(&dir.path().join("x")),
+            "--node-id",
+            "1",
+            "--cluster-addr",
+            "nowhere",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid cluster address"));
+}

@@ -1,0 +1,353 @@
+//! Test harness: real `mailgrid` node processes on loopback, driven through the command line
+//! exactly as an operator would.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailgrid");
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mailgrid");
+    if let Some(input) = stdin {
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    child.wait_with_output().expect("wait mailgrid")
+}
+
+pub fn ok(args: &[&str], stdin: Option<&[u8]>) -> String {
+    let out = run(args, stdin);
+    assert!(
+        out.status.success(),
+        "mailgrid {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub dir: PathBuf,
+    pub addr: String,
+    pub child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+    pub token: String,
+    pub config: PathBuf,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill9();
+        }
+    }
+}
+
+impl TestNode {
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("node running").id() as i32
+    }
+
+    pub fn data(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+}
+
+pub fn signal(pid: i32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+impl Cluster {
+    /// A cluster of `n` nodes, `partitions` partitions, replication factor min(n, 3), with
+    /// domain example.test and users user0..user{users-1}@example.test (password "pw").
+    pub fn start(n: u64, partitions: u32, snapshot_logs: u64, users: usize) -> Cluster {
+        let root = tempfile::tempdir().unwrap();
+        let config = root.path().join("node.toml");
+        std::fs::write(
+            &config,
+            format!("[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nsnapshot_logs = {snapshot_logs}\nwrite_timeout_ms = 3000\n"),
+        )
+        .unwrap();
+        let mut cluster = Cluster {
+            root,
+            nodes: Vec::new(),
+            token: String::new(),
+            config,
+        };
+        let replicas = n.min(3).to_string();
+        let first = cluster.new_node_dir(1);
+        let out = ok(
+            &[
+                "init",
+                "--data",
+                first.0.to_str().unwrap(),
+                "--node-id",
+                "1",
+                "--cluster-addr",
+                &first.1,
+                "--partitions",
+                &partitions.to_string(),
+                "--replicas",
+                &replicas,
+            ],
+            None,
+        );
+        cluster.token = out
+            .lines()
+            .find_map(|l| l.strip_prefix("join token: "))
+            .unwrap()
+            .to_string();
+        cluster.add_started(1, first.0, first.1);
+        cluster.wait_healthy(1);
+        cluster.admin(&["domain", "add", "example.test"]);
+        for i in 0..users {
+            cluster.admin(&[
+                "user",
+                "add",
+                &format!("user{i}@example.test"),
+                "--password",
+                "pw",
+            ]);
+        }
+        for id in 2..=n {
+            cluster.join(id);
+        }
+        cluster.wait_healthy(n.min(3) as usize);
+        cluster
+    }
+
+    fn new_node_dir(&self, id: u64) -> (PathBuf, String) {
+        (
+            self.root.path().join(format!("node{id}")),
+            format!("127.0.0.1:{}", free_port()),
+        )
+    }
+
+    fn add_started(&mut self, id: u64, dir: PathBuf, addr: String) {
+        let mut node = TestNode {
+            id,
+            dir,
+            addr,
+            child: None,
+        };
+        self.spawn(&mut node);
+        self.nodes.push(node);
+    }
+
+    fn spawn(&self, node: &mut TestNode) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.path().join(format!("node{}.log", node.id)))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--data",
+                node.data(),
+                "--config",
+                self.config.to_str().unwrap(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    /// Joins a new node with id `id` through node 1 (or the first running node) and starts it.
+    pub fn join(&mut self, id: u64) {
+        let (dir, addr) = self.new_node_dir(id);
+        let seed = self
+            .nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .unwrap()
+            .addr
+            .clone();
+        ok(
+            &[
+                "join",
+                "--data",
+                dir.to_str().unwrap(),
+                "--node-id",
+                &id.to_string(),
+                "--cluster-addr",
+                &addr,
+                "--seed",
+                &seed,
+                "--token",
+                &self.token,
+            ],
+            None,
+        );
+        self.add_started(id, dir, addr);
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut TestNode {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap()
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        let mut node = std::mem::replace(
+            self.node(id),
+            TestNode {
+                id,
+                dir: PathBuf::new(),
+                addr: String::new(),
+                child: None,
+            },
+        );
+        node.kill9();
+        self.spawn(&mut node);
+        *self.node(id) = node;
+    }
+
+    /// Data dir of some running node (for commands).
+    pub fn any(&self) -> &str {
+        self.nodes
+            .iter()
+            .find(|n| n.child.is_some())
+            .unwrap()
+            .data()
+    }
+
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut all = vec!["admin", "--data", self.any()];
+        all.extend_from_slice(args);
+        ok(&all, None)
+    }
+
+    pub fn status_via(&self, data: &str) -> Option<serde_json::Value> {
+        let out = run(&["status", "--data", data, "--json"], None);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    }
+
+    /// Waits until every group has a leader and at least `voters` voters.
+    pub fn wait_healthy(&self, voters: usize) -> serde_json::Value {
+        eventually(Duration::from_secs(60), "cluster healthy", || {
+            let s = self.status_via(self.any())?;
+            let groups = s["groups"].as_array()?;
+            let ok = groups.iter().all(|g| {
+                g["healthy"] == true
+                    && g["voters"].as_array().map(|v| v.len()).unwrap_or(0) >= voters
+            });
+            ok.then_some(s)
+        })
+    }
+
+    /// Delivers via node `via`; `Ok(stdout)` when acknowledged.
+    pub fn deliver(&self, via: &str, to: &[&str], body: &[u8], id: &str) -> Result<String, String> {
+        let mut args = vec!["deliver", "--data", via, "--delivery-id", id];
+        for t in to {
+            args.push("--to");
+            args.push(t);
+        }
+        let out = run(&args, Some(body));
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// Every message (uid, body) in a user's INBOX, read through node `via`.
+    pub fn fetch(&self, via: &str, user: &str) -> Vec<(u64, String)> {
+        let out = ok(&["admin", "--data", via, "fetch", user], None);
+        out.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["uid"].as_u64().unwrap(),
+                    v["body"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Replica digests of a group, by node id, as reported through `via`.
+    pub fn digests(&self, via: &str, group: u64) -> serde_json::Map<String, serde_json::Value> {
+        let out = ok(
+            &["admin", "--data", via, "digest", &group.to_string()],
+            None,
+        );
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .clone()
+    }
+
+    /// Waits until every live replica of every group reports the same digest.
+    pub fn wait_converged(&self, groups: u64, nodes: &[u64]) {
+        eventually(Duration::from_secs(60), "replicas converge", || {
+            for g in 0..=groups {
+                let d = self.digests(self.any(), g);
+                let vals: Vec<&serde_json::Value> = nodes
+                    .iter()
+                    .map(|n| d.get(&n.to_string()).unwrap_or(&serde_json::Value::Null))
+                    .collect();
+                if vals.iter().any(|v| v.is_null()) || vals.windows(2).any(|w| w[0] != w[1]) {
+                    return None;
+                }
+            }
+            Some(())
+        })
+    }
+}
+
+pub fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
