@@ -139,6 +139,8 @@ pub enum ClientRequest {
     NodeRemove(u64),
     /// Digest of every replica of a group, by node (replicas that caught up must agree).
     Digests(GroupId),
+    /// Counters of the node that receives the request.
+    NodeStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,6 +154,16 @@ pub enum ClientReply {
     Messages(Vec<FetchedMessage>),
     Status(ClusterStatus),
     Digests(BTreeMap<u64, Option<String>>),
+    NodeStats(NodeStats),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeStats {
+    pub node_id: u64,
+    /// Cluster transport calls served (raft RPCs and requests) since the node started.
+    pub calls_served: u64,
+    /// flush + fdatasync rounds of the storage syncer since start.
+    pub syncs: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

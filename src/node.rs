@@ -37,9 +37,9 @@ impl Default for NodeOptions {
         // With 64+ groups per node, heartbeats dominate idle load; these keep it modest while
         // a dead leader is replaced well within two seconds.
         NodeOptions {
-            heartbeat_ms: 150,
-            election_min_ms: 600,
-            election_max_ms: 1200,
+            heartbeat_ms: 250,
+            election_min_ms: 750,
+            election_max_ms: 1500,
             snapshot_logs: 5_000,
             write_timeout: Duration::from_secs(5),
         }
@@ -360,6 +360,11 @@ impl Node {
                     .map_err(err)?,
             ),
             ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
+            ClientRequest::NodeStats => Ok(ClientReply::NodeStats(NodeStats {
+                node_id: self.file.node_id,
+                calls_served: self.host().transport().calls_served(),
+                syncs: self.host().syncs(),
+            })),
         }
     }
 

@@ -18,6 +18,11 @@ use crate::query;
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// How long a forwarded call may take on top of the group's own write timeout.
 const FORWARD_SLACK: Duration = Duration::from_secs(2);
+/// How long one attempt at an idempotent request may wait for its answer before it is tried
+/// again (a leader that died with the request in flight never answers): a commit normally
+/// takes milliseconds, plus time to move a large body.
+const IDEMPOTENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+const IDEMPOTENT_ATTEMPT_BYTES_PER_SECOND: u64 = 8 * 1024 * 1024;
 
 /// The partition an address belongs to: blake3 of the lowercased address, modulo P.
 /// Pinned forever: changing it would move every user.
@@ -30,11 +35,6 @@ pub fn partition_of(address: &str, partitions: u32) -> u32 {
 #[derive(Clone, Debug)]
 pub struct Router {
     host: Arc<RaftHost>,
-}
-
-enum Attempt<T> {
-    Done(T),
-    Retry(Option<(u64, String)>),
 }
 
 impl Router {
@@ -78,37 +78,66 @@ impl Router {
         out
     }
 
+    /// Sends `request` to `node`. A request that may have arrived but got no answer is
+    /// `Uncertain`; one that certainly did not arrive is `Unavailable` (safe to resend).
     async fn forward<T: serde::de::DeserializeOwned>(
         &self,
+        group: GroupId,
         node: u64,
         addr: &str,
         request: &ServiceRequest,
+        timeout: Duration,
     ) -> Result<T, GroupError> {
-        let timeout = self.host.config().write_timeout + FORWARD_SLACK;
-        let bytes = codec::encode(request);
-        let unavailable = |reason: String| GroupError::Unavailable { group: 0, reason };
+        let bytes = codec::encode(&raft_service(codec::encode(request)));
         let response = self
             .host
             .transport()
-            .call(
-                Peer::Node(node),
-                addr,
-                &codec::encode(&raft_service(bytes)),
-                None,
-                timeout,
-            )
+            .call(Peer::Node(node), addr, &bytes, None, timeout)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        codec::decode(&response)
-            .map_err(|e| unavailable(format!("bad answer from node {node}: {e}")))
+            .map_err(|e| {
+                let reason = format!("node {node}: {e}");
+                if e.is_unsent() {
+                    GroupError::Unavailable { group, reason }
+                } else {
+                    GroupError::Uncertain { group, reason }
+                }
+            })?;
+        codec::decode(&response).map_err(|e| GroupError::Uncertain {
+            group,
+            reason: format!("bad answer from node {node}: {e}"),
+        })
+    }
+
+    /// One attempt on `target`: locally when it is this node, else forwarded.
+    async fn attempt<T, F, Fut>(
+        &self,
+        group: GroupId,
+        target: (u64, String),
+        request: &ServiceRequest,
+        timeout: Duration,
+        local: &F,
+    ) -> Result<T, GroupError>
+    where
+        T: serde::de::DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, GroupError>>,
+    {
+        if target.0 == self.host.id() {
+            return local().await;
+        }
+        self.forward::<Result<T, GroupError>>(group, target.0, &target.1, request, timeout)
+            .await
+            .and_then(|r| r)
     }
 
     /// Runs `local` here or `request` on the leader, following leader hints and retrying
-    /// through elections until `deadline`.
+    /// through elections until a deadline. An `idempotent` request is also retried when an
+    /// attempt's outcome is unknown; any other request reports that to its caller.
     async fn route<T, F, Fut>(
         &self,
         group: GroupId,
         request: ServiceRequest,
+        idempotent: bool,
         local: F,
     ) -> Result<T, GroupError>
     where
@@ -116,77 +145,72 @@ impl Router {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, GroupError>>,
     {
-        let deadline =
-            tokio::time::Instant::now() + self.host.config().write_timeout + FORWARD_SLACK;
-        let me = self.host.id();
+        let write_timeout = self.host.config().write_timeout;
+        let deadline = tokio::time::Instant::now() + write_timeout + FORWARD_SLACK;
+        let attempt_timeout = if idempotent {
+            let size = codec::encode(&request).len() as u64;
+            IDEMPOTENT_ATTEMPT_TIMEOUT
+                + Duration::from_secs(size / IDEMPOTENT_ATTEMPT_BYTES_PER_SECOND)
+        } else {
+            write_timeout + FORWARD_SLACK
+        };
         let mut hint: Option<(u64, String)> = None;
         let mut round = 0usize;
         loop {
-            let target = hint.take().or_else(|| self.host.leader_of(group));
-            let attempt = match target {
-                Some((id, _)) if id == me => Self::classify(local().await)?,
-                Some((id, addr)) => Self::classify(
-                    self.forward::<Result<T, GroupError>>(id, &addr, &request)
-                        .await
-                        .and_then(|r| r),
-                )?,
+            let target = match hint.take().or_else(|| self.host.leader_of(group)) {
+                Some(t) => t,
                 None => {
-                    // No leader known here: ask the replicas in turn for a hint.
+                    // No leader known here: ask the replicas in turn; they answer with a hint.
                     let candidates = self.candidates(group);
-                    let Some((id, addr)) = candidates.get(round % candidates.len().max(1)).cloned()
-                    else {
+                    if candidates.is_empty() {
                         return Err(GroupError::Unavailable {
                             group,
                             reason: "no nodes known".into(),
                         });
-                    };
-                    round += 1;
-                    if id == me {
-                        Self::classify(local().await)?
-                    } else {
-                        Self::classify(
-                            self.forward::<Result<T, GroupError>>(id, &addr, &request)
-                                .await
-                                .and_then(|r| r),
-                        )?
                     }
+                    round += 1;
+                    candidates[round % candidates.len()].clone()
                 }
             };
-            match attempt {
-                Attempt::Done(v) => return Ok(v),
-                Attempt::Retry(next) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(GroupError::Unavailable {
-                            group,
-                            reason: "no leader reachable".into(),
-                        });
-                    }
-                    if next.is_none() {
-                        tokio::time::sleep(RETRY_PAUSE).await;
-                    }
-                    hint = next;
-                }
+            let result = self
+                .attempt(group, target, &request, attempt_timeout, &local)
+                .await;
+            let next = match result {
+                Ok(v) => return Ok(v),
+                Err(GroupError::NotLeader { leader, .. }) => leader,
+                Err(GroupError::Unavailable { .. }) => None,
+                Err(GroupError::Uncertain { .. }) if idempotent => None,
+                Err(e) => return Err(e),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(GroupError::Unavailable {
+                    group,
+                    reason: "no leader reachable".into(),
+                });
             }
-        }
-    }
-
-    fn classify<T>(r: Result<T, GroupError>) -> Result<Attempt<T>, GroupError> {
-        match r {
-            Ok(v) => Ok(Attempt::Done(v)),
-            Err(GroupError::NotLeader { leader, .. }) => Ok(Attempt::Retry(leader)),
-            Err(GroupError::Unavailable { .. }) => Ok(Attempt::Retry(None)),
-            Err(e) => Err(e),
+            if next.is_none() {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            hint = next;
         }
     }
 
     /// Proposes `cmd` to `group`; returns once committed by a majority and applied.
+    /// Deliveries are retried through failures of unknown outcome (their key makes a repeat a
+    /// no-op); other commands report such a failure to the caller.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
+        let idempotent = matches!(
+            cmd,
+            Command::Partition(storage::partition::PartitionCommand::Deliver { .. })
+        );
         let request = ServiceRequest::PeerWrite {
             group,
             cmd: cmd.clone(),
         };
-        self.route(group, request, || self.host.write(group, cmd.clone()))
-            .await
+        self.route(group, request, idempotent, || {
+            self.host.write(group, cmd.clone())
+        })
+        .await
     }
 
     /// A linearizable read of `group`.
@@ -195,8 +219,10 @@ impl Router {
             group,
             query: query.clone(),
         };
-        self.route(group, request, || self.read_local(group, query.clone()))
-            .await
+        self.route(group, request, true, || {
+            self.read_local(group, query.clone())
+        })
+        .await
     }
 
     /// Serves a read on this node, which must lead the group.

@@ -1,1 +1,393 @@
-fn main() {}
+//! `bench`: measurements of a real local mailgrid cluster. `bench core` reports commit
+//! latency and throughput of deliveries, idle load per node, and the time from a leader's
+//! kill -9 to its partition's next commit. Figures are printed and written as JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use mailgrid::api::{ClientReply, ClientRequest};
+use mailgrid::client::Client;
+use storage::partition::Quota;
+
+#[derive(Parser, Debug)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The replicated core: delivery commits, idle load, failover.
+    Core {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Comma-separated numbers of concurrent senders.
+        #[arg(long, default_value = "1,32")]
+        concurrency: String,
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        failovers: usize,
+        /// The mailgrid binary (default: next to this one).
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+}
+
+struct DevCluster {
+    child: Child,
+    dir: PathBuf,
+    nodes: Vec<(u64, u32, PathBuf, String)>,
+    restarted: Vec<Child>,
+    _tmp: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        for c in &mut self.restarted {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn start_cluster(bin: &Path, nodes: u32, partitions: u32) -> anyhow::Result<DevCluster> {
+    let dir = std::env::temp_dir().join(format!("mailgrid-bench-{}", std::process::id()));
+    let mut child = Command::new(bin)
+        .args([
+            "dev",
+            "--nodes",
+            &nodes.to_string(),
+            "--partitions",
+            &partitions.to_string(),
+            "--json",
+            "--dir",
+        ])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stdout = child.stdout.take().context("dev stdout")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("dev printed {line:?}"))?;
+    let nodes = v["nodes"]
+        .as_array()
+        .context("nodes")?
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap_or(0),
+                n["pid"].as_u64().unwrap_or(0) as u32,
+                PathBuf::from(n["data"].as_str().unwrap_or_default()),
+                n["cluster"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    Ok(DevCluster {
+        child,
+        dir: dir.clone(),
+        nodes,
+        restarted: Vec::new(),
+        _tmp: tempdir::Dir(dir),
+    })
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn message(i: usize, size: usize) -> Vec<u8> {
+    let mut m = format!("From: bench@example.test\r\nTo: user@example.test\r\nSubject: bench {i}\r\nMessage-ID: <{i}@bench>\r\n\r\n").into_bytes();
+    while m.len() < size {
+        m.extend_from_slice(b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.\r\n");
+    }
+    m.truncate(size);
+    m
+}
+
+async fn deliveries(
+    clients: &[Arc<Client>],
+    users: &[String],
+    messages: usize,
+    size: usize,
+    concurrency: usize,
+    run: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let client = clients[w % clients.len()].clone();
+        let users = users.to_vec();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= messages {
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let body = message(i, size);
+                let to = users[i % users.len()].clone();
+                let t = Instant::now();
+                client
+                    .request(ClientRequest::Deliver {
+                        recipients: vec![to],
+                        body,
+                        delivery_id: Some(format!("bench-{run}-{i}")),
+                    })
+                    .await?;
+                latencies.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    Ok(serde_json::json!({
+        "concurrency": concurrency,
+        "messages": messages,
+        "size": size,
+        "seconds": elapsed,
+        "msgs_per_sec": messages as f64 / elapsed,
+        "p50_ms": percentile(&all, 0.5),
+        "p99_ms": percentile(&all, 0.99),
+        "max_ms": percentile(&all, 1.0),
+    }))
+}
+
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+async fn stats(client: &Client) -> anyhow::Result<u64> {
+    match client.request(ClientRequest::NodeStats).await? {
+        ClientReply::NodeStats(s) => Ok(s.calls_served),
+        other => bail!("unexpected {other:?}"),
+    }
+}
+
+async fn idle(
+    cluster: &DevCluster,
+    clients: &[Arc<Client>],
+    seconds: u64,
+) -> anyhow::Result<serde_json::Value> {
+    let ticks_per_sec = 100.0; // USER_HZ on Linux
+    let before_calls: Vec<u64> =
+        futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
+    let before_cpu: Vec<Option<u64>> = cluster.nodes.iter().map(|n| cpu_ticks(n.1)).collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let after_calls: Vec<u64> =
+        futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
+    let after_cpu: Vec<Option<u64>> = cluster.nodes.iter().map(|n| cpu_ticks(n.1)).collect();
+    let mut per_node = Vec::new();
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        // Two of the calls counted are our own stats requests.
+        let rpcs = after_calls[i].saturating_sub(before_calls[i] + 1) as f64 / seconds as f64;
+        let cpu = match (before_cpu[i], after_cpu[i]) {
+            (Some(a), Some(b)) => (b - a) as f64 / ticks_per_sec / seconds as f64 * 100.0,
+            _ => f64::NAN,
+        };
+        per_node.push(serde_json::json!({ "node": n.0, "rpcs_per_sec": rpcs, "cpu_percent": cpu }));
+    }
+    Ok(serde_json::json!({ "seconds": seconds, "nodes": per_node }))
+}
+
+/// Group of a user, per the router's pinned hash.
+fn group_of(user: &str, partitions: u32) -> u64 {
+    mailgrid::router::partition_of(user, partitions) as u64 + 1
+}
+
+async fn failover(
+    cluster: &mut DevCluster,
+    bin: &Path,
+    clients: &[Arc<Client>],
+    users: &[String],
+    partitions: u32,
+    trial: usize,
+) -> anyhow::Result<f64> {
+    let user = &users[trial % users.len()];
+    let group = group_of(user, partitions);
+    let status = match clients[0].request(ClientRequest::Status).await? {
+        ClientReply::Status(s) => s,
+        other => bail!("unexpected {other:?}"),
+    };
+    let leader = status
+        .partitions
+        .iter()
+        .find(|p| p.group == group)
+        .and_then(|p| p.leader)
+        .context("no leader")?;
+    let idx = cluster
+        .nodes
+        .iter()
+        .position(|n| n.0 == leader)
+        .context("leader not in cluster")?;
+    let via = clients
+        .iter()
+        .enumerate()
+        .find(|(i, _)| *i != idx)
+        .map(|(_, c)| c.clone())
+        .context("no other node")?;
+    let pid = cluster.nodes[idx].1;
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()?;
+    let killed = Instant::now();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let r = via
+            .request(ClientRequest::Deliver {
+                recipients: vec![user.clone()],
+                body: message(attempt, 512),
+                delivery_id: Some(format!("failover-{trial}-{attempt}")),
+            })
+            .await;
+        if r.is_ok() {
+            break;
+        }
+    }
+    let took = killed.elapsed().as_secs_f64();
+    // Bring the node back and wait until every group is healthy again.
+    let data = cluster.nodes[idx].2.clone();
+    let child = Command::new(bin)
+        .args(["serve", "--data"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    cluster.nodes[idx].1 = child.id();
+    cluster.restarted.push(child);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(ClientReply::Status(s)) = via.request(ClientRequest::Status).await {
+            if s.partitions.iter().all(|p| p.healthy) && s.nodes.iter().all(|n| n.reachable) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("cluster did not recover after failover trial {trial}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(took)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Cmd::Core {
+        nodes,
+        partitions,
+        messages,
+        size,
+        concurrency,
+        idle_seconds,
+        failovers,
+        mailgrid,
+        out,
+    } = Cli::parse().command;
+    let bin = match mailgrid {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("exe dir")?
+            .join("mailgrid"),
+    };
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release --bin mailgrid)",
+            bin.display()
+        );
+    }
+    let mut cluster = start_cluster(&bin, nodes, partitions)?;
+    eprintln!("cluster of {nodes} nodes up in {}", cluster.dir.display());
+    let mut clients = Vec::new();
+    for n in &cluster.nodes {
+        clients.push(Arc::new(Client::open(&n.2, None)?));
+    }
+    let users: Vec<String> = (0..64).map(|i| format!("bench{i}@example.test")).collect();
+    for u in &users {
+        clients[0]
+            .request(ClientRequest::UserAdd {
+                address: u.clone(),
+                password: "bench".into(),
+                quota: Quota::default(),
+            })
+            .await?;
+    }
+    let mut results = serde_json::Map::new();
+    let mut runs = Vec::new();
+    for (run, c) in concurrency.split(',').enumerate() {
+        let c: usize = c.trim().parse().context("--concurrency")?;
+        let r = deliveries(&clients, &users, messages, size, c, run).await?;
+        eprintln!(
+            "deliver {size} B x{messages}, {c} senders: {:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms",
+            r["msgs_per_sec"].as_f64().unwrap_or(0.0),
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+        runs.push(r);
+    }
+    results.insert("deliveries".into(), runs.into());
+    let idle = idle(&cluster, &clients, idle_seconds).await?;
+    eprintln!("idle: {idle}");
+    results.insert("idle".into(), idle);
+    let mut times = Vec::new();
+    for trial in 0..failovers {
+        let t = failover(&mut cluster, &bin, &clients, &users, partitions, trial).await?;
+        eprintln!("failover {trial}: leader kill -9 → next commit in {t:.3} s");
+        times.push(t);
+    }
+    results.insert("failover_seconds".into(), times.into());
+    results.insert("nodes".into(), nodes.into());
+    results.insert("partitions".into(), partitions.into());
+    std::fs::create_dir_all(&out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let path = out.join(format!("core-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    println!("{}", serde_json::to_string(&results)?);
+    eprintln!("results written to {}", path.display());
+    Ok(())
+}

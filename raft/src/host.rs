@@ -194,6 +194,14 @@ impl RaftHost {
         &self.config
     }
 
+    /// flush + fdatasync rounds of this node's store since start.
+    pub fn syncs(&self) -> u64 {
+        self.store
+            .stats()
+            .syncs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn transport(&self) -> &Arc<Transport> {
         &self.transport
     }

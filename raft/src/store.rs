@@ -94,7 +94,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let purged: Option<LogId> = self.decode_mark(PURGED)?;
         let last = match self.log.last().map_err(to_io)? {
             Some((_, bytes)) => Some(codec::decode::<Entry>(&bytes).map_err(to_io)?.log_id()),
-            None => purged.clone(),
+            None => purged,
         };
         Ok(LogState {
             last_purged_log_id: purged,
@@ -286,12 +286,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let cmd = match &entry.payload {
                 EntryPayload::Normal(cmd) => Some(cmd),
                 EntryPayload::Membership(m) => {
-                    membership = StoredMembership::new(Some(log_id.clone()), m.clone());
+                    membership = StoredMembership::new(Some(log_id), m.clone());
                     None
                 }
                 EntryPayload::Blank => None,
             };
-            let state = codec::encode(&(Some(log_id.clone()), membership.clone()));
+            let state = codec::encode(&(Some(log_id), membership.clone()));
             let response = self.machine.apply(cmd, &state).map_err(to_io)?;
             if let Some(responder) = responder {
                 responder.send(response);

@@ -22,8 +22,11 @@ pub const MESSAGE_BYTES_MAX: usize = 128 * 1024 * 1024;
 /// Largest snapshot body we accept in one call.
 pub const BODY_BYTES_MAX: u64 = 64 * 1024 * 1024 * 1024;
 /// Both ends use the same idle timeout (a mismatch makes one side give up first).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
-const KEEP_ALIVE: Duration = Duration::from_secs(4);
+/// A peer that stops answering is given up after this long; keep-alives keep live ones open.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// How long establishing a connection may take (a dead peer's port just stays silent).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Concurrent calls in flight per connection (each is one stream).
 const STREAMS_MAX: u32 = 1024;
 /// Concurrent calls served for all connections together; more wait for a slot.
@@ -47,6 +50,19 @@ pub enum TransportError {
     Tls(#[from] TlsError),
     #[error("cannot bind {addr}: {reason}")]
     Bind { addr: String, reason: String },
+}
+
+impl TransportError {
+    /// True when the request certainly never reached the peer, so it is safe to send again.
+    pub fn is_unsent(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Resolve(_)
+                | TransportError::Connect { .. }
+                | TransportError::Tls(_)
+                | TransportError::Bind { .. }
+        )
+    }
 }
 
 /// Whom a call goes to: a node by id, or any cluster member (for joining).
@@ -96,6 +112,8 @@ pub trait Handler: Send + Sync + 'static {
 
 pub struct Transport {
     endpoint: quinn::Endpoint,
+    /// Calls served since start (for idle-load measurements).
+    served: Arc<std::sync::atomic::AtomicU64>,
     /// Open connections by peer, reused by every call and every raft group.
     connections: Mutex<HashMap<Peer, quinn::Connection>>,
 }
@@ -150,6 +168,7 @@ impl Transport {
         endpoint.set_default_client_config(client_config(identity.client_config()?)?);
         Ok(Transport {
             endpoint,
+            served: Arc::default(),
             connections: Mutex::new(HashMap::new()),
         })
     }
@@ -164,8 +183,13 @@ impl Transport {
         endpoint.set_default_client_config(client_config(tls)?);
         Ok(Transport {
             endpoint,
+            served: Arc::default(),
             connections: Mutex::new(HashMap::new()),
         })
+    }
+
+    pub fn calls_served(&self) -> u64 {
+        self.served.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -175,11 +199,13 @@ impl Transport {
     /// Accepts connections until the endpoint closes, serving each call with `handler`.
     pub fn serve(self: &Arc<Self>, handler: Arc<dyn Handler>) {
         let endpoint = self.endpoint.clone();
+        let served = self.served.clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(SERVED_CALLS_MAX));
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
                 let slots = slots.clone();
+                let served = served.clone();
                 tokio::spawn(async move {
                     let connection = match incoming.await {
                         Ok(c) => c,
@@ -194,6 +220,7 @@ impl Transport {
                             return;
                         };
                         let handler = handler.clone();
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tokio::spawn(async move {
                             serve_call(peer, send, recv, handler).await;
                             drop(permit);
@@ -233,7 +260,11 @@ impl Transport {
             .endpoint
             .connect(sock, &name)
             .map_err(|e| connect_err(e.to_string()))?;
-        let connection = connecting.await.map_err(|e| connect_err(e.to_string()))?;
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(connect_err(e.to_string())),
+            Err(_) => return Err(connect_err("no answer".into())),
+        };
         self.connections
             .lock()
             .expect("connections lock")
@@ -250,8 +281,17 @@ impl Transport {
         body: Option<&Path>,
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
+        let connection = match tokio::time::timeout(timeout, self.connection(peer, addr)).await {
+            Ok(c) => c?,
+            Err(_) => {
+                return Err(TransportError::Connect {
+                    node: format!("{peer:?}"),
+                    addr: addr.into(),
+                    reason: "timed out".into(),
+                })
+            }
+        };
         let work = async {
-            let connection = self.connection(peer, addr).await?;
             let call_err = |e: &dyn std::fmt::Display| TransportError::Call(e.to_string());
             let (mut send, mut recv) = connection.open_bi().await.map_err(|e| call_err(&e))?;
             let len = u32::try_from(request.len()).map_err(|e| call_err(&e))?;
