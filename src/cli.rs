@@ -700,7 +700,10 @@ fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
             if n.reachable { "up" } else { "UNREACHABLE" }
         );
     }
-    println!("{:<10} {:<8} {:<14} {:<14} health", "group", "leader", "voters", "placement");
+    println!(
+        "{:<10} {:<8} {:<14} {:<14} health",
+        "group", "leader", "voters", "placement"
+    );
     for p in &status.partitions {
         let name = p
             .partition

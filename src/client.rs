@@ -41,6 +41,20 @@ impl Client {
     }
 
     pub async fn request(&self, request: ClientRequest) -> anyhow::Result<ClientReply> {
+        // Requests that change nothing, or carry their own idempotency key, survive a
+        // reconnect to a restarted node; any other request is sent once.
+        let retries = match &request {
+            ClientRequest::Deliver { delivery_id, .. } if delivery_id.is_some() => 2,
+            ClientRequest::DomainList
+            | ClientRequest::UserList { .. }
+            | ClientRequest::AliasList { .. }
+            | ClientRequest::QuotaShow(_)
+            | ClientRequest::Fetch { .. }
+            | ClientRequest::Status
+            | ClientRequest::Digests(_)
+            | ClientRequest::NodeStats => 2,
+            _ => 0,
+        };
         let bytes = codec::encode(&raft_service(codec::encode(&ServiceRequest::Client(
             request,
         ))));
@@ -49,11 +63,24 @@ impl Client {
         } else {
             Peer::Node(self.node_id)
         };
-        let response = self
-            .transport
-            .call(peer, &self.addr, &bytes, None, CALL_TIMEOUT)
-            .await
-            .with_context(|| format!("cannot reach the node at {}", self.addr))?;
+        let mut attempt = 0;
+        let response = loop {
+            match self
+                .transport
+                .call(peer, &self.addr, &bytes, None, CALL_TIMEOUT)
+                .await
+            {
+                Ok(r) => break r,
+                Err(e) if attempt < retries => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, "retrying request");
+                }
+                Err(e) => {
+                    return Err(anyhow!(e))
+                        .with_context(|| format!("cannot reach the node at {}", self.addr))
+                }
+            }
+        };
         let result: ClientResult =
             codec::decode(&response).map_err(|e| anyhow!("bad answer from {}: {e}", self.addr))?;
         result.map_err(|e| anyhow!(e))

@@ -23,6 +23,8 @@ const FORWARD_SLACK: Duration = Duration::from_secs(2);
 /// takes milliseconds, plus time to move a large body.
 const IDEMPOTENT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 const IDEMPOTENT_ATTEMPT_BYTES_PER_SECOND: u64 = 8 * 1024 * 1024;
+/// How long a node that failed an attempt is passed over while it still looks like the leader.
+const SUSPECT_FOR: Duration = Duration::from_secs(3);
 
 /// The partition an address belongs to: blake3 of the lowercased address, modulo P.
 /// Pinned forever: changing it would move every user.
@@ -156,8 +158,21 @@ impl Router {
         };
         let mut hint: Option<(u64, String)> = None;
         let mut round = 0usize;
+        // A node that just failed us is not asked again until our view of the group moves
+        // on (a dead leader stays "leader" here until the election ends) or a while passes.
+        let mut failed: Option<(u64, tokio::time::Instant)> = None;
         loop {
-            let target = match hint.take().or_else(|| self.host.leader_of(group)) {
+            let believed = self.host.leader_of(group);
+            if hint.is_none() {
+                if let (Some((bad, since)), Some((id, _))) = (failed, &believed) {
+                    let waiting = since.elapsed() < SUSPECT_FOR;
+                    if bad == *id && waiting && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue;
+                    }
+                }
+            }
+            let target = match hint.take().or(believed) {
                 Some(t) => t,
                 None => {
                     // No leader known here: ask the replicas in turn; they answer with a hint.
@@ -172,14 +187,21 @@ impl Router {
                     candidates[round % candidates.len()].clone()
                 }
             };
+            let target_id = target.0;
             let result = self
                 .attempt(group, target, &request, attempt_timeout, &local)
                 .await;
             let next = match result {
                 Ok(v) => return Ok(v),
                 Err(GroupError::NotLeader { leader, .. }) => leader,
-                Err(GroupError::Unavailable { .. }) => None,
-                Err(GroupError::Uncertain { .. }) if idempotent => None,
+                Err(GroupError::Unavailable { .. }) => {
+                    failed = Some((target_id, tokio::time::Instant::now()));
+                    None
+                }
+                Err(GroupError::Uncertain { .. }) if idempotent => {
+                    failed = Some((target_id, tokio::time::Instant::now()));
+                    None
+                }
                 Err(e) => return Err(e),
             };
             if tokio::time::Instant::now() >= deadline {

@@ -291,9 +291,33 @@ impl Transport {
                 })
             }
         };
+        // A cached connection whose peer restarted fails at once; nothing was sent on it yet,
+        // so opening the stream on a fresh connection is safe.
+        let (connection, mut send, recv) = match connection.open_bi().await {
+            Ok((send, recv)) => (connection, send, recv),
+            Err(_) => {
+                self.forget(peer, &connection);
+                let fresh = match tokio::time::timeout(timeout, self.connection(peer, addr)).await {
+                    Ok(c) => c?,
+                    Err(_) => {
+                        return Err(TransportError::Connect {
+                            node: format!("{peer:?}"),
+                            addr: addr.into(),
+                            reason: "timed out".into(),
+                        })
+                    }
+                };
+                let (send, recv) = fresh.open_bi().await.map_err(|e| TransportError::Connect {
+                    node: format!("{peer:?}"),
+                    addr: addr.into(),
+                    reason: e.to_string(),
+                })?;
+                (fresh, send, recv)
+            }
+        };
+        let mut recv = recv;
         let work = async {
             let call_err = |e: &dyn std::fmt::Display| TransportError::Call(e.to_string());
-            let (mut send, mut recv) = connection.open_bi().await.map_err(|e| call_err(&e))?;
             let len = u32::try_from(request.len()).map_err(|e| call_err(&e))?;
             send.write_all(&len.to_be_bytes())
                 .await
@@ -312,9 +336,23 @@ impl Transport {
                 .await
                 .map_err(|e| call_err(&e))
         };
-        match tokio::time::timeout(timeout, work).await {
+        let result = match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
             Err(_) => Err(TransportError::Timeout),
+        };
+        if result.is_err() && connection.close_reason().is_some() {
+            self.forget(peer, &connection);
+        }
+        result
+    }
+
+    fn forget(&self, peer: Peer, connection: &quinn::Connection) {
+        let mut connections = self.connections.lock().expect("connections lock");
+        if connections
+            .get(&peer)
+            .is_some_and(|c| c.stable_id() == connection.stable_id())
+        {
+            connections.remove(&peer);
         }
     }
 
