@@ -25,7 +25,6 @@ struct Children(Vec<(u64, PathBuf, String, Child)>);
 impl Drop for Children {
     fn drop(&mut self) {
         for (_, _, _, child) in &mut self.0 {
-            // SAFETY-free: libc::kill with a child's pid is a plain syscall wrapper.
             let _ = signal(child.id(), libc::SIGTERM);
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -92,6 +91,19 @@ fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> {
         .context("starting a node")
 }
 
+/// Rebuilds the join token of an existing dev cluster from node 1's files.
+fn read_token(node1: &Path) -> anyhow::Result<String> {
+    let file = crate::datadir::NodeFile::load(node1)?;
+    let tls = crate::datadir::tls_dir(node1);
+    let read = |name: &str| crate::node::read_file(&tls.join(name));
+    let token = crate::node::JoinToken {
+        cluster_id: file.cluster_id,
+        secret: read(crate::datadir::JOIN_SECRET_FILE)?.trim().to_string(),
+        ca_pem: read(raft::tls::CA_CERT_FILE)?,
+    };
+    Ok(token.encode())
+}
+
 /// Polls until every group has a leader with `voters` voters.
 async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -125,11 +137,18 @@ pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow:
     let replicas = nodes.min(3);
     let mut children = Children(Vec::new());
     let mut token = String::new();
-    let mut seed = String::new();
     for id in 1..=nodes as u64 {
         let data = dir.join(format!("node{id}"));
-        let addr = format!("127.0.0.1:{}", free_port()?);
         let data_s = data.to_string_lossy().to_string();
+        // A directory from an earlier run is started again as it is.
+        if let Ok(existing) = crate::datadir::NodeFile::load(&data) {
+            let child = spawn_serve(&exe, &data, &dir.join(format!("node{id}.log")))?;
+            children
+                .0
+                .push((id, data.clone(), existing.cluster_addr, child));
+            continue;
+        }
+        let addr = format!("127.0.0.1:{}", free_port()?);
         if id == 1 {
             let out = run_step(
                 &exe,
@@ -152,8 +171,11 @@ pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow:
                 .find_map(|l| l.strip_prefix("join token: "))
                 .context("init printed no token")?
                 .to_string();
-            seed = addr.clone();
         } else {
+            if token.is_empty() {
+                token = read_token(&dir.join("node1"))?;
+            }
+            let seed = children.0[0].2.clone();
             run_step(
                 &exe,
                 &[
@@ -180,13 +202,13 @@ pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow:
                 .request(ClientRequest::DomainAdd(DEMO_DOMAIN.into()))
                 .await?;
             for (user, password) in DEMO_USERS {
-                client
-                    .request(ClientRequest::UserAdd {
-                        address: user.into(),
-                        password: password.into(),
-                        quota: Quota::default(),
-                    })
-                    .await?;
+                let quota = Quota::default();
+                let request = ClientRequest::UserAdd {
+                    address: user.into(),
+                    password: password.into(),
+                    quota,
+                };
+                client.request(request).await?;
             }
         }
     }

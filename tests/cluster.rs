@@ -386,3 +386,68 @@ fn bad_data_and_config_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid cluster address"));
 }
+
+#[test]
+fn dev_cluster_starts_serves_the_demo_users_and_stops_its_children() {
+    // Goal: `mailgrid dev --json` (README's main command) reports a ready cluster whose demo
+    // users receive mail, restarts from its directory, and stops its node processes on SIGTERM.
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let start = || {
+        let mut child = std::process::Command::new(BIN)
+            .args([
+                "dev",
+                "--nodes",
+                "2",
+                "--partitions",
+                "2",
+                "--json",
+                "--dir",
+                path(dir.path()),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        (child, v)
+    };
+    let (mut dev, info) = start();
+    let nodes = info["nodes"].as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 2);
+    let user = info["users"][0]["address"].as_str().unwrap().to_string();
+    let node2 = nodes[1]["data"].as_str().unwrap().to_string();
+    ok(
+        &["deliver", "--data", &node2, "--to", &user],
+        Some(b"Subject: dev\r\n\r\nhello dev\r\n"),
+    );
+    let node1 = nodes[0]["data"].as_str().unwrap().to_string();
+    assert!(ok(&["admin", "--data", &node1, "fetch", &user], None).contains("hello dev"));
+
+    let pids: Vec<i32> = nodes
+        .iter()
+        .map(|n| n["pid"].as_i64().unwrap() as i32)
+        .collect();
+    signal(dev.id() as i32, "TERM");
+    assert!(dev.wait().unwrap().success());
+    for pid in &pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "node {pid} outlived dev"
+        );
+    }
+
+    // Started again on the same directory, the cluster keeps its mail.
+    let (mut dev, info) = start();
+    let node1 = info["nodes"][0]["data"].as_str().unwrap().to_string();
+    assert!(ok(&["admin", "--data", &node1, "fetch", &user], None).contains("hello dev"));
+    signal(dev.id() as i32, "TERM");
+    assert!(dev.wait().unwrap().success());
+}

@@ -349,14 +349,22 @@ mod tests {
     }
 
     fn apply(m: &GroupMachine, index: u64, cmd: PartitionCommand) -> PartitionResponse {
-        match m.apply(Some(&Command::Partition(cmd)), &index.to_be_bytes()).unwrap() {
+        match m
+            .apply(Some(&Command::Partition(cmd)), &index.to_be_bytes())
+            .unwrap()
+        {
             Response::Partition(r) => r,
             other => panic!("unexpected {other:?}"),
         }
     }
 
     fn account(address: &str, quota: Quota) -> PartitionCommand {
-        PartitionCommand::CreateAccount { address: address.into(), password_hash: "x".into(), quota, now: 1000 }
+        PartitionCommand::CreateAccount {
+            address: address.into(),
+            password_hash: "x".into(),
+            quota,
+            now: 1000,
+        }
     }
 
     fn deliver(key: u8, to: &[&str], body: &[u8]) -> PartitionCommand {
@@ -376,23 +384,69 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_store, m) = partition(dir.path());
         apply(&m, 1, account("a@x.test", Quota::default()));
-        apply(&m, 2, account("b@x.test", Quota { bytes: 10, messages: 0 }));
-        let first = apply(&m, 3, deliver(1, &["a@x.test", "b@x.test", "nobody@x.test"], b"hello world, long body"));
-        let PartitionResponse::Delivered(outcome) = &first else { panic!("{first:?}") };
-        assert!(matches!(outcome[0].1, RecipientOutcome::Delivered { uid: Uid(1), .. }));
+        apply(
+            &m,
+            2,
+            account(
+                "b@x.test",
+                Quota {
+                    bytes: 10,
+                    messages: 0,
+                },
+            ),
+        );
+        let first = apply(
+            &m,
+            3,
+            deliver(
+                1,
+                &["a@x.test", "b@x.test", "nobody@x.test"],
+                b"hello world, long body",
+            ),
+        );
+        let PartitionResponse::Delivered(outcome) = &first else {
+            panic!("{first:?}")
+        };
+        assert!(matches!(
+            outcome[0].1,
+            RecipientOutcome::Delivered { uid: Uid(1), .. }
+        ));
         assert_eq!(outcome[1].1, RecipientOutcome::OverQuota);
         assert_eq!(outcome[2].1, RecipientOutcome::NoSuchAccount);
-        assert_eq!(apply(&m, 4, deliver(1, &["a@x.test", "b@x.test", "nobody@x.test"], b"hello world, long body")), first);
+        assert_eq!(
+            apply(
+                &m,
+                4,
+                deliver(
+                    1,
+                    &["a@x.test", "b@x.test", "nobody@x.test"],
+                    b"hello world, long body"
+                )
+            ),
+            first
+        );
         let again = apply(&m, 5, deliver(2, &["a@x.test"], b"hello world, long body"));
-        let PartitionResponse::Delivered(o) = again else { panic!() };
-        assert!(matches!(o[0].1, RecipientOutcome::Delivered { uid: Uid(2), .. }));
+        let PartitionResponse::Delivered(o) = again else {
+            panic!()
+        };
+        assert!(matches!(
+            o[0].1,
+            RecipientOutcome::Delivered { uid: Uid(2), .. }
+        ));
         m.read_partition(|p| {
-            assert_eq!(p.body_count().unwrap(), 1, "identical bodies are stored once");
+            assert_eq!(
+                p.body_count().unwrap(),
+                1,
+                "identical bodies are stored once"
+            );
             let a = p.account("a@x.test").unwrap().unwrap();
             assert_eq!((a.usage.messages, a.usage.bytes), (2, 44));
             let inbox = p.mailbox("a@x.test", "inbox").unwrap().unwrap();
             let msgs = p.messages(inbox.id, Uid(1), 100).unwrap();
-            assert_eq!(msgs.iter().map(|(u, _)| u.0).collect::<Vec<_>>(), vec![1, 2]);
+            assert_eq!(
+                msgs.iter().map(|(u, _)| u.0).collect::<Vec<_>>(),
+                vec![1, 2]
+            );
         });
     }
 
@@ -401,10 +455,23 @@ mod tests {
         // Goal: deleting frees quota and body storage at once; new mail never reuses a UID.
         let dir = tempfile::tempdir().unwrap();
         let (_store, m) = partition(dir.path());
-        apply(&m, 1, account("a@x.test", Quota { bytes: 0, messages: 1 }));
+        apply(
+            &m,
+            1,
+            account(
+                "a@x.test",
+                Quota {
+                    bytes: 0,
+                    messages: 1,
+                },
+            ),
+        );
         apply(&m, 2, deliver(1, &["a@x.test"], b"one"));
         let full = apply(&m, 3, deliver(2, &["a@x.test"], b"two"));
-        assert_eq!(full, PartitionResponse::Delivered(vec![("a@x.test".into(), RecipientOutcome::OverQuota)]));
+        assert_eq!(
+            full,
+            PartitionResponse::Delivered(vec![("a@x.test".into(), RecipientOutcome::OverQuota)])
+        );
         let store = PartitionCommand::StoreFlags {
             address: "a@x.test".into(),
             mailbox: "INBOX".into(),
@@ -413,13 +480,38 @@ mod tests {
             flags: vec!["\\Deleted".into()],
         };
         assert!(matches!(apply(&m, 4, store), PartitionResponse::Flags(_)));
-        let expunged = apply(&m, 5, PartitionCommand::Expunge { address: "a@x.test".into(), mailbox: "INBOX".into(), uids: None });
+        let expunged = apply(
+            &m,
+            5,
+            PartitionCommand::Expunge {
+                address: "a@x.test".into(),
+                mailbox: "INBOX".into(),
+                uids: None,
+            },
+        );
         assert_eq!(expunged, PartitionResponse::Expunged(vec![Uid(1)]));
         m.read_partition(|p| assert_eq!(p.body_count().unwrap(), 0));
-        let PartitionResponse::Delivered(o) = apply(&m, 6, deliver(3, &["a@x.test"], b"three")) else { panic!() };
-        assert!(matches!(o[0].1, RecipientOutcome::Delivered { uid: Uid(2), .. }), "{o:?}");
-        let bad = apply(&m, 7, PartitionCommand::CreateMailbox { address: "a@x.test".into(), name: "a\u{1}".into(), now: 1 });
-        assert_eq!(bad, PartitionResponse::Refused(MailError::InvalidMailboxName));
+        let PartitionResponse::Delivered(o) = apply(&m, 6, deliver(3, &["a@x.test"], b"three"))
+        else {
+            panic!()
+        };
+        assert!(
+            matches!(o[0].1, RecipientOutcome::Delivered { uid: Uid(2), .. }),
+            "{o:?}"
+        );
+        let bad = apply(
+            &m,
+            7,
+            PartitionCommand::CreateMailbox {
+                address: "a@x.test".into(),
+                name: "a\u{1}".into(),
+                now: 1,
+            },
+        );
+        assert_eq!(
+            bad,
+            PartitionResponse::Refused(MailError::InvalidMailboxName)
+        );
     }
 
     #[test]
@@ -443,7 +535,10 @@ mod tests {
         assert_eq!(target.raft_state().unwrap(), None);
         target.install(&snap).unwrap();
         assert_eq!(target.digest().unwrap(), m.digest().unwrap());
-        assert_eq!(target.raft_state().unwrap(), Some(2u64.to_be_bytes().to_vec()));
+        assert_eq!(
+            target.raft_state().unwrap(),
+            Some(2u64.to_be_bytes().to_vec())
+        );
         target.read_partition(|p| {
             let inbox = p.mailbox("a@x.test", "INBOX").unwrap().unwrap();
             let (_, rec) = p.messages(inbox.id, Uid(1), 1).unwrap().remove(0);
