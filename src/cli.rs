@@ -414,7 +414,7 @@ pub async fn init(
         partitions,
         replicas,
     };
-    storage::Store::open(&datadir::db_dir(dir), true)?.sync()?;
+    storage::Store::open(&datadir::db_dir(dir), true)?.set_identity(file.identity().as_bytes())?;
     file.save(dir)?;
     let node = Node::start(dir, &NodeOptions::default()).await?;
     let info = ClusterInfo {
@@ -483,7 +483,6 @@ pub async fn join(
         &key_pem,
         &token.secret,
     )?;
-    storage::Store::open(&datadir::db_dir(dir), true)?.sync()?;
     let file = NodeFile {
         node_id,
         cluster_addr: cluster_addr.to_string(),
@@ -491,6 +490,7 @@ pub async fn join(
         partitions: accepted.cluster.partitions,
         replicas: accepted.cluster.replicas,
     };
+    storage::Store::open(&datadir::db_dir(dir), true)?.set_identity(file.identity().as_bytes())?;
     file.save(dir)?;
     Ok(())
 }

@@ -53,6 +53,11 @@ impl NodeFile {
         Ok(file)
     }
 
+    /// What the store records about its owner: cluster and node id.
+    pub fn identity(&self) -> String {
+        format!("mailgrid cluster {} node {}", self.cluster_id, self.node_id)
+    }
+
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
         let text = toml::to_string(self).context("encoding node.toml")?;
         raft::tls::write_private(&dir.join(NODE_FILE), &text)?;

@@ -87,7 +87,20 @@ impl Node {
         let join_secret = read_file(&tls.join(datadir::JOIN_SECRET_FILE))?
             .trim()
             .to_string();
-        let store = storage::Store::open(&datadir::db_dir(dir), false)?;
+        let db = datadir::db_dir(dir);
+        let store = storage::Store::open(&db, false)?;
+        let owner = store.identity()?;
+        if owner.as_deref() != Some(file.identity().as_bytes()) {
+            anyhow::bail!(
+                "{}: the database does not belong to this node ({}); it is empty, damaged or from elsewhere — \
+                 not starting on it. Restore it, or remove the node and join a new one",
+                db.display(),
+                match owner {
+                    Some(i) => format!("it says {:?}", String::from_utf8_lossy(&i)),
+                    None => "it has no identity record".into(),
+                }
+            );
+        }
         let addr = raft::transport::resolve(&file.cluster_addr).await?;
         let transport = Arc::new(Transport::bind(&identity, addr)?);
         let config = HostConfig {

@@ -357,6 +357,16 @@ fn bad_data_and_config_fail_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a mailgrid node"));
 
+    // A database emptied behind the node's back is refused, not served as a new empty store.
+    let db_file = node.join("db").join("db");
+    let saved = std::fs::read(&db_file).unwrap();
+    std::fs::write(&db_file, b"").unwrap();
+    let out = run(&["serve", "--data", path(&node)], None);
+    assert!(!out.status.success(), "served an emptied database");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("database") || err.contains("corrupt"), "{err}");
+    std::fs::write(&db_file, &saved).unwrap();
+
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "[raft]\nheartbeat_ms = \"fast\"\n").unwrap();
     let out = run(

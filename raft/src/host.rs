@@ -210,6 +210,15 @@ impl RaftHost {
         let _ = self.service.set(service);
     }
 
+    fn all_groups(&self) -> Vec<Group> {
+        self.groups
+            .read()
+            .expect("groups lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn group(&self, group: GroupId) -> Result<Group, GroupError> {
         self.groups
             .read()
@@ -241,13 +250,7 @@ impl RaftHost {
                 addr: node.cluster_addr.clone(),
             },
         )]);
-        let groups: Vec<Group> = self
-            .groups
-            .read()
-            .expect("groups lock")
-            .values()
-            .cloned()
-            .collect();
+        let groups = self.all_groups();
         for g in &groups {
             g.raft
                 .initialize(members.clone())
@@ -371,28 +374,8 @@ impl RaftHost {
             .collect()
     }
 
-    /// Asks every group to take a snapshot now (tests use this to force catch-up by snapshot).
-    pub async fn snapshot_all(&self) {
-        let groups: Vec<Group> = self
-            .groups
-            .read()
-            .expect("groups lock")
-            .values()
-            .cloned()
-            .collect();
-        for g in groups {
-            let _ = g.raft.trigger().snapshot().await;
-        }
-    }
-
     pub async fn shutdown(&self) {
-        let groups: Vec<Group> = self
-            .groups
-            .read()
-            .expect("groups lock")
-            .values()
-            .cloned()
-            .collect();
+        let groups = self.all_groups();
         for g in groups {
             let _ = g.raft.shutdown().await;
         }

@@ -281,32 +281,14 @@ impl Transport {
         body: Option<&Path>,
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
-        let connection = match tokio::time::timeout(timeout, self.connection(peer, addr)).await {
-            Ok(c) => c?,
-            Err(_) => {
-                return Err(TransportError::Connect {
-                    node: format!("{peer:?}"),
-                    addr: addr.into(),
-                    reason: "timed out".into(),
-                })
-            }
-        };
+        let connection = self.connection_within(peer, addr, timeout).await?;
         // A cached connection whose peer restarted fails at once; nothing was sent on it yet,
         // so opening the stream on a fresh connection is safe.
         let (connection, mut send, recv) = match connection.open_bi().await {
             Ok((send, recv)) => (connection, send, recv),
             Err(_) => {
                 self.forget(peer, &connection);
-                let fresh = match tokio::time::timeout(timeout, self.connection(peer, addr)).await {
-                    Ok(c) => c?,
-                    Err(_) => {
-                        return Err(TransportError::Connect {
-                            node: format!("{peer:?}"),
-                            addr: addr.into(),
-                            reason: "timed out".into(),
-                        })
-                    }
-                };
+                let fresh = self.connection_within(peer, addr, timeout).await?;
                 let (send, recv) = fresh.open_bi().await.map_err(|e| TransportError::Connect {
                     node: format!("{peer:?}"),
                     addr: addr.into(),
@@ -344,6 +326,22 @@ impl Transport {
             self.forget(peer, &connection);
         }
         result
+    }
+
+    async fn connection_within(
+        &self,
+        peer: Peer,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, TransportError> {
+        match tokio::time::timeout(timeout, self.connection(peer, addr)).await {
+            Ok(c) => c,
+            Err(_) => Err(TransportError::Connect {
+                node: format!("{peer:?}"),
+                addr: addr.into(),
+                reason: "timed out".into(),
+            }),
+        }
     }
 
     fn forget(&self, peer: Peer, connection: &quinn::Connection) {

@@ -14,6 +14,8 @@ use std::thread;
 
 use crate::StorageError;
 
+const IDENTITY: &str = "identity";
+
 /// How many durability requests one flush may cover; bounds the latency of the last one.
 const SYNC_BATCH_MAX: usize = 4096;
 
@@ -116,6 +118,26 @@ impl Store {
             .into_iter()
             .map(|n| String::from_utf8_lossy(&n).into_owned())
             .collect()
+    }
+
+    /// The identity record written when the node was created (see [`Store::set_identity`]).
+    pub fn identity(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .inner
+            .db
+            .open_tree(IDENTITY)?
+            .get(IDENTITY)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Records which node this store belongs to, durably. A store that later opens without
+    /// it was emptied or replaced, and must not be served as if nothing happened.
+    pub fn set_identity(&self, identity: &[u8]) -> Result<(), StorageError> {
+        self.inner
+            .db
+            .open_tree(IDENTITY)?
+            .insert(IDENTITY, identity)?;
+        self.sync()
     }
 
     /// Flushes sled and `fdatasync`s its data file. Blocking.
