@@ -580,22 +580,51 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         if voters.is_empty() {
             continue;
         }
-        reconcile_group(&g, &voters, &learners, &addrs).await?;
+        let settled = reconcile_group(&g, &voters, &learners, &addrs).await?;
+        if settled && group != META_GROUP {
+            balance_leader(host.id(), group, &g, &voters).await;
+        }
     }
     Ok(())
 }
 
+/// Hands a partition's leadership to its preferred replica (rendezvous order over the
+/// voters), so leaders spread over the nodes instead of staying where they were first
+/// elected. Only to a replica holding the whole log; the new leader prefers itself, so
+/// leadership settles instead of moving back and forth.
+async fn balance_leader(me: NodeId, group: GroupId, g: &Group, voters: &BTreeSet<NodeId>) {
+    let ids: Vec<NodeId> = voters.iter().copied().collect();
+    let Some(&preferred) = rendezvous(group as u32, &ids, 1).first() else {
+        return;
+    };
+    if preferred == me {
+        return;
+    }
+    let m = g.raft.metrics().borrow_watched().clone();
+    let last = m.last_log_index.unwrap_or(0);
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&preferred).cloned().flatten())
+        .map(|l| l.index);
+    if m.state == ServerState::Leader && last > 0 && matched == Some(last) {
+        tracing::debug!(group, to = preferred, "transferring leadership");
+        let _ = g.raft.trigger().transfer_leader(preferred).await;
+    }
+}
+
 /// One step toward the wanted membership: add a missing node as learner, promote a caught-up
 /// learner, then drop voters and learners no longer wanted. Never shrinks before it grows.
+/// Returns whether the membership already was the wanted one (nothing to do).
 async fn reconcile_group(
     g: &Group,
     want_voters: &BTreeSet<NodeId>,
     want_learners: &BTreeSet<NodeId>,
     addrs: &BTreeMap<NodeId, String>,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     let m = g.raft.metrics().borrow_watched().clone();
     if m.state != ServerState::Leader {
-        return Ok(());
+        return Ok(false);
     }
     let membership = m.membership_config.membership().clone();
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -604,7 +633,9 @@ async fn reconcile_group(
         if !members.contains(id) {
             let Some(addr) = addrs.get(id) else { continue };
             let node = NodeAddr { addr: addr.clone() };
-            return timed(g.raft.add_learner(*id, node, false)).await;
+            return timed(g.raft.add_learner(*id, node, false))
+                .await
+                .map(|()| false);
         }
     }
     let last = m.last_log_index.unwrap_or(0);
@@ -621,11 +652,13 @@ async fn reconcile_group(
             .unwrap_or(0);
         if matched + CATCH_UP_ENTRIES >= last {
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([*id]));
-            return timed(g.raft.change_membership(change, false)).await;
+            return timed(g.raft.change_membership(change, false))
+                .await
+                .map(|()| false);
         }
     }
     if !want_voters.is_subset(&voters) {
-        return Ok(());
+        return Ok(false);
     }
     let extra_voters: BTreeSet<NodeId> = voters.difference(want_voters).copied().collect();
     if !extra_voters.is_empty() {
@@ -633,7 +666,8 @@ async fn reconcile_group(
             g.raft
                 .change_membership(ChangeMembers::RemoveVoters(extra_voters), false),
         )
-        .await;
+        .await
+        .map(|()| false);
     }
     let extra: BTreeSet<NodeId> = members
         .iter()
@@ -645,9 +679,10 @@ async fn reconcile_group(
             g.raft
                 .change_membership(ChangeMembers::RemoveNodes(extra), false),
         )
-        .await;
+        .await
+        .map(|()| false);
     }
-    Ok(())
+    Ok(true)
 }
 
 async fn timed<T, E: std::fmt::Display>(
