@@ -239,14 +239,8 @@ impl Node {
                     return Err("password must not be empty".into());
                 }
                 let hash = mail::hash_password(&password)?;
-                partition_done(
-                    r.write(
-                        r.group_of(&address),
-                        mail::account_command(&address, hash, quota),
-                    )
+                self.partition_write_command(&address, mail::account_command(&address, hash, quota))
                     .await
-                    .map_err(err)?,
-                )
             }
             ClientRequest::UserPasswd { address, password } => {
                 let address = normalize_address(&address);
@@ -255,36 +249,22 @@ impl Node {
                     address: address.clone(),
                     password_hash,
                 };
-                partition_done(
-                    r.write(r.group_of(&address), Command::Partition(cmd))
-                        .await
-                        .map_err(err)?,
-                )
+                self.partition_write(&address, cmd).await
             }
             ClientRequest::UserRemove(address) => {
                 let address = normalize_address(&address);
                 let cmd = PartitionCommand::RemoveAccount {
                     address: address.clone(),
                 };
-                partition_done(
-                    r.write(r.group_of(&address), Command::Partition(cmd))
-                        .await
-                        .map_err(err)?,
-                )
+                self.partition_write(&address, cmd).await
             }
             ClientRequest::UserList { domain } => {
                 let mut all = Vec::new();
-                for p in 0..self.file.partitions {
-                    match r
-                        .read(
-                            partition_group(p),
-                            Query::Accounts {
-                                domain: domain.clone(),
-                            },
-                        )
-                        .await
-                        .map_err(err)?
-                    {
+                for result in self
+                    .read_every_partition(Query::Accounts { domain })
+                    .await?
+                {
+                    match result {
                         QueryResult::Accounts(a) => all.extend(a),
                         other => return Err(format!("unexpected {other:?}")),
                     }
@@ -302,36 +282,19 @@ impl Node {
                     address: address.clone(),
                     targets,
                 };
-                partition_done(
-                    r.write(r.group_of(&address), Command::Partition(cmd))
-                        .await
-                        .map_err(err)?,
-                )
+                self.partition_write(&address, cmd).await
             }
             ClientRequest::AliasRemove(address) => {
                 let address = normalize_address(&address);
                 let cmd = PartitionCommand::RemoveAlias {
                     address: address.clone(),
                 };
-                partition_done(
-                    r.write(r.group_of(&address), Command::Partition(cmd))
-                        .await
-                        .map_err(err)?,
-                )
+                self.partition_write(&address, cmd).await
             }
             ClientRequest::AliasList { domain } => {
                 let mut all = Vec::new();
-                for p in 0..self.file.partitions {
-                    match r
-                        .read(
-                            partition_group(p),
-                            Query::Aliases {
-                                domain: domain.clone(),
-                            },
-                        )
-                        .await
-                        .map_err(err)?
-                    {
+                for result in self.read_every_partition(Query::Aliases { domain }).await? {
+                    match result {
                         QueryResult::Aliases(a) => all.extend(a),
                         other => return Err(format!("unexpected {other:?}")),
                     }
@@ -345,11 +308,7 @@ impl Node {
                     address: address.clone(),
                     quota,
                 };
-                partition_done(
-                    r.write(r.group_of(&address), Command::Partition(cmd))
-                        .await
-                        .map_err(err)?,
-                )
+                self.partition_write(&address, cmd).await
             }
             ClientRequest::QuotaShow(address) => {
                 let address = normalize_address(&address);
@@ -379,6 +338,37 @@ impl Node {
                 syncs: self.host().syncs(),
             })),
         }
+    }
+
+    /// Proposes a partition command to the partition of `address`.
+    async fn partition_write(&self, address: &str, cmd: PartitionCommand) -> ClientResult {
+        self.partition_write_command(address, Command::Partition(cmd))
+            .await
+    }
+
+    async fn partition_write_command(&self, address: &str, cmd: Command) -> ClientResult {
+        let group = self.router.group_of(address);
+        partition_done(
+            self.router
+                .write(group, cmd)
+                .await
+                .map_err(|e| e.to_string())?,
+        )
+    }
+
+    /// The same query on every partition, in partition order.
+    async fn read_every_partition(&self, query: Query) -> Result<Vec<QueryResult>, String> {
+        let mut out = Vec::with_capacity(self.file.partitions as usize);
+        for p in 0..self.file.partitions {
+            let group = partition_group(p);
+            out.push(
+                self.router
+                    .read(group, query.clone())
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        Ok(out)
     }
 
     /// Normalizes an address and checks that its domain is one we serve.

@@ -31,14 +31,7 @@ fn leader_of_user_group(c: &Cluster, user: &str) -> u64 {
 }
 
 fn partition_group_of(user: &str) -> u64 {
-    let h = blake3_hash(user);
-    (h % PARTITIONS as u64) + 1
-}
-
-fn blake3_hash(s: &str) -> u64 {
-    // Same pinned mapping as the router: blake3, first 8 bytes little-endian.
-    let h = blake3::hash(s.to_ascii_lowercase().as_bytes());
-    u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap())
+    mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1
 }
 
 #[test]

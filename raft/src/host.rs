@@ -210,6 +210,11 @@ impl RaftHost {
         let _ = self.service.set(service);
     }
 
+    fn groups_by_id(&self) -> Vec<(GroupId, Group)> {
+        let groups = self.groups.read().expect("groups lock");
+        groups.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+
     fn all_groups(&self) -> Vec<Group> {
         self.groups
             .read()
@@ -348,13 +353,7 @@ impl RaftHost {
     }
 
     pub fn status(&self) -> Vec<GroupStatus> {
-        let groups: Vec<(GroupId, Group)> = self
-            .groups
-            .read()
-            .expect("groups lock")
-            .iter()
-            .map(|(k, v)| (*k, v.clone()))
-            .collect();
+        let groups = self.groups_by_id();
         groups
             .into_iter()
             .map(|(group, g)| {
@@ -538,13 +537,7 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         .map(|n| (n.id, n.cluster_addr.clone()))
         .collect();
     let ids: Vec<NodeId> = addrs.keys().copied().collect();
-    let groups: Vec<(GroupId, Group)> = host
-        .groups
-        .read()
-        .expect("groups lock")
-        .iter()
-        .map(|(k, v)| (*k, v.clone()))
-        .collect();
+    let groups = host.groups_by_id();
     for (group, g) in groups {
         if !g.raft.is_leader() {
             continue;
