@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use storage::meta::{ClusterInfo, Domain, NodeRecord, PartitionRecord};
-use storage::partition::{Account, Alias, Mailbox, MessageRecord, Quota, RecipientOutcome};
+use storage::meta::{ClusterInfo, ClusterLimits, Domain, NodeRecord, PartitionRecord};
+use storage::partition::{Account, Alias, Mailbox, MessageRecord, Quota, RecipientOutcome, Usage};
 use storage::types::{BodyHash, Uid};
 use storage::Command;
 
@@ -65,11 +65,14 @@ pub enum Query {
         limit: usize,
     },
     Body(BodyHash),
+    /// Sum of the usage of a domain's accounts in one partition.
+    DomainUsage(String),
     Digest,
     Cluster,
     Nodes,
     Partitions,
     Domains,
+    Limits,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -85,6 +88,8 @@ pub enum QueryResult {
     Nodes(Vec<NodeRecord>),
     Partitions(Vec<PartitionRecord>),
     Domains(Vec<Domain>),
+    Limits(ClusterLimits),
+    Usage(Usage),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -99,6 +104,16 @@ pub enum ClientRequest {
     DomainAdd(String),
     DomainRemove(String),
     DomainList,
+    /// Changes the given limits of a domain (the others keep their value).
+    DomainLimits {
+        name: String,
+        quota_bytes: Option<u64>,
+        message_bytes_max: Option<u64>,
+    },
+    /// Shows the cluster-wide limits, changing those given.
+    ClusterLimits {
+        message_bytes_max: Option<u64>,
+    },
     UserAdd {
         address: String,
         password: String,
@@ -146,7 +161,8 @@ pub enum ClientRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ClientReply {
     Done,
-    Domains(Vec<Domain>),
+    Domains(Vec<DomainReport>),
+    ClusterLimits(ClusterLimits),
     Accounts(Vec<Account>),
     Aliases(Vec<Alias>),
     Quota(Account),
@@ -155,6 +171,13 @@ pub enum ClientReply {
     Status(ClusterStatus),
     Digests(BTreeMap<u64, Option<String>>),
     NodeStats(NodeStats),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DomainReport {
+    pub domain: Domain,
+    /// Bytes and messages stored in all the domain's mailboxes.
+    pub usage: Usage,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -185,6 +208,8 @@ pub struct ClusterStatus {
 pub struct NodeStatus {
     pub id: u64,
     pub cluster_addr: String,
+    /// Client-facing listeners by protocol ("smtp", "submission", ...), as the node bound them.
+    pub listeners: BTreeMap<String, String>,
     pub reachable: bool,
 }
 

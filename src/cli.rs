@@ -3,7 +3,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
@@ -64,7 +63,7 @@ enum Cmd {
     Serve {
         #[arg(long)]
         data: PathBuf,
-        /// TOML file with `[raft]` timing settings.
+        /// TOML config: hostname, [listen], [tls], [smtp], [auth], [raft] (see the README).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -146,13 +145,34 @@ enum AdminCmd {
     },
     /// Digest of every replica of a group (0 = meta, p + 1 = partition p).
     Digest { group: u64 },
+    /// Show the cluster-wide limits, or change them.
+    Limits {
+        /// Largest message accepted by any domain without its own limit.
+        #[arg(long)]
+        message_bytes_max: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 enum DomainCmd {
-    Add { name: String },
-    Remove { name: String },
+    Add {
+        name: String,
+    },
+    Remove {
+        name: String,
+    },
+    /// Every domain with its limits and the bytes its mailboxes hold.
     List,
+    /// Set a domain's limits (those not given keep their value).
+    Limits {
+        name: String,
+        /// Total bytes of all the domain's mailboxes (0 = unlimited).
+        #[arg(long)]
+        quota_bytes: Option<u64>,
+        /// Largest message accepted for the domain (0 = the cluster's limit).
+        #[arg(long)]
+        message_bytes_max: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -278,7 +298,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Serve { data, config } => serve(&data, config.as_deref()).await,
+        Cmd::Serve { data, config } => crate::serve::run(&data, config.as_deref()).await,
         Cmd::Dev {
             nodes,
             dir,
@@ -296,6 +316,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .read_to_end(&mut body)
                 .context("reading the message from standard input")?;
             let client = Client::open(&target.data, target.node.as_deref())?;
+            // The client may resend the request after a lost answer; one id per invocation
+            // makes those resends store the message once.
+            let delivery_id = delivery_id.or_else(|| Some(random_hex(16)));
             let reply = client
                 .request(ClientRequest::Deliver {
                     recipients: to,
@@ -495,62 +518,6 @@ pub async fn join(
     Ok(())
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServeConfig {
-    #[serde(default)]
-    raft: RaftSection,
-}
-
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RaftSection {
-    heartbeat_ms: Option<u64>,
-    election_min_ms: Option<u64>,
-    election_max_ms: Option<u64>,
-    snapshot_logs: Option<u64>,
-    write_timeout_ms: Option<u64>,
-}
-
-pub fn load_options(config: Option<&Path>) -> anyhow::Result<NodeOptions> {
-    let mut options = NodeOptions::default();
-    let Some(path) = config else {
-        return Ok(options);
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let parsed: ServeConfig = toml::from_str(&text)
-        .with_context(|| format!("{} is not a valid config", path.display()))?;
-    let r = parsed.raft;
-    options.heartbeat_ms = r.heartbeat_ms.unwrap_or(options.heartbeat_ms);
-    options.election_min_ms = r.election_min_ms.unwrap_or(options.election_min_ms);
-    options.election_max_ms = r.election_max_ms.unwrap_or(options.election_max_ms);
-    options.snapshot_logs = r.snapshot_logs.unwrap_or(options.snapshot_logs);
-    if let Some(ms) = r.write_timeout_ms {
-        options.write_timeout = std::time::Duration::from_millis(ms);
-    }
-    if options.snapshot_logs == 0 {
-        bail!("{}: raft.snapshot_logs must be at least 1", path.display());
-    }
-    Ok(options)
-}
-
-async fn serve(dir: &Path, config: Option<&Path>) -> anyhow::Result<()> {
-    let options = load_options(config)?;
-    let node: Arc<Node> = Node::start(dir, &options).await?;
-    println!(
-        "mailgrid node {} serving cluster on {}",
-        node.file.node_id, node.file.cluster_addr
-    );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    node.host().shutdown().await;
-    Ok(())
-}
-
 fn password_or_stdin(password: Option<String>) -> anyhow::Result<String> {
     match password {
         Some(p) => Ok(p),
@@ -571,6 +538,20 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
             DomainCmd::Add { name } => ClientRequest::DomainAdd(name),
             DomainCmd::Remove { name } => ClientRequest::DomainRemove(name),
             DomainCmd::List => ClientRequest::DomainList,
+            DomainCmd::Limits {
+                name,
+                quota_bytes,
+                message_bytes_max,
+            } => {
+                if quota_bytes.is_none() && message_bytes_max.is_none() {
+                    bail!("give --quota-bytes and/or --message-bytes-max");
+                }
+                ClientRequest::DomainLimits {
+                    name,
+                    quota_bytes,
+                    message_bytes_max,
+                }
+            }
         },
         AdminCmd::User { command } => match command {
             UserCmd::Add {
@@ -614,13 +595,33 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         } => ClientRequest::NodeRemove(id),
         AdminCmd::Fetch { address, mailbox } => ClientRequest::Fetch { address, mailbox },
         AdminCmd::Digest { group } => ClientRequest::Digests(group),
+        AdminCmd::Limits { message_bytes_max } => {
+            ClientRequest::ClusterLimits { message_bytes_max }
+        }
     };
     match client.request(request).await? {
         ClientReply::Done => println!("ok"),
         ClientReply::Domains(domains) => {
+            let or = |n: u64, zero: &str| {
+                if n == 0 {
+                    zero.to_string()
+                } else {
+                    n.to_string()
+                }
+            };
             for d in domains {
-                println!("{}", d.name);
+                println!(
+                    "{}\tused {} of {} bytes\tmessages {}\tmessage size max {}",
+                    d.domain.name,
+                    d.usage.bytes,
+                    or(d.domain.limits.quota_bytes, "unlimited"),
+                    d.usage.messages,
+                    or(d.domain.limits.message_bytes_max, "cluster default"),
+                );
             }
+        }
+        ClientReply::ClusterLimits(l) => {
+            println!("message size max {} bytes", l.message_bytes_max);
         }
         ClientReply::Accounts(accounts) => {
             for a in accounts {
@@ -677,7 +678,7 @@ fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
             "{}",
             serde_json::to_string(&serde_json::json!({
                 "cluster": status.cluster,
-                "nodes": status.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cluster_addr": n.cluster_addr, "reachable": n.reachable})).collect::<Vec<_>>(),
+                "nodes": status.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cluster_addr": n.cluster_addr, "listeners": n.listeners, "reachable": n.reachable})).collect::<Vec<_>>(),
                 "groups": status.partitions.iter().map(|p| serde_json::json!({
                     "group": p.group, "partition": p.partition, "placement": p.placement, "voters": p.voters,
                     "learners": p.learners, "leader": p.leader, "term": p.term, "healthy": p.healthy,
@@ -693,11 +694,17 @@ fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
         );
     }
     for n in &status.nodes {
+        let listeners: Vec<String> = n
+            .listeners
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         println!(
-            "node {:>3}  {:<22} {}",
+            "node {:>3}  {:<22} {:<12} {}",
             n.id,
             n.cluster_addr,
-            if n.reachable { "up" } else { "UNREACHABLE" }
+            if n.reachable { "up" } else { "UNREACHABLE" },
+            listeners.join(", ")
         );
     }
     println!(

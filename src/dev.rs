@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::api::{ClientReply, ClientRequest};
+use crate::api::{ClientReply, ClientRequest, ClusterStatus};
 use crate::client::Client;
 use storage::partition::Quota;
 
@@ -79,11 +79,18 @@ fn run_step(exe: &Path, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Every dev node listens on loopback, on ports the system picks (see `status`).
+const DEV_CONFIG: &str = "hostname = \"localhost\"\n[listen]\nsmtp = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\n";
+
 fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> {
     let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let config = dir.with_extension("toml");
+    std::fs::write(&config, DEV_CONFIG).with_context(|| format!("writing {}", config.display()))?;
     Command::new(exe)
         .args(["serve", "--data"])
         .arg(dir)
+        .arg("--config")
+        .arg(&config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -104,8 +111,9 @@ fn read_token(node1: &Path) -> anyhow::Result<String> {
     Ok(token.encode())
 }
 
-/// Polls until every group has a leader with `voters` voters.
-async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<()> {
+/// Polls until every group has a leader with `voters` voters and every node has published
+/// its listeners.
+async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<ClusterStatus> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(ClientReply::Status(s)) = client.request(ClientRequest::Status).await {
@@ -113,8 +121,9 @@ async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<()> {
                 .partitions
                 .iter()
                 .all(|p| p.healthy && p.voters.len() >= voters);
-            if ready && !s.partitions.is_empty() {
-                return Ok(());
+            let listening = s.nodes.iter().all(|n| n.listeners.contains_key("smtp"));
+            if ready && listening && !s.partitions.is_empty() {
+                return Ok(s);
             }
         }
         if tokio::time::Instant::now() > deadline {
@@ -213,8 +222,8 @@ pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow:
         }
     }
     let first = Client::open(&children.0[0].1, None)?;
-    wait_ready(&first, replicas as usize).await?;
-    print_ready(&children, &dir, json)?;
+    let status = wait_ready(&first, replicas as usize).await?;
+    print_ready(&children, &status, &dir, json)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -224,13 +233,27 @@ pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow:
     Ok(())
 }
 
-fn print_ready(children: &Children, dir: &Path, json: bool) -> anyhow::Result<()> {
+fn print_ready(
+    children: &Children,
+    status: &ClusterStatus,
+    dir: &Path,
+    json: bool,
+) -> anyhow::Result<()> {
+    let listeners = |id: u64| {
+        status
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.listeners.clone())
+            .unwrap_or_default()
+    };
     if json {
         let nodes: Vec<_> = children
             .0
             .iter()
             .map(|(id, data, addr, child)| {
-                serde_json::json!({ "id": id, "pid": child.id(), "data": data, "cluster": addr })
+                serde_json::json!({ "id": id, "pid": child.id(), "data": data, "cluster": addr,
+                    "listeners": listeners(*id) })
             })
             .collect();
         let users: Vec<_> = DEMO_USERS
@@ -253,6 +276,11 @@ fn print_ready(children: &Children, dir: &Path, json: bool) -> anyhow::Result<()
                 child.id(),
                 data.display()
             );
+            let l: Vec<String> = listeners(*id)
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!("    {}", l.join(", "));
         }
         println!("demo domain {DEMO_DOMAIN}; users:");
         for (u, p) in DEMO_USERS {

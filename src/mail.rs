@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use futures::future::join_all;
 use raft::host::GroupError;
-use storage::partition::{PartitionCommand, PartitionResponse, Quota, RecipientOutcome};
+use storage::partition::{PartitionCommand, PartitionResponse, Quota, RecipientOutcome, Usage};
 use storage::types::{is_valid_address, normalize_address, UnixSeconds};
 use storage::{Command, Response};
 
@@ -55,6 +55,28 @@ pub async fn lookup(router: &Router, address: &str) -> Result<Lookup, MailServic
     }
 }
 
+/// Bytes and messages stored in every mailbox of `domain`, summed over all partitions.
+pub async fn domain_usage(router: &Router, domain: &str) -> Result<Usage, MailServiceError> {
+    let partitions = router.host().config().partitions;
+    let reads = (0..partitions).map(|p| {
+        router.read(
+            raft::partition_group(p),
+            Query::DomainUsage(domain.to_string()),
+        )
+    });
+    let mut total = Usage::default();
+    for result in join_all(reads).await {
+        match result? {
+            QueryResult::Usage(u) => {
+                total.bytes += u.bytes;
+                total.messages += u.messages;
+            }
+            other => return Err(MailServiceError::Unexpected(format!("{other:?}"))),
+        }
+    }
+    Ok(total)
+}
+
 /// Expands aliases (breadth first, bounded) into the accounts that receive mail for `address`.
 pub async fn resolve(router: &Router, address: &str) -> Result<Resolved, MailServiceError> {
     let address = normalize_address(address);
@@ -93,14 +115,28 @@ pub async fn resolve(router: &Router, address: &str) -> Result<Resolved, MailSer
     })
 }
 
+/// Names a message for delivery: the same key stores at most one copy per mailbox, however
+/// often the delivery is retried and whichever recipients each attempt names.
+pub type MessageKey = [u8; 32];
+
+/// A message key from the parts that identify one message (an id the sender chose, the
+/// original bytes as received, ...), hashed with length prefixes so parts cannot run together.
+pub fn message_key(parts: &[&[u8]]) -> MessageKey {
+    let mut h = blake3::Hasher::new_derive_key("mailgrid message key v1");
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Delivers `body` to the INBOX of every account, one proposal per partition, all in
-/// parallel. Returns once every partition committed. `delivery_id` names this delivery: the
-/// same id with the same body and recipients is stored once however often it is retried.
+/// parallel. Returns once every partition committed.
 pub async fn deliver(
     router: &Router,
     accounts: &[String],
     body: &[u8],
-    delivery_id: &[u8],
+    key: &MessageKey,
 ) -> Result<Vec<(String, RecipientOutcome)>, MailServiceError> {
     let mut by_group: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for a in accounts {
@@ -110,17 +146,9 @@ pub async fn deliver(
             .push(a.clone());
     }
     let now = now();
-    let body_hash = blake3::hash(body);
     let proposals = by_group.into_iter().map(|(group, recipients)| {
-        let mut key = blake3::Hasher::new();
-        key.update(delivery_id);
-        key.update(body_hash.as_bytes());
-        for r in &recipients {
-            key.update(r.as_bytes());
-            key.update(&[0]);
-        }
         let cmd = Command::Partition(PartitionCommand::Deliver {
-            key: *key.finalize().as_bytes(),
+            key: *key,
             recipients,
             body: body.to_vec(),
             internal_date: now,
@@ -154,5 +182,73 @@ pub fn account_command(address: &str, password_hash: String, quota: Quota) -> Co
         password_hash,
         quota,
         now: now(),
+    })
+}
+
+/// A hash of a random password, checked for unknown users so that a login for an unknown
+/// address takes as long as one for a known address with a wrong password.
+fn dummy_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let random = hex::encode(rand::random::<[u8; 16]>());
+        hash_password(&random).unwrap_or_default()
+    })
+    .clone()
+}
+
+/// Checks a password against the replicated account (a linearizable read at the partition's
+/// leader; the hash is verified here, off the async threads). `Ok(Some(address))` is the
+/// account's canonical address.
+pub async fn authenticate(
+    router: &Router,
+    user: &str,
+    password: &str,
+) -> Result<Option<String>, MailServiceError> {
+    let address = normalize_address(user);
+    let account = if is_valid_address(&address) {
+        match lookup(router, &address).await? {
+            Lookup::Account(a) => Some(a),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let hash = account.as_ref().map(|a| a.password_hash.clone());
+    let password = password.to_string();
+    let matches = tokio::task::spawn_blocking(move || {
+        verify_password(&hash.unwrap_or_else(dummy_hash), &password)
+    })
+    .await
+    .unwrap_or(false);
+    Ok(account.filter(|_| matches).map(|a| a.address))
+}
+
+fn verify_password(hash: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    match PasswordHash::new(hash) {
+        Ok(parsed) => argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Whether `user` may send as `sender`: it is the user's own address, or an alias whose
+/// targets include the user.
+pub async fn may_send_as(
+    router: &Router,
+    user: &str,
+    sender: &str,
+) -> Result<bool, MailServiceError> {
+    let sender = normalize_address(sender);
+    if sender == user {
+        return Ok(true);
+    }
+    if !is_valid_address(&sender) {
+        return Ok(false);
+    }
+    Ok(match lookup(router, &sender).await? {
+        Lookup::Alias(a) => a.targets.iter().any(|t| normalize_address(t) == user),
+        _ => false,
     })
 }

@@ -224,8 +224,47 @@ impl Node {
                     .map_err(err)?,
             ),
             ClientRequest::DomainList => {
-                match r.read(META_GROUP, Query::Domains).await.map_err(err)? {
-                    QueryResult::Domains(d) => Ok(ClientReply::Domains(d)),
+                let mut reports = Vec::new();
+                for domain in self.domains().await? {
+                    let usage = mail::domain_usage(r, &domain.name)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    reports.push(DomainReport { domain, usage });
+                }
+                Ok(ClientReply::Domains(reports))
+            }
+            ClientRequest::DomainLimits {
+                name,
+                quota_bytes,
+                message_bytes_max,
+            } => {
+                let name = name.to_ascii_lowercase();
+                let Some(domain) = self.domains().await?.into_iter().find(|d| d.name == name)
+                else {
+                    return Err(format!("no such domain {name}"));
+                };
+                let mut limits = domain.limits;
+                limits.quota_bytes = quota_bytes.unwrap_or(limits.quota_bytes);
+                limits.message_bytes_max = message_bytes_max.unwrap_or(limits.message_bytes_max);
+                meta_done(
+                    r.meta_write(MetaCommand::SetDomainLimits { name, limits })
+                        .await
+                        .map_err(err)?,
+                )
+            }
+            ClientRequest::ClusterLimits { message_bytes_max } => {
+                if let Some(max) = message_bytes_max {
+                    let limits = storage::meta::ClusterLimits {
+                        message_bytes_max: max,
+                    };
+                    meta_done(
+                        r.meta_write(MetaCommand::SetClusterLimits(limits))
+                            .await
+                            .map_err(err)?,
+                    )?;
+                }
+                match r.read(META_GROUP, Query::Limits).await.map_err(err)? {
+                    QueryResult::Limits(l) => Ok(ClientReply::ClusterLimits(l)),
                     other => Err(format!("unexpected {other:?}")),
                 }
             }
@@ -371,6 +410,18 @@ impl Node {
         Ok(out)
     }
 
+    async fn domains(&self) -> Result<Vec<storage::meta::Domain>, String> {
+        match self
+            .router
+            .read(META_GROUP, Query::Domains)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            QueryResult::Domains(d) => Ok(d),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
     /// Normalizes an address and checks that its domain is one we serve.
     async fn served_address(&self, address: &str) -> Result<String, String> {
         let address = normalize_address(address);
@@ -413,8 +464,10 @@ impl Node {
         }
         accounts.sort();
         accounts.dedup();
-        let id = delivery_id.unwrap_or_default();
-        let outcomes = mail::deliver(&self.router, &accounts, &body, id.as_bytes())
+        // Without an id every request is a new message; with one, retries store it once.
+        let id = delivery_id.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        let key = mail::message_key(&[id.as_bytes(), blake3::hash(&body).as_bytes()]);
+        let outcomes = mail::deliver(&self.router, &accounts, &body, &key)
             .await
             .map_err(|e| e.to_string())?;
         Ok(ClientReply::Delivered(outcomes))
@@ -504,6 +557,7 @@ impl Node {
             node_status.push(NodeStatus {
                 id: n.id,
                 cluster_addr: n.cluster_addr.clone(),
+                listeners: n.listeners.clone(),
                 reachable: view.is_some(),
             });
             views.extend(view);

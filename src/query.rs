@@ -1,7 +1,7 @@
 //! Reads against a group's state machine, run on the leader after it confirmed leadership.
 
 use storage::machine::GroupKind;
-use storage::partition::Lookup as StoredLookup;
+use storage::partition::{Lookup as StoredLookup, Usage};
 use storage::{GroupMachine, StorageError};
 
 use crate::api::{Lookup, Query, QueryResult};
@@ -20,6 +20,7 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                 Query::Nodes => QueryResult::Nodes(m.nodes()?),
                 Query::Partitions => QueryResult::Partitions(m.partitions()?),
                 Query::Domains => QueryResult::Domains(m.domains()?),
+                Query::Limits => QueryResult::Limits(m.limits()?),
                 other => {
                     return Err(StorageError::Corrupt(format!(
                         "{other:?} is not a meta query"
@@ -51,6 +52,14 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                 None => None,
             }),
             Query::Body(hash) => QueryResult::Body(p.body(*hash)?),
+            Query::DomainUsage(domain) => {
+                let mut usage = Usage::default();
+                for a in p.accounts(Some(domain))? {
+                    usage.bytes += a.usage.bytes;
+                    usage.messages += a.usage.messages;
+                }
+                QueryResult::Usage(usage)
+            }
             other => {
                 return Err(StorageError::Corrupt(format!(
                     "{other:?} is not a partition query"

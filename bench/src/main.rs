@@ -1,6 +1,10 @@
 //! `bench`: measurements of a real local mailgrid cluster. `bench core` reports commit
 //! latency and throughput of deliveries, idle load per node, and the time from a leader's
-//! kill -9 to its partition's next commit. Figures are printed and written as JSON.
+//! kill -9 to its partition's next commit. `bench smtp` measures SMTP delivery (msgs/s and
+//! latency) against a cluster it starts or any SMTP server given. Figures are printed and
+//! written as JSON.
+
+mod smtp_load;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,6 +15,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use mailgrid::api::{ClientReply, ClientRequest};
 use mailgrid::client::Client;
+use smtp_load::percentile;
 use storage::partition::Quota;
 
 #[derive(Parser, Debug)]
@@ -44,10 +49,41 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// SMTP delivery throughput and latency (through every node's MX, as DNS round robin).
+    Smtp {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Messages per (size, concurrency) run.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
+        /// Comma-separated message sizes in bytes.
+        #[arg(long, default_value = "4096,102400")]
+        sizes: String,
+        /// Comma-separated numbers of concurrent senders.
+        #[arg(long, default_value = "1,32")]
+        concurrency: String,
+        /// Send to these SMTP servers (HOST:PORT, comma-separated) instead of starting a
+        /// mailgrid cluster; recipients are `--users` addresses made from `--user-format`.
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 64)]
+        users: usize,
+        /// Recipient addresses, `{}` replaced by 0..users.
+        #[arg(long, default_value = "bench{}@example.test")]
+        user_format: String,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
 }
 
 struct DevCluster {
     child: Child,
+    /// What `mailgrid dev --json` printed.
+    info: serde_json::Value,
     dir: PathBuf,
     nodes: Vec<(u64, u32, PathBuf, String)>,
     restarted: Vec<Child>,
@@ -114,19 +150,12 @@ fn start_cluster(bin: &Path, nodes: u32, partitions: u32) -> anyhow::Result<DevC
         .collect();
     Ok(DevCluster {
         child,
+        info: v.clone(),
         dir: dir.clone(),
         nodes,
         restarted: Vec::new(),
         _tmp: tempdir::Dir(dir),
     })
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
 }
 
 fn message(i: usize, size: usize) -> Vec<u8> {
@@ -293,6 +322,8 @@ async fn failover(
     let child = Command::new(bin)
         .args(["serve", "--data"])
         .arg(&data)
+        .arg("--config")
+        .arg(data.with_extension("toml"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
@@ -313,20 +344,8 @@ async fn failover(
     Ok(took)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let Cmd::Core {
-        nodes,
-        partitions,
-        messages,
-        size,
-        concurrency,
-        idle_seconds,
-        failovers,
-        mailgrid,
-        out,
-    } = Cli::parse().command;
-    let bin = match mailgrid {
+fn mailgrid_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let bin = match given {
         Some(b) => b,
         None => std::env::current_exe()?
             .parent()
@@ -339,15 +358,124 @@ async fn main() -> anyhow::Result<()> {
             bin.display()
         );
     }
-    let mut cluster = start_cluster(&bin, nodes, partitions)?;
-    eprintln!("cluster of {nodes} nodes up in {}", cluster.dir.display());
-    let mut clients = Vec::new();
-    for n in &cluster.nodes {
-        clients.push(Arc::new(Client::open(&n.2, None)?));
+    Ok(bin)
+}
+
+fn numbers(list: &str, what: &str) -> anyhow::Result<Vec<usize>> {
+    list.split(',')
+        .map(|x| x.trim().parse().with_context(|| format!("{what}: {x:?}")))
+        .collect()
+}
+
+fn write_results(out: &Path, name: &str, results: &serde_json::Value) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let path = out.join(format!("{name}-{stamp}.json"));
+    std::fs::write(&path, serde_json::to_string_pretty(results)?)?;
+    println!("{}", serde_json::to_string(results)?);
+    eprintln!("results written to {}", path.display());
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Core {
+            nodes,
+            partitions,
+            messages,
+            size,
+            concurrency,
+            idle_seconds,
+            failovers,
+            mailgrid,
+            out,
+        } => {
+            let bin = mailgrid_binary(mailgrid)?;
+            core(
+                &bin,
+                nodes,
+                partitions,
+                messages,
+                size,
+                &concurrency,
+                idle_seconds,
+                failovers,
+                &out,
+            )
+            .await
+        }
+        Cmd::Smtp {
+            nodes,
+            partitions,
+            messages,
+            sizes,
+            concurrency,
+            target,
+            users,
+            user_format,
+            mailgrid,
+            out,
+        } => {
+            let users: Vec<String> = (0..users)
+                .map(|i| user_format.replace("{}", &i.to_string()))
+                .collect();
+            let mut cluster = None;
+            let servers: Vec<String> = match target {
+                Some(t) => t.split(',').map(|s| s.trim().to_string()).collect(),
+                None => {
+                    let bin = mailgrid_binary(mailgrid)?;
+                    let c = start_cluster(&bin, nodes, partitions)?;
+                    let client = Client::open(&c.nodes[0].2, None)?;
+                    add_users(&client, &users).await?;
+                    let servers = c.info["nodes"]
+                        .as_array()
+                        .context("nodes")?
+                        .iter()
+                        .filter_map(|n| n["listeners"]["smtp"].as_str().map(str::to_string))
+                        .collect();
+                    cluster = Some(c);
+                    servers
+                }
+            };
+            let mut runs = Vec::new();
+            let stamp = std::process::id();
+            for size in numbers(&sizes, "--sizes")? {
+                for c in numbers(&concurrency, "--concurrency")? {
+                    let load = smtp_load::Load {
+                        servers: servers.clone(),
+                        users: users.clone(),
+                        messages,
+                        size,
+                        concurrency: c,
+                        run: format!("{stamp}-{size}-{c}"),
+                    };
+                    let r = smtp_load::run(load).await?;
+                    eprintln!(
+                        "smtp {size} B x{messages}, {c} senders: {:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms",
+                        r["msgs_per_sec"].as_f64().unwrap_or(0.0),
+                        r["p50_ms"].as_f64().unwrap_or(0.0),
+                        r["p99_ms"].as_f64().unwrap_or(0.0)
+                    );
+                    runs.push(r);
+                }
+            }
+            let results = serde_json::json!({
+                "target": if cluster.is_some() { format!("mailgrid {nodes} nodes, {partitions} partitions") } else { servers.join(",") },
+                "servers": servers,
+                "runs": runs,
+            });
+            drop(cluster);
+            write_results(&out, "smtp", &results)
+        }
     }
-    let users: Vec<String> = (0..64).map(|i| format!("bench{i}@example.test")).collect();
-    for u in &users {
-        clients[0]
+}
+
+async fn add_users(client: &Client, users: &[String]) -> anyhow::Result<()> {
+    for u in users {
+        client
             .request(ClientRequest::UserAdd {
                 address: u.clone(),
                 password: "bench".into(),
@@ -355,6 +483,30 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn core(
+    bin: &Path,
+    nodes: u32,
+    partitions: u32,
+    messages: usize,
+    size: usize,
+    concurrency: &str,
+    idle_seconds: u64,
+    failovers: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let bin = bin.to_path_buf();
+    let mut cluster = start_cluster(&bin, nodes, partitions)?;
+    eprintln!("cluster of {nodes} nodes up in {}", cluster.dir.display());
+    let mut clients = Vec::new();
+    for n in &cluster.nodes {
+        clients.push(Arc::new(Client::open(&n.2, None)?));
+    }
+    let users: Vec<String> = (0..64).map(|i| format!("bench{i}@example.test")).collect();
+    add_users(&clients[0], &users).await?;
     let mut results = serde_json::Map::new();
     let mut runs = Vec::new();
     for (run, c) in concurrency.split(',').enumerate() {
@@ -381,13 +533,5 @@ async fn main() -> anyhow::Result<()> {
     results.insert("failover_seconds".into(), times.into());
     results.insert("nodes".into(), nodes.into());
     results.insert("partitions".into(), partitions.into());
-    std::fs::create_dir_all(&out)?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    let path = out.join(format!("core-{stamp}.json"));
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!("{}", serde_json::to_string(&results)?);
-    eprintln!("results written to {}", path.display());
-    Ok(())
+    write_results(out, "core", &serde_json::Value::Object(results))
 }

@@ -47,6 +47,24 @@ pub struct DomainLimits {
     pub message_bytes_max: u64,
 }
 
+/// Limits that apply to every domain unless the domain sets its own.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterLimits {
+    /// Largest message accepted, in bytes.
+    pub message_bytes_max: u64,
+}
+
+/// The largest message a new cluster accepts (what the large free providers accept).
+pub const DEFAULT_MESSAGE_BYTES_MAX: u64 = 25 * 1024 * 1024;
+
+impl Default for ClusterLimits {
+    fn default() -> ClusterLimits {
+        ClusterLimits {
+            message_bytes_max: DEFAULT_MESSAGE_BYTES_MAX,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Domain {
     pub name: String,
@@ -79,6 +97,7 @@ pub enum MetaCommand {
         name: String,
         limits: DomainLimits,
     },
+    SetClusterLimits(ClusterLimits),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -99,6 +118,8 @@ pub enum MetaError {
     NoSuchDomain,
     #[error("invalid domain name")]
     InvalidDomain,
+    #[error("invalid limit: {0}")]
+    InvalidLimit(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +129,7 @@ pub enum MetaResponse {
 }
 
 const CLUSTER: &[u8] = b"cluster";
+const LIMITS: &[u8] = b"limits";
 const NODE: u8 = b'N';
 const PARTITION: u8 = b'P';
 const DOMAIN: u8 = b'D';
@@ -220,8 +242,23 @@ pub(crate) fn apply(txn: &mut Txn<'_>, cmd: &MetaCommand) -> Result<MetaResponse
             let Some(mut domain) = get::<Domain>(txn, &domain_key(name))? else {
                 return refused(MetaError::NoSuchDomain);
             };
+            if limits.message_bytes_max > crate::partition::MESSAGE_BYTES_MAX as u64 {
+                return refused(MetaError::InvalidLimit(format!(
+                    "largest message size is {} bytes",
+                    crate::partition::MESSAGE_BYTES_MAX
+                )));
+            }
             domain.limits = limits.clone();
             put(txn, domain_key(name), &domain);
+        }
+        C::SetClusterLimits(limits) => {
+            let max = crate::partition::MESSAGE_BYTES_MAX as u64;
+            if limits.message_bytes_max == 0 || limits.message_bytes_max > max {
+                return refused(MetaError::InvalidLimit(format!(
+                    "message size limit must be between 1 and {max} bytes"
+                )));
+            }
+            put(txn, LIMITS.to_vec(), limits);
         }
     }
     Ok(MetaResponse::Done)
@@ -263,6 +300,15 @@ impl MetaView<'_> {
 
     pub fn partitions(&self) -> Result<Vec<PartitionRecord>, StorageError> {
         self.scan(PARTITION)
+    }
+
+    pub fn limits(&self) -> Result<ClusterLimits, StorageError> {
+        Ok(self
+            .tree
+            .get(LIMITS)?
+            .map(|v| codec::decode(&v))
+            .transpose()?
+            .unwrap_or_default())
     }
 
     pub fn domains(&self) -> Result<Vec<Domain>, StorageError> {

@@ -151,8 +151,9 @@ pub enum PartitionCommand {
         name: String,
         subscribed: bool,
     },
-    /// Delivery of one message to the INBOX of each recipient in this partition. Applying the
-    /// same `key` twice returns the first outcome and stores nothing new.
+    /// Delivery of one message to the INBOX of each recipient in this partition. A recipient
+    /// that already received a delivery with the same `key` gets no second copy (the first
+    /// outcome is returned); the key names the message, not the recipient list.
     Deliver {
         key: [u8; 32],
         recipients: Vec<String>,
@@ -243,7 +244,7 @@ pub enum PartitionResponse {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct DeliveryKeyRecord {
     at: UnixSeconds,
-    outcome: Vec<(String, RecipientOutcome)>,
+    outcome: RecipientOutcome,
 }
 
 // Key prefixes of the partition keyspace.
@@ -789,10 +790,6 @@ fn deliver(
     internal_date: UnixSeconds,
     now: UnixSeconds,
 ) -> Outcome {
-    let kk = key(DELIVERY_KEY, &[dkey]);
-    if let Some(seen) = txn.get::<DeliveryKeyRecord>(&kk)? {
-        return Ok(PartitionResponse::Delivered(seen.outcome));
-    }
     if body.len() > MESSAGE_BYTES_MAX {
         return refused(MailError::TooLarge);
     }
@@ -806,6 +803,14 @@ fn deliver(
     for rcpt in recipients {
         if !done.insert(rcpt.as_str()) {
             continue; // the same recipient twice gets one copy
+        }
+        // Keys are per recipient, so a retry that names only some of the first attempt's
+        // recipients (or more) still stores one copy per mailbox.
+        let rkey = recipient_delivery_key(dkey, rcpt);
+        let kk = key(DELIVERY_KEY, &[&rkey]);
+        if let Some(seen) = txn.get::<DeliveryKeyRecord>(&kk)? {
+            outcome.push((rcpt.clone(), seen.outcome));
+            continue;
         }
         let ak = key(ACCOUNT, &[rcpt.as_bytes()]);
         let Some(mut account) = txn.get::<Account>(&ak)? else {
@@ -827,21 +832,28 @@ fn deliver(
             BTreeSet::new(),
         )?;
         txn.put(ak, &account);
-        outcome.push((
-            rcpt.clone(),
-            RecipientOutcome::Delivered { uid_validity, uid },
-        ));
+        let delivered = RecipientOutcome::Delivered { uid_validity, uid };
+        // Only deliveries are remembered: a refusal (over quota, no account) may succeed
+        // when the sender retries later.
+        txn.put(
+            kk,
+            &DeliveryKeyRecord {
+                at: now,
+                outcome: delivered.clone(),
+            },
+        );
+        txn.put(key(DELIVERY_KEY_BY_TIME, &[&time_key(now), &rkey]), &());
+        outcome.push((rcpt.clone(), delivered));
     }
-    txn.put(
-        kk,
-        &DeliveryKeyRecord {
-            at: now,
-            outcome: outcome.clone(),
-        },
-    );
-    txn.put(key(DELIVERY_KEY_BY_TIME, &[&time_key(now), dkey]), &());
     prune_delivery_keys(txn, now)?;
     Ok(PartitionResponse::Delivered(outcome))
+}
+
+fn recipient_delivery_key(dkey: &[u8; 32], recipient: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(dkey);
+    h.update(recipient.as_bytes());
+    *h.finalize().as_bytes()
 }
 
 fn prune_delivery_keys(txn: &mut Txn<'_>, now: UnixSeconds) -> Result<(), StorageError> {

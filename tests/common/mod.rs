@@ -110,11 +110,23 @@ impl Cluster {
     /// A cluster of `n` nodes, `partitions` partitions, replication factor min(n, 3), with
     /// domain example.test and users user0..user{users-1}@example.test (password "pw").
     pub fn start(n: u64, partitions: u32, snapshot_logs: u64, users: usize) -> Cluster {
+        Self::start_with(n, partitions, snapshot_logs, users, "")
+    }
+
+    /// Like [`Cluster::start`], with more config sections (`[smtp]`, `[auth]`, ...) for every
+    /// node. Every listener is on 127.0.0.1 with a port the system picks.
+    pub fn start_with(
+        n: u64,
+        partitions: u32,
+        snapshot_logs: u64,
+        users: usize,
+        extra_config: &str,
+    ) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let config = root.path().join("node.toml");
         std::fs::write(
             &config,
-            format!("[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nsnapshot_logs = {snapshot_logs}\nwrite_timeout_ms = 3000\n"),
+            format!("hostname = \"mx.example.test\"\n[listen]\nsmtp = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\n[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nsnapshot_logs = {snapshot_logs}\nwrite_timeout_ms = 3000\n{extra_config}"),
         )
         .unwrap();
         let mut cluster = Cluster {
@@ -285,6 +297,16 @@ impl Cluster {
                     && g["voters"].as_array().map(|v| v.len()).unwrap_or(0) >= voters
             });
             ok.then_some(s)
+        })
+    }
+
+    /// The address node `id` listens on for `service` ("smtp", "submission", ...), once it
+    /// has published it.
+    pub fn listener(&self, id: u64, service: &str) -> String {
+        eventually(Duration::from_secs(30), "node listeners published", || {
+            let s = self.status_via(self.any())?;
+            let node = s["nodes"].as_array()?.iter().find(|n| n["id"] == id)?;
+            node["listeners"][service].as_str().map(str::to_string)
         })
     }
 

@@ -1,0 +1,155 @@
+//! SMTP delivery load: N concurrent senders, each on its own connection to one of the target
+//! servers (round robin, as DNS would spread them), sending messages of a given size to
+//! recipients spread over the users. A message counts when the server answered `250` to its
+//! data; latency is from MAIL FROM to that reply.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+pub struct Load {
+    pub servers: Vec<String>,
+    pub users: Vec<String>,
+    pub messages: usize,
+    pub size: usize,
+    pub concurrency: usize,
+    /// Distinguishes runs so no message repeats an earlier one (which would be deduplicated).
+    pub run: String,
+}
+
+struct Conn {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> anyhow::Result<Conn> {
+        let s = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        let mut c = Conn {
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        c.expect(220).await?;
+        c.writer.write_all(b"EHLO bench.test\r\n").await?;
+        c.expect(250).await?;
+        Ok(c)
+    }
+
+    async fn reply(&mut self) -> anyhow::Result<(u16, String)> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).await? == 0 {
+                bail!("connection closed");
+            }
+            all.push_str(&line);
+            if line.len() < 4 {
+                bail!("short reply {line:?}");
+            }
+            if line.as_bytes()[3] != b'-' {
+                return Ok((line[..3].parse()?, all));
+            }
+        }
+    }
+
+    async fn expect(&mut self, code: u16) -> anyhow::Result<()> {
+        let (got, text) = self.reply().await?;
+        if got != code {
+            bail!("expected {code}, got {}", text.trim_end());
+        }
+        Ok(())
+    }
+
+    /// One message with a pipelined envelope (MAIL, RCPT, DATA in one write).
+    async fn send(&mut self, to: &str, body: &[u8]) -> anyhow::Result<()> {
+        let envelope = format!("MAIL FROM:<bench@remote.test>\r\nRCPT TO:<{to}>\r\nDATA\r\n");
+        self.writer.write_all(envelope.as_bytes()).await?;
+        self.expect(250).await?;
+        self.expect(250).await?;
+        self.expect(354).await?;
+        self.writer.write_all(body).await?;
+        self.writer.write_all(b".\r\n").await?;
+        self.expect(250).await
+    }
+}
+
+/// A message of exactly `size` bytes before the end marker, lines of 66 octets, nothing to
+/// dot-stuff; unique per (run, i).
+pub fn message(run: &str, i: usize, size: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: bench@remote.test\r\nTo: user@example.test\r\nSubject: bench {run} {i}\r\nMessage-ID: <{run}.{i}@bench>\r\n\r\n"
+    )
+    .into_bytes();
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ..\r\n";
+    while m.len() + line.len() <= size {
+        m.extend_from_slice(line);
+    }
+    while m.len() + 2 < size {
+        m.push(b'x');
+    }
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
+    let load = Arc::new(load);
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..load.concurrency {
+        let load = load.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let server = &load.servers[w % load.servers.len()];
+            let mut conn = Conn::open(server).await?;
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= load.messages {
+                    let _ = conn.writer.write_all(b"QUIT\r\n").await;
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+                let body = message(&load.run, i, load.size);
+                let to = &load.users[i % load.users.len()];
+                let t = Instant::now();
+                conn.send(to, &body)
+                    .await
+                    .with_context(|| format!("message {i} via {server}"))?;
+                latencies.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    all.sort();
+    Ok(serde_json::json!({
+        "concurrency": load.concurrency,
+        "messages": load.messages,
+        "size": load.size,
+        "seconds": seconds,
+        "msgs_per_sec": load.messages as f64 / seconds,
+        "p50_ms": percentile(&all, 0.5),
+        "p90_ms": percentile(&all, 0.9),
+        "p99_ms": percentile(&all, 0.99),
+        "max_ms": percentile(&all, 1.0),
+    }))
+}

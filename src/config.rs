@@ -1,0 +1,319 @@
+//! The operator's configuration file for `mailgrid serve`: raft timing, the client-facing
+//! listeners, the TLS certificate they present, and per-protocol limits. Parsed and validated
+//! once at start-up into [`ServeConfig`]; components get their own section.
+//!
+//! ```toml
+//! hostname = "mail.example.com"          # banner, Received: headers, self-signed certificate
+//! [listen]                               # "" turns a listener off
+//! smtp = "0.0.0.0:25"
+//! submission = "0.0.0.0:587"
+//! submissions = "0.0.0.0:465"
+//! [tls]                                  # absent: DIR/tls/server.pem, made at init/join
+//! cert = "/etc/mailgrid/fullchain.pem"
+//! key = "/etc/mailgrid/key.pem"
+//! [smtp]
+//! recipients_max = 100
+//! [auth]
+//! failures_per_ip_max = 10
+//! [raft]
+//! heartbeat_ms = 250
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::node::NodeOptions;
+
+/// Everything `serve` needs beyond the data directory.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub node: NodeOptions,
+    pub hostname: String,
+    pub listen: Listen,
+    /// Certificate chain and key (PEM) for client-facing TLS; `None` means the node's
+    /// self-signed pair in its data directory.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub smtp: SmtpConfig,
+    pub auth: AuthLimits,
+}
+
+/// Client-facing listeners; `None` is off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub smtp: Option<SocketAddr>,
+    pub submission: Option<SocketAddr>,
+    pub submissions: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SmtpConfig {
+    /// Recipients accepted in one transaction; further RCPTs get 452 4.5.3.
+    pub recipients_max: usize,
+    /// Open SMTP connections on this node, all listeners together.
+    pub connections_max: usize,
+    /// Open SMTP connections from one client address.
+    pub connections_per_ip_max: usize,
+    /// Longest wait for a command line (RFC 5321 §4.5.3.2 suggests 5 minutes).
+    pub command_timeout: Duration,
+    /// Longest wait for the next block of message data.
+    pub data_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// Unknown or malformed commands before the connection is closed.
+    pub errors_max: u32,
+    /// Answer VRFY truthfully (off: 252, the usual policy against address harvesting).
+    pub vrfy: bool,
+    /// Allow AUTH without TLS (for tests and trusted networks only).
+    pub auth_without_tls: bool,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> SmtpConfig {
+        SmtpConfig {
+            recipients_max: 100,
+            connections_max: 1_000,
+            connections_per_ip_max: 50,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            tls_handshake_timeout: Duration::from_secs(10),
+            errors_max: 10,
+            vrfy: false,
+            auth_without_tls: false,
+        }
+    }
+}
+
+/// Brute-force protection for every protocol that takes passwords.
+#[derive(Clone, Debug)]
+pub struct AuthLimits {
+    /// Failures from one client address within `window` before it is locked out.
+    pub failures_per_ip_max: u32,
+    /// Failures for one account within `window` before it is locked out.
+    pub failures_per_account_max: u32,
+    pub window: Duration,
+    pub lockout: Duration,
+    /// Each earlier failure delays the next answer by this much (up to `delay_max`).
+    pub delay_step: Duration,
+    pub delay_max: Duration,
+}
+
+impl Default for AuthLimits {
+    fn default() -> AuthLimits {
+        AuthLimits {
+            failures_per_ip_max: 10,
+            failures_per_account_max: 5,
+            window: Duration::from_secs(600),
+            lockout: Duration::from_secs(900),
+            delay_step: Duration::from_millis(500),
+            delay_max: Duration::from_secs(4),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    hostname: Option<String>,
+    #[serde(default)]
+    raft: RaftSection,
+    #[serde(default)]
+    listen: ListenSection,
+    tls: Option<TlsSection>,
+    #[serde(default)]
+    smtp: SmtpSection,
+    #[serde(default)]
+    auth: AuthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RaftSection {
+    heartbeat_ms: Option<u64>,
+    election_min_ms: Option<u64>,
+    election_max_ms: Option<u64>,
+    snapshot_logs: Option<u64>,
+    write_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenSection {
+    smtp: Option<String>,
+    submission: Option<String>,
+    submissions: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SmtpSection {
+    recipients_max: Option<usize>,
+    connections_max: Option<usize>,
+    connections_per_ip_max: Option<usize>,
+    command_timeout_s: Option<u64>,
+    data_timeout_s: Option<u64>,
+    tls_handshake_timeout_s: Option<u64>,
+    errors_max: Option<u32>,
+    vrfy: Option<bool>,
+    auth_without_tls: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthSection {
+    failures_per_ip_max: Option<u32>,
+    failures_per_account_max: Option<u32>,
+    window_s: Option<u64>,
+    lockout_s: Option<u64>,
+    delay_step_ms: Option<u64>,
+    delay_max_ms: Option<u64>,
+}
+
+/// The machine's host name, for banners when the config names none.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn listener(
+    name: &str,
+    value: Option<String>,
+    default: &str,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let text = value.unwrap_or_else(|| default.to_string());
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .with_context(|| format!("listen.{name}: {text:?} is not an address like 0.0.0.0:25"))
+}
+
+impl ServeConfig {
+    /// Reads and validates the config file; `None` gives the defaults (standard ports on
+    /// every interface).
+    pub fn load(path: Option<&Path>) -> anyhow::Result<ServeConfig> {
+        let file: File = match path {
+            None => File::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("{} is not a valid config", path.display()))?
+            }
+        };
+        let name = path.map(|p| p.display().to_string()).unwrap_or_default();
+        Self::from_file(file).with_context(|| format!("config {name}"))
+    }
+
+    fn from_file(file: File) -> anyhow::Result<ServeConfig> {
+        let mut node = NodeOptions::default();
+        let r = file.raft;
+        node.heartbeat_ms = r.heartbeat_ms.unwrap_or(node.heartbeat_ms);
+        node.election_min_ms = r.election_min_ms.unwrap_or(node.election_min_ms);
+        node.election_max_ms = r.election_max_ms.unwrap_or(node.election_max_ms);
+        node.snapshot_logs = r.snapshot_logs.unwrap_or(node.snapshot_logs);
+        if let Some(ms) = r.write_timeout_ms {
+            node.write_timeout = Duration::from_millis(ms);
+        }
+        if node.snapshot_logs == 0 {
+            bail!("raft.snapshot_logs must be at least 1");
+        }
+        let l = file.listen;
+        let listen = Listen {
+            smtp: listener("smtp", l.smtp, "0.0.0.0:25")?,
+            submission: listener("submission", l.submission, "0.0.0.0:587")?,
+            submissions: listener("submissions", l.submissions, "0.0.0.0:465")?,
+        };
+        let hostname = file.hostname.unwrap_or_else(system_hostname);
+        if hostname.is_empty() || hostname.bytes().any(|b| b.is_ascii_whitespace()) {
+            bail!("hostname {hostname:?} is not a host name");
+        }
+        let defaults = SmtpConfig::default();
+        let s = file.smtp;
+        let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
+        let smtp = SmtpConfig {
+            recipients_max: s.recipients_max.unwrap_or(defaults.recipients_max),
+            connections_max: s.connections_max.unwrap_or(defaults.connections_max),
+            connections_per_ip_max: s
+                .connections_per_ip_max
+                .unwrap_or(defaults.connections_per_ip_max),
+            command_timeout: secs(s.command_timeout_s, defaults.command_timeout),
+            data_timeout: secs(s.data_timeout_s, defaults.data_timeout),
+            tls_handshake_timeout: secs(s.tls_handshake_timeout_s, defaults.tls_handshake_timeout),
+            errors_max: s.errors_max.unwrap_or(defaults.errors_max),
+            vrfy: s.vrfy.unwrap_or(defaults.vrfy),
+            auth_without_tls: s.auth_without_tls.unwrap_or(defaults.auth_without_tls),
+        };
+        if smtp.recipients_max == 0 || smtp.recipients_max > crate::mail::RECIPIENTS_MAX {
+            bail!(
+                "smtp.recipients_max must be between 1 and {}",
+                crate::mail::RECIPIENTS_MAX
+            );
+        }
+        if smtp.connections_max == 0 || smtp.connections_per_ip_max == 0 {
+            bail!("smtp.connections_max and smtp.connections_per_ip_max must be at least 1");
+        }
+        let d = AuthLimits::default();
+        let a = file.auth;
+        let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+        let auth = AuthLimits {
+            failures_per_ip_max: a.failures_per_ip_max.unwrap_or(d.failures_per_ip_max),
+            failures_per_account_max: a
+                .failures_per_account_max
+                .unwrap_or(d.failures_per_account_max),
+            window: secs(a.window_s, d.window),
+            lockout: secs(a.lockout_s, d.lockout),
+            delay_step: ms(a.delay_step_ms, d.delay_step),
+            delay_max: ms(a.delay_max_ms, d.delay_max),
+        };
+        if auth.failures_per_ip_max == 0 || auth.failures_per_account_max == 0 {
+            bail!("auth failure limits must be at least 1");
+        }
+        Ok(ServeConfig {
+            node,
+            hostname,
+            listen,
+            tls: file.tls.map(|t| (t.cert, t.key)),
+            smtp,
+            auth,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a config names only what differs from the defaults, and typos are refused.
+    #[test]
+    fn defaults_overrides_and_typos() {
+        let c = ServeConfig::from_file(toml::from_str("").unwrap()).unwrap();
+        assert_eq!(c.listen.smtp, Some("0.0.0.0:25".parse().unwrap()));
+        assert_eq!(c.smtp.recipients_max, 100);
+        let f: File = toml::from_str(
+            "hostname = \"mx.test\"\n[listen]\nsmtp = \"127.0.0.1:0\"\nsubmissions = \"\"\n[smtp]\nrecipients_max = 5\n",
+        )
+        .unwrap();
+        let c = ServeConfig::from_file(f).unwrap();
+        assert_eq!(c.hostname, "mx.test");
+        assert_eq!(c.listen.submissions, None);
+        assert_eq!(c.smtp.recipients_max, 5);
+        assert!(toml::from_str::<File>("[smtp]\nrecipient_max = 5\n").is_err());
+        let bad: File = toml::from_str("[listen]\nsmtp = \"port 25\"\n").unwrap();
+        let err = ServeConfig::from_file(bad).unwrap_err().to_string();
+        assert!(err.contains("listen.smtp"), "{err}");
+    }
+}

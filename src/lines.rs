@@ -1,0 +1,90 @@
+//! Bounded line reading for the text protocols (SMTP now; IMAP and POP3 use it too). A line
+//! longer than the limit is read to its end and discarded, so one oversized line costs the
+//! sender a protocol error, never our memory.
+
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A whole line, its terminating LF (and CR, if any) included, in the caller's buffer.
+    Complete,
+    /// The line was longer than the limit; it was read and thrown away.
+    TooLong,
+    /// The peer closed the connection (a partial last line is dropped).
+    Eof,
+}
+
+/// Reads one line into `out` (cleared first), holding at most `max` bytes of it.
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Line> {
+    out.clear();
+    let mut too_long = false;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Line::Eof);
+        }
+        let (take, complete) = match memchr_lf(buf) {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if !too_long {
+            if out.len() + take > max {
+                too_long = true;
+                out.clear();
+            } else {
+                out.extend_from_slice(&buf[..take]);
+            }
+        }
+        reader.consume(take);
+        if complete {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete
+            });
+        }
+    }
+}
+
+fn memchr_lf(buf: &[u8]) -> Option<usize> {
+    buf.iter().position(|&b| b == b'\n')
+}
+
+/// The line without its line ending.
+pub fn trim_eol(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: lines come out whole, an oversized one is skipped entirely, and the next line
+    // after it is intact.
+    #[tokio::test]
+    async fn bounded_lines() {
+        let input: &[u8] = b"EHLO a\r\nXXXXXXXXXXXXXXXXXXXX\r\nQUIT\r\npartial";
+        let mut r = tokio::io::BufReader::with_capacity(4, input);
+        let mut line = Vec::new();
+        assert_eq!(
+            read_line(&mut r, 10, &mut line).await.unwrap(),
+            Line::Complete
+        );
+        assert_eq!(line, b"EHLO a\r\n");
+        assert_eq!(
+            read_line(&mut r, 10, &mut line).await.unwrap(),
+            Line::TooLong
+        );
+        assert_eq!(
+            read_line(&mut r, 10, &mut line).await.unwrap(),
+            Line::Complete
+        );
+        assert_eq!(trim_eol(&line), b"QUIT");
+        assert_eq!(read_line(&mut r, 10, &mut line).await.unwrap(), Line::Eof);
+    }
+}

@@ -1,0 +1,75 @@
+//! `mailgrid serve`: a node with its client-facing listeners, until SIGINT or SIGTERM.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use storage::meta::MetaCommand;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::ServeConfig;
+use crate::node::Node;
+use crate::server_tls;
+use crate::smtp::{ListenerKind, Smtp};
+use crate::throttle::AuthThrottle;
+
+pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
+    let config = ServeConfig::load(config_path)?;
+    // Nothing is written into a directory that is not a node's.
+    crate::datadir::NodeFile::load(dir)?;
+    let (cert, key) = match &config.tls {
+        Some(pair) => pair.clone(),
+        None => {
+            server_tls::ensure_self_signed(dir, &config.hostname)?;
+            server_tls::default_paths(dir)
+        }
+    };
+    let acceptor = TlsAcceptor::from(server_tls::load(&cert, &key)?);
+    let node: Arc<Node> = Node::start(dir, &config.node).await?;
+    println!(
+        "mailgrid node {} serving cluster on {}",
+        node.file.node_id, node.file.cluster_addr
+    );
+    let throttle = Arc::new(AuthThrottle::new(config.auth.clone()));
+    let smtp = Smtp::new(node.clone(), &config, Some(acceptor), throttle);
+    let mut listeners = BTreeMap::new();
+    let wanted = [
+        (ListenerKind::Mx, config.listen.smtp),
+        (ListenerKind::Submission, config.listen.submission),
+        (ListenerKind::Submissions, config.listen.submissions),
+    ];
+    for (kind, addr) in wanted {
+        let Some(addr) = addr else { continue };
+        let bound = smtp.listen(kind, addr).await?;
+        println!("{} listening on {bound}", kind.name());
+        listeners.insert(kind.name().to_string(), bound.to_string());
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    tokio::spawn(publish_listeners(node.clone(), listeners));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    node.host().shutdown().await;
+    Ok(())
+}
+
+/// Records the node's listeners in the meta state (so `status` shows where to connect),
+/// retrying until the cluster takes it.
+async fn publish_listeners(node: Arc<Node>, listeners: BTreeMap<String, String>) {
+    let id = node.file.node_id;
+    loop {
+        let cmd = MetaCommand::SetListeners {
+            id,
+            listeners: listeners.clone(),
+        };
+        match node.router.meta_write(cmd).await {
+            Ok(_) => return,
+            Err(e) => tracing::debug!("recording listeners: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
