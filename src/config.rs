@@ -8,6 +8,8 @@
 //! smtp = "0.0.0.0:25"
 //! submission = "0.0.0.0:587"
 //! submissions = "0.0.0.0:465"
+//! pop3 = "0.0.0.0:110"
+//! pop3s = "0.0.0.0:995"
 //! [tls]                                  # absent: DIR/tls/server.pem, made at init/join
 //! cert = "/etc/mailgrid/fullchain.pem"
 //! key = "/etc/mailgrid/key.pem"
@@ -38,6 +40,7 @@ pub struct ServeConfig {
     /// self-signed pair in its data directory.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub smtp: SmtpConfig,
+    pub pop3: Pop3Config,
     pub auth: AuthLimits,
 }
 
@@ -47,6 +50,34 @@ pub struct Listen {
     pub smtp: Option<SocketAddr>,
     pub submission: Option<SocketAddr>,
     pub submissions: Option<SocketAddr>,
+    pub pop3: Option<SocketAddr>,
+    pub pop3s: Option<SocketAddr>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pop3Config {
+    pub connections_max: usize,
+    pub connections_per_ip_max: usize,
+    /// RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
+    pub idle_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// How long a maildrop lock outlives its session if the session's node dies.
+    pub lock_lease: Duration,
+    /// Allow USER/PASS and AUTH without TLS (tests, trusted networks only).
+    pub auth_without_tls: bool,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Pop3Config {
+        Pop3Config {
+            connections_max: 1_000,
+            connections_per_ip_max: 50,
+            idle_timeout: Duration::from_secs(600),
+            tls_handshake_timeout: Duration::from_secs(10),
+            lock_lease: Duration::from_secs(30),
+            auth_without_tls: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -125,7 +156,20 @@ struct File {
     #[serde(default)]
     smtp: SmtpSection,
     #[serde(default)]
+    pop3: Pop3Section,
+    #[serde(default)]
     auth: AuthSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pop3Section {
+    connections_max: Option<usize>,
+    connections_per_ip_max: Option<usize>,
+    idle_timeout_s: Option<u64>,
+    tls_handshake_timeout_s: Option<u64>,
+    lock_lease_s: Option<u64>,
+    auth_without_tls: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,6 +188,8 @@ struct ListenSection {
     smtp: Option<String>,
     submission: Option<String>,
     submissions: Option<String>,
+    pop3: Option<String>,
+    pop3s: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -236,6 +282,8 @@ impl ServeConfig {
             smtp: listener("smtp", l.smtp, "0.0.0.0:25")?,
             submission: listener("submission", l.submission, "0.0.0.0:587")?,
             submissions: listener("submissions", l.submissions, "0.0.0.0:465")?,
+            pop3: listener("pop3", l.pop3, "0.0.0.0:110")?,
+            pop3s: listener("pop3s", l.pop3s, "0.0.0.0:995")?,
         };
         let hostname = file.hostname.unwrap_or_else(system_hostname);
         if hostname.is_empty() || hostname.bytes().any(|b| b.is_ascii_whitespace()) {
@@ -266,6 +314,22 @@ impl ServeConfig {
         if smtp.connections_max == 0 || smtp.connections_per_ip_max == 0 {
             bail!("smtp.connections_max and smtp.connections_per_ip_max must be at least 1");
         }
+        let d = Pop3Config::default();
+        let p = file.pop3;
+        let pop3 = Pop3Config {
+            connections_max: p.connections_max.unwrap_or(d.connections_max),
+            connections_per_ip_max: p.connections_per_ip_max.unwrap_or(d.connections_per_ip_max),
+            idle_timeout: secs(p.idle_timeout_s, d.idle_timeout),
+            tls_handshake_timeout: secs(p.tls_handshake_timeout_s, d.tls_handshake_timeout),
+            lock_lease: secs(p.lock_lease_s, d.lock_lease),
+            auth_without_tls: p.auth_without_tls.unwrap_or(d.auth_without_tls),
+        };
+        if pop3.connections_max == 0 || pop3.connections_per_ip_max == 0 {
+            bail!("pop3.connections_max and pop3.connections_per_ip_max must be at least 1");
+        }
+        if pop3.lock_lease < Duration::from_secs(3) {
+            bail!("pop3.lock_lease_s must be at least 3");
+        }
         let d = AuthLimits::default();
         let a = file.auth;
         let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
@@ -288,6 +352,7 @@ impl ServeConfig {
             listen,
             tls: file.tls.map(|t| (t.cert, t.key)),
             smtp,
+            pop3,
             auth,
         })
     }

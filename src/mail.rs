@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 
 use futures::future::join_all;
 use raft::host::GroupError;
-use storage::partition::{PartitionCommand, PartitionResponse, Quota, RecipientOutcome, Usage};
-use storage::types::{is_valid_address, normalize_address, UnixSeconds};
+use storage::partition::{
+    Mailbox, MessageRecord, PartitionCommand, PartitionResponse, Quota, RecipientOutcome, Usage,
+};
+use storage::types::{is_valid_address, normalize_address, BodyHash, Uid, UnixSeconds};
 use storage::{Command, Response};
 
 use crate::api::{Lookup, Query, QueryResult};
@@ -251,4 +253,67 @@ pub async fn may_send_as(
         Lookup::Alias(a) => a.targets.iter().any(|t| normalize_address(t) == user),
         _ => false,
     })
+}
+
+/// Every message of a mailbox (uid order), read in pages at the partition's leader; `None`
+/// when the mailbox does not exist.
+pub async fn list_messages(
+    router: &Router,
+    address: &str,
+    mailbox: &str,
+) -> Result<Option<(Mailbox, Vec<(Uid, MessageRecord)>)>, MailServiceError> {
+    let group = router.group_of(address);
+    let mut all = Vec::new();
+    let mut from = Uid(1);
+    loop {
+        let query = Query::Messages {
+            address: address.to_string(),
+            mailbox: mailbox.to_string(),
+            from,
+            limit: crate::query::MESSAGES_PER_READ_MAX,
+        };
+        let (mb, page) = match router.read(group, query).await? {
+            QueryResult::Messages(Some(found)) => found,
+            QueryResult::Messages(None) => return Ok(None),
+            other => return Err(MailServiceError::Unexpected(format!("{other:?}"))),
+        };
+        let full = page.len() >= crate::query::MESSAGES_PER_READ_MAX;
+        if let Some((last, _)) = page.last() {
+            from = Uid(last.0 + 1);
+        }
+        all.extend(page);
+        if !full {
+            return Ok(Some((mb, all)));
+        }
+    }
+}
+
+/// A stored body, read at the leader of the partition of `address`.
+pub async fn body(
+    router: &Router,
+    address: &str,
+    hash: BodyHash,
+) -> Result<Option<Vec<u8>>, MailServiceError> {
+    match router
+        .read(router.group_of(address), Query::Body(hash))
+        .await?
+    {
+        QueryResult::Body(b) => Ok(b),
+        other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+/// Proposes a partition command for `address` and returns the partition's answer.
+pub async fn partition_write(
+    router: &Router,
+    address: &str,
+    cmd: PartitionCommand,
+) -> Result<PartitionResponse, MailServiceError> {
+    match router
+        .write(router.group_of(address), Command::Partition(cmd))
+        .await?
+    {
+        Response::Partition(r) => Ok(r),
+        other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
+    }
 }

@@ -10,6 +10,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServeConfig;
 use crate::node::Node;
+use crate::pop3::{Pop3, Pop3Kind};
 use crate::server_tls;
 use crate::smtp::{ListenerKind, Smtp};
 use crate::throttle::AuthThrottle;
@@ -32,7 +33,12 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         node.file.node_id, node.file.cluster_addr
     );
     let throttle = Arc::new(AuthThrottle::new(config.auth.clone()));
-    let smtp = Smtp::new(node.clone(), &config, Some(acceptor), throttle);
+    let smtp = Smtp::new(
+        node.clone(),
+        &config,
+        Some(acceptor.clone()),
+        throttle.clone(),
+    );
     let mut listeners = BTreeMap::new();
     let wanted = [
         (ListenerKind::Mx, config.listen.smtp),
@@ -42,6 +48,16 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     for (kind, addr) in wanted {
         let Some(addr) = addr else { continue };
         let bound = smtp.listen(kind, addr).await?;
+        println!("{} listening on {bound}", kind.name());
+        listeners.insert(kind.name().to_string(), bound.to_string());
+    }
+    let pop3 = Pop3::new(node.clone(), &config, Some(acceptor), throttle);
+    for (kind, addr) in [
+        (Pop3Kind::Plain, config.listen.pop3),
+        (Pop3Kind::Tls, config.listen.pop3s),
+    ] {
+        let Some(addr) = addr else { continue };
+        let bound = pop3.listen(kind, addr).await?;
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }

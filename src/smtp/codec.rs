@@ -1,9 +1,7 @@
 //! SMTP wire pieces with no I/O: replies (with RFC 3463 enhanced status codes), the DATA
 //! decoder (dot-unstuffing, end-of-data detection, size limit, bare CR/LF and NUL
-//! detection), SASL PLAIN decoding and the `Received:` trace header. Command lines are parsed
+//! detection) and the `Received:` trace header. Command lines are parsed
 //! by `smtp-proto`.
-
-use base64::Engine;
 
 /// One SMTP reply; `text` may hold several lines separated by `\n`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,31 +163,6 @@ impl DataDecoder {
     }
 }
 
-/// SASL PLAIN (RFC 4616): `authzid NUL authcid NUL password`, base64. Returns the user and
-/// password; an authorization identity other than the user is refused.
-pub fn decode_plain(b64: &str) -> Result<(String, String), &'static str> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|_| "invalid base64")?;
-    let parts: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
-    let [authz, user, password] = parts[..] else {
-        return Err("malformed PLAIN response");
-    };
-    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| "not UTF-8");
-    let (authz, user, password) = (text(authz)?, text(user)?, text(password)?);
-    if !authz.is_empty() && !authz.eq_ignore_ascii_case(&user) {
-        return Err("acting as another user is not allowed");
-    }
-    Ok((user, password))
-}
-
-pub fn decode_base64_text(b64: &str) -> Result<String, &'static str> {
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|_| "invalid base64")?;
-    String::from_utf8(raw).map_err(|_| "not UTF-8")
-}
-
 /// What a `Received:` header records about one transaction (RFC 5321 §4.4).
 #[derive(Debug)]
 pub struct Trace<'a> {
@@ -306,19 +279,6 @@ mod tests {
             prop_assert_eq!(body, message);
             prop_assert_eq!(faults, DataFaults::default());
         }
-    }
-
-    // Goal: PLAIN accepts an empty or identical authzid and refuses impersonation.
-    #[test]
-    fn plain() {
-        let enc = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-        assert_eq!(
-            decode_plain(&enc(b"\0a@x\0pw")).unwrap(),
-            ("a@x".to_string(), "pw".to_string())
-        );
-        assert!(decode_plain(&enc(b"b@x\0a@x\0pw")).is_err());
-        assert!(decode_plain(&enc(b"a@x\0pw")).is_err());
-        assert!(decode_plain("!!").is_err());
     }
 
     // Goal: multi-line replies use '-' on all lines but the last.

@@ -9,15 +9,14 @@ pub mod codec;
 pub mod policy;
 pub mod session;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ServeConfig, SmtpConfig};
+use crate::net::{ConnectionLimits, Refusal};
 use crate::node::Node;
 use crate::throttle::AuthThrottle;
 
@@ -50,10 +49,8 @@ pub struct Smtp {
     pub tls: Option<TlsAcceptor>,
     pub throttle: Arc<AuthThrottle>,
     pub policy: policy::Policy,
-    /// One permit per open connection, all listeners together (`connections_max`).
-    connections: Arc<Semaphore>,
-    /// Open connections per client address (`connections_per_ip_max`).
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// All SMTP listeners together (`connections_max`, `connections_per_ip_max`).
+    connections: ConnectionLimits,
 }
 
 impl std::fmt::Debug for Smtp {
@@ -61,26 +58,6 @@ impl std::fmt::Debug for Smtp {
         f.debug_struct("Smtp")
             .field("hostname", &self.hostname)
             .finish()
-    }
-}
-
-/// Holds a connection's share of the limits; dropping it gives them back.
-#[derive(Debug)]
-struct ConnectionSlot {
-    _permit: OwnedSemaphorePermit,
-    ip: IpAddr,
-    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
     }
 }
 
@@ -98,8 +75,10 @@ impl Smtp {
             config: config.smtp.clone(),
             tls,
             throttle,
-            connections: Arc::new(Semaphore::new(config.smtp.connections_max)),
-            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            connections: ConnectionLimits::new(
+                config.smtp.connections_max,
+                config.smtp.connections_per_ip_max,
+            ),
         })
     }
 
@@ -117,41 +96,10 @@ impl Smtp {
             .map_err(|e| anyhow::anyhow!("cannot listen for {} on {addr}: {e}", kind.name()))?;
         let bound = listener.local_addr()?;
         let smtp = self.clone();
-        tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let smtp = smtp.clone();
-                        tokio::spawn(async move { smtp.connection(kind, stream, peer).await });
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("{} accept failed: {e}", kind.name());
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-            }
+        crate::net::spawn_accept_loop(listener, kind.name(), move |stream, peer| {
+            smtp.clone().connection(kind, stream, peer)
         });
         Ok(bound)
-    }
-
-    fn admit(&self, ip: IpAddr) -> Result<ConnectionSlot, &'static str> {
-        let permit = self
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| "4.3.2 Too many connections, try again later")?;
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.config.connections_per_ip_max {
-            return Err("4.7.0 Too many connections from your address, try again later");
-        }
-        *n += 1;
-        Ok(ConnectionSlot {
-            _permit: permit,
-            ip,
-            per_ip: self.per_ip.clone(),
-        })
     }
 
     async fn connection(
@@ -160,20 +108,19 @@ impl Smtp {
         mut stream: TcpStream,
         peer: SocketAddr,
     ) {
-        let slot = match self.admit(peer.ip()) {
+        let slot = match self.connections.admit(peer.ip()) {
             Ok(slot) => slot,
-            Err(text) => {
-                use tokio::io::AsyncWriteExt;
-                let line = format!("421 {text}\r\n");
-                let _ = tokio::time::timeout(
-                    std::time::Duration::from_secs(2),
-                    stream.write_all(line.as_bytes()),
-                )
-                .await;
+            Err(refusal) => {
+                let text = match refusal {
+                    Refusal::Busy => "4.3.2 Too many connections, try again later",
+                    Refusal::TooManyFromAddress => {
+                        "4.7.0 Too many connections from your address, try again later"
+                    }
+                };
+                crate::net::refuse(&mut stream, &format!("421 {text}\r\n")).await;
                 return;
             }
         };
-        let _ = stream.set_nodelay(true);
         session::Session::new(self.clone(), kind, peer)
             .run(stream)
             .await;

@@ -7,24 +7,22 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use smtp_proto::{Request, AUTH_LOGIN, AUTH_PLAIN, MAIL_SMTPUTF8};
 use storage::partition::RecipientOutcome;
 use storage::types::{domain_of, is_valid_address, normalize_address};
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use super::codec::{decode_base64_text, decode_plain, DataDecoder, Reply, Trace};
+use super::codec::{DataDecoder, Reply, Trace};
 use super::policy::RcptVerdict;
 use super::{ListenerKind, Smtp};
 use crate::lines::{read_line, trim_eol, Line};
 use crate::mail;
+use crate::net::Stream;
+use crate::sasl::{decode_base64_text, decode_plain};
 use crate::throttle::Verdict;
 
 /// Longest command line we take (RFC 5321 allows 512; extensions and SMTPUTF8 need more).
@@ -32,58 +30,6 @@ const COMMAND_BYTES_MAX: usize = 2_048;
 /// Longest SASL response line.
 const AUTH_LINE_BYTES_MAX: usize = 8_192;
 const READ_BUFFER_BYTES: usize = 16 * 1024;
-
-/// The byte stream under a session: plain TCP until STARTTLS, TLS after.
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    /// Only while the stream is being upgraded.
-    Closed,
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            Stream::Closed => Poll::Ready(Err(std::io::ErrorKind::NotConnected.into())),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Stream::Closed => Poll::Ready(Ok(())),
-        }
-    }
-}
 
 /// The user a session authenticated as (only made by a successful AUTH).
 #[derive(Clone, Debug)]
@@ -173,19 +119,8 @@ impl Session {
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Option<Stream> {
-        let acceptor = self.smtp.tls.clone()?;
-        let timeout = self.smtp.config.tls_handshake_timeout;
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => Some(Stream::Tls(Box::new(tls))),
-            Ok(Err(e)) => {
-                tracing::debug!("TLS handshake with {} failed: {e}", self.peer);
-                None
-            }
-            Err(_) => {
-                tracing::debug!("TLS handshake with {} timed out", self.peer);
-                None
-            }
-        }
+        let acceptor = self.smtp.tls.as_ref()?;
+        crate::net::accept_tls(acceptor, tcp, self.smtp.config.tls_handshake_timeout).await
     }
 
     fn reply(&mut self, reply: Reply) {
@@ -383,18 +318,16 @@ impl Session {
             return Ok(Flow::Close);
         };
         let timeout = self.smtp.config.tls_handshake_timeout;
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
-                self.io = BufReader::with_capacity(READ_BUFFER_BYTES, Stream::Tls(Box::new(tls)));
-                // RFC 3207 §4.2: forget everything learned before the handshake.
-                self.tls = true;
-                self.helo = None;
-                self.auth = None;
-                self.tx = None;
-                Ok(Flow::Continue)
-            }
-            _ => Ok(Flow::Close),
-        }
+        let Some(tls) = crate::net::accept_tls(&acceptor, tcp, timeout).await else {
+            return Ok(Flow::Close);
+        };
+        self.io = BufReader::with_capacity(READ_BUFFER_BYTES, tls);
+        // RFC 3207 §4.2: forget everything learned before the handshake.
+        self.tls = true;
+        self.helo = None;
+        self.auth = None;
+        self.tx = None;
+        Ok(Flow::Continue)
     }
 
     async fn auth(&mut self, mechanism: u64, initial: String) -> std::io::Result<Flow> {

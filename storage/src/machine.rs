@@ -378,6 +378,91 @@ mod tests {
     }
 
     #[test]
+    fn retry_with_other_recipients_gives_each_mailbox_one_copy() {
+        // Goal: delivery keys are per (message, recipient): a retry naming more recipients
+        // stores the message only for the new ones; a refusal is not remembered, so a retry
+        // after room is made succeeds.
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        apply(&m, 1, account("a@x.test", Quota::default()));
+        let tight = Quota {
+            bytes: 0,
+            messages: 1,
+        };
+        apply(&m, 2, account("b@x.test", tight));
+        apply(&m, 3, deliver(9, &["b@x.test"], b"filler"));
+        let first = apply(&m, 4, deliver(7, &["a@x.test", "b@x.test"], b"msg"));
+        let PartitionResponse::Delivered(o) = first else {
+            panic!()
+        };
+        assert!(matches!(
+            o[0].1,
+            RecipientOutcome::Delivered { uid: Uid(1), .. }
+        ));
+        assert_eq!(o[1].1, RecipientOutcome::OverQuota);
+        let cmd = PartitionCommand::Expunge {
+            address: "b@x.test".into(),
+            mailbox: "INBOX".into(),
+            uids: Some(vec![Uid(1)]),
+        };
+        apply(&m, 5, cmd);
+        let retry = apply(&m, 6, deliver(7, &["b@x.test", "a@x.test"], b"msg"));
+        let PartitionResponse::Delivered(o) = retry else {
+            panic!()
+        };
+        assert!(matches!(
+            o[0].1,
+            RecipientOutcome::Delivered { uid: Uid(2), .. }
+        ));
+        assert!(matches!(
+            o[1].1,
+            RecipientOutcome::Delivered { uid: Uid(1), .. }
+        ));
+        let inbox = m.read_partition(|p| p.mailbox("a@x.test", "INBOX").unwrap().unwrap());
+        assert_eq!(inbox.messages, 1);
+    }
+
+    #[test]
+    fn maildrop_lock_is_exclusive_until_released_or_expired() {
+        // Goal: one holder at a time; renewal by the holder; release; expiry by lease.
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        apply(&m, 1, account("a@x.test", Quota::default()));
+        let lock = |holder: u8, now: i64| PartitionCommand::LockMaildrop {
+            address: "a@x.test".into(),
+            holder: [holder; 16],
+            now,
+            lease_seconds: 30,
+        };
+        let in_use = PartitionResponse::Refused(MailError::InUse);
+        assert_eq!(apply(&m, 2, lock(1, 100)), PartitionResponse::Done);
+        assert_eq!(apply(&m, 3, lock(2, 110)), in_use);
+        assert_eq!(apply(&m, 4, lock(1, 125)), PartitionResponse::Done);
+        assert_eq!(apply(&m, 5, lock(2, 150)), in_use);
+        assert_eq!(apply(&m, 6, lock(2, 156)), PartitionResponse::Done);
+        let unlock = PartitionCommand::UnlockMaildrop {
+            address: "a@x.test".into(),
+            holder: [1; 16],
+        };
+        assert_eq!(apply(&m, 7, unlock), PartitionResponse::Done);
+        assert_eq!(apply(&m, 8, lock(1, 160)), in_use);
+        let unlock = PartitionCommand::UnlockMaildrop {
+            address: "a@x.test".into(),
+            holder: [2; 16],
+        };
+        apply(&m, 9, unlock);
+        assert_eq!(apply(&m, 10, lock(1, 161)), PartitionResponse::Done);
+        let nobody = PartitionCommand::LockMaildrop {
+            address: "nobody@x.test".into(),
+            holder: [1; 16],
+            now: 1,
+            lease_seconds: 30,
+        };
+        let no_account = PartitionResponse::Refused(MailError::NoSuchAccount);
+        assert_eq!(apply(&m, 11, nobody), no_account);
+    }
+
+    #[test]
     fn delivery_is_idempotent_deduplicated_and_quota_checked() {
         // Goal: a repeated delivery key stores nothing new; identical bodies are stored once;
         // a recipient over quota is refused while others get the message; UIDs increase.

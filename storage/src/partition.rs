@@ -188,6 +188,19 @@ pub enum PartitionCommand {
         uids: Vec<Uid>,
         remove_source: bool,
     },
+    /// Takes (or renews) the exclusive lock on an account's maildrop (POP3, RFC 1939 §8) for
+    /// `holder` until `now + lease_seconds`. Refused while another holder's lease runs.
+    LockMaildrop {
+        address: String,
+        holder: [u8; 16],
+        now: UnixSeconds,
+        lease_seconds: i64,
+    },
+    /// Releases the lock if `holder` holds it.
+    UnlockMaildrop {
+        address: String,
+        holder: [u8; 16],
+    },
 }
 
 /// Why a command had no effect. These are expected outcomes, not failures of the system.
@@ -215,6 +228,8 @@ pub enum MailError {
     TooMany,
     #[error("operation not allowed on this mailbox")]
     NotAllowed,
+    #[error("maildrop is in use by another session")]
+    InUse,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +272,13 @@ const BODY_CHUNKS: u8 = b'C';
 const DELIVERY_KEY: u8 = b'K';
 const DELIVERY_KEY_BY_TIME: u8 = b'T';
 const COUNTER: u8 = b'S';
+const MAILDROP_LOCK: u8 = b'P';
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct MaildropLock {
+    holder: [u8; 16],
+    until: UnixSeconds,
+}
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = vec![prefix];
@@ -570,6 +592,41 @@ pub(crate) fn apply(txn: &mut Txn<'_>, cmd: &PartitionCommand) -> Outcome {
             mailbox,
             uids,
         } => expunge(txn, address, mailbox, uids.as_deref()),
+        C::LockMaildrop {
+            address,
+            holder,
+            now,
+            lease_seconds,
+        } => {
+            if txn
+                .get::<Account>(&key(ACCOUNT, &[address.as_bytes()]))?
+                .is_none()
+            {
+                return refused(MailError::NoSuchAccount);
+            }
+            let lk = key(MAILDROP_LOCK, &[address.as_bytes()]);
+            if let Some(held) = txn.get::<MaildropLock>(&lk)? {
+                if held.holder != *holder && held.until > *now {
+                    return refused(MailError::InUse);
+                }
+            }
+            let lock = MaildropLock {
+                holder: *holder,
+                until: now.saturating_add(*lease_seconds),
+            };
+            txn.put(lk, &lock);
+            Ok(PartitionResponse::Done)
+        }
+        C::UnlockMaildrop { address, holder } => {
+            let lk = key(MAILDROP_LOCK, &[address.as_bytes()]);
+            if txn
+                .get::<MaildropLock>(&lk)?
+                .is_some_and(|l| l.holder == *holder)
+            {
+                txn.del(lk);
+            }
+            Ok(PartitionResponse::Done)
+        }
         C::Copy {
             address,
             from,
@@ -631,6 +688,7 @@ fn remove_account(txn: &mut Txn<'_>, address: &str) -> Outcome {
         drop_mailbox_messages(txn, mb.id)?;
         txn.del(mk);
     }
+    txn.del(key(MAILDROP_LOCK, &[address.as_bytes()]));
     txn.del(k);
     Ok(PartitionResponse::Done)
 }

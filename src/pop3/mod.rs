@@ -1,0 +1,109 @@
+//! POP3 on every node (RFC 1939, CAPA RFC 2449, STLS RFC 2595, SASL RFC 5034): port 110
+//! with STLS and 995 with implicit TLS. The maildrop is the account's INBOX; its exclusive
+//! lock is replicated in the account's partition with a lease, so a second session on any
+//! node gets `-ERR [IN-USE]`, and a lock left by a dead node expires.
+
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Pop3Config, ServeConfig};
+use crate::net::{ConnectionLimits, Refusal};
+use crate::node::Node;
+use crate::throttle::AuthThrottle;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pop3Kind {
+    /// Port 110: plaintext until STLS.
+    Plain,
+    /// Port 995: TLS from the first byte.
+    Tls,
+}
+
+impl Pop3Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pop3Kind::Plain => "pop3",
+            Pop3Kind::Tls => "pop3s",
+        }
+    }
+}
+
+/// What every POP3 session of a node shares.
+pub struct Pop3 {
+    pub node: Arc<Node>,
+    pub config: Pop3Config,
+    pub tls: Option<TlsAcceptor>,
+    pub throttle: Arc<AuthThrottle>,
+    connections: ConnectionLimits,
+}
+
+impl std::fmt::Debug for Pop3 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pop3").finish()
+    }
+}
+
+impl Pop3 {
+    pub fn new(
+        node: Arc<Node>,
+        config: &ServeConfig,
+        tls: Option<TlsAcceptor>,
+        throttle: Arc<AuthThrottle>,
+    ) -> Arc<Pop3> {
+        Arc::new(Pop3 {
+            node,
+            config: config.pop3.clone(),
+            tls,
+            throttle,
+            connections: ConnectionLimits::new(
+                config.pop3.connections_max,
+                config.pop3.connections_per_ip_max,
+            ),
+        })
+    }
+
+    /// Binds a listener and serves it in the background; returns the bound address.
+    pub async fn listen(
+        self: &Arc<Self>,
+        kind: Pop3Kind,
+        addr: SocketAddr,
+    ) -> anyhow::Result<SocketAddr> {
+        if kind == Pop3Kind::Tls && self.tls.is_none() {
+            anyhow::bail!("the pop3s listener needs a TLS certificate");
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen for {} on {addr}: {e}", kind.name()))?;
+        let bound = listener.local_addr()?;
+        let pop3 = self.clone();
+        crate::net::spawn_accept_loop(listener, kind.name(), move |stream, peer| {
+            pop3.clone().connection(kind, stream, peer)
+        });
+        Ok(bound)
+    }
+
+    async fn connection(self: Arc<Self>, kind: Pop3Kind, mut stream: TcpStream, peer: SocketAddr) {
+        let slot = match self.connections.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let text = match refusal {
+                    Refusal::Busy => "-ERR [SYS/TEMP] too many connections, try again later\r\n",
+                    Refusal::TooManyFromAddress => {
+                        "-ERR [SYS/TEMP] too many connections from your address\r\n"
+                    }
+                };
+                crate::net::refuse(&mut stream, text).await;
+                return;
+            }
+        };
+        session::Session::new(self.clone(), kind, peer)
+            .run(stream)
+            .await;
+        drop(slot);
+    }
+}
