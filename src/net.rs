@@ -85,6 +85,26 @@ pub async fn accept_tls(
     }
 }
 
+/// STARTTLS/STLS: replaces a plaintext reader with a TLS one of `capacity`. Dropping the
+/// old reader's buffer discards anything the client pipelined in the clear after the command
+/// (CVE-2011-0411). `false` when the handshake failed: the connection is done.
+pub async fn upgrade_to_tls(
+    io: &mut tokio::io::BufReader<Stream>,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+    capacity: usize,
+) -> bool {
+    let old = std::mem::replace(io, tokio::io::BufReader::new(Stream::Closed));
+    let Stream::Plain(tcp) = old.into_inner() else {
+        return false;
+    };
+    let Some(tls) = accept_tls(acceptor, tcp, timeout).await else {
+        return false;
+    };
+    *io = tokio::io::BufReader::with_capacity(capacity, tls);
+    true
+}
+
 /// Open connections of one service: at most `total` together, `per_ip` from one address.
 #[derive(Debug)]
 pub struct ConnectionLimits {
@@ -150,8 +170,48 @@ impl ConnectionLimits {
     }
 }
 
+/// Writes and flushes `out` (emptying it) within `timeout`.
+pub async fn write_out(
+    stream: &mut Stream,
+    out: &mut Vec<u8>,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if out.is_empty() {
+        return Ok(());
+    }
+    let bytes = std::mem::take(out);
+    let write = async {
+        stream.write_all(&bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+/// Binds `addr` and serves it in the background, each connection in its own task by
+/// `handle`; returns the bound address.
+pub async fn listen<F, Fut>(
+    addr: std::net::SocketAddr,
+    name: &'static str,
+    handle: F,
+) -> anyhow::Result<std::net::SocketAddr>
+where
+    F: Fn(TcpStream, std::net::SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for {name} on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    spawn_accept_loop(listener, name, handle);
+    Ok(bound)
+}
+
 /// Accepts connections on `listener` forever, each handled in its own task by `handle`.
-pub fn spawn_accept_loop<F, Fut>(listener: tokio::net::TcpListener, name: &'static str, handle: F)
+fn spawn_accept_loop<F, Fut>(listener: tokio::net::TcpListener, name: &'static str, handle: F)
 where
     F: Fn(TcpStream, std::net::SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,

@@ -16,24 +16,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const PARTITIONS: u32 = 4;
 
-/// The leader of the partition group holding `user`, per the cluster status.
-fn leader_of_user_group(c: &Cluster, user: &str) -> u64 {
-    let group = partition_group_of(user);
-    let s = c.wait_healthy(1);
-    s["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["group"] == group)
-        .unwrap()["leader"]
-        .as_u64()
-        .unwrap()
-}
-
-fn partition_group_of(user: &str) -> u64 {
-    mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1
-}
-
 #[test]
 fn acknowledged_delivery_survives_leader_kill_and_is_read_everywhere() {
     // Goal (a): a delivery acknowledged by the cluster survives kill -9 of its partition's
@@ -43,7 +25,7 @@ fn acknowledged_delivery_survives_leader_kill_and_is_read_everywhere() {
     let user = "user0@example.test";
     c.deliver(c.any(), &[user], b"Subject: a\r\n\r\nsurvives\r\n", "a-1")
         .expect("delivery acknowledged");
-    let leader = leader_of_user_group(&c, user);
+    let leader = c.leader_of_user(user, PARTITIONS);
     c.node(leader).kill9();
     for n in [1u64, 2, 3].into_iter().filter(|n| *n != leader) {
         let via = c.node(n).data().to_string();
@@ -178,7 +160,7 @@ fn kill_during_a_stream_of_deliveries_loses_and_doubles_nothing() {
     let mut acked = Vec::new();
     for i in 0..30 {
         if i == 10 {
-            let victim = leader_of_user_group(&c, "user0@example.test");
+            let victim = c.leader_of_user("user0@example.test", PARTITIONS);
             c.node(victim).kill9();
         }
         if i == 20 {

@@ -107,16 +107,8 @@ fn a_dead_sessions_lock_expires_and_uidls_are_the_same_after_failover() {
         "uidl",
         json!({ "pop3s": c.listener(1, "pop3s"), "user": user, "password": "pw" }),
     );
-    let group = mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1;
-    let status = c.wait_healthy(3);
-    let leader = status["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["group"] == group)
-        .unwrap()["leader"]
-        .as_u64()
-        .unwrap();
+    c.wait_healthy(3);
+    let leader = c.leader_of_user(user, PARTITIONS);
     let mut holder = Command::new("python3")
         .args([
             SCRIPT,

@@ -192,19 +192,6 @@ impl Smtp {
     }
 }
 
-fn leader_of(c: &Cluster, user: &str) -> u64 {
-    let group = mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1;
-    let s = c.wait_healthy(1);
-    s["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["group"] == group)
-        .unwrap()["leader"]
-        .as_u64()
-        .unwrap()
-}
-
 #[test]
 fn no_quorum_is_451_and_retries_store_one_copy_that_survives_a_leader_kill() {
     // Goal: a message is acknowledged only once committed: without a quorum the end of DATA
@@ -241,7 +228,7 @@ fn no_quorum_is_451_and_retries_store_one_copy_that_survives_a_leader_kill() {
     assert_eq!(count_containing(&c, user, "once-tag"), 1);
 
     // Acknowledged, then the partition's leader dies: every survivor still has it.
-    let leader = leader_of(&c, user);
+    let leader = c.leader_of_user(user, PARTITIONS);
     let via = [1u64, 2, 3].into_iter().find(|n| *n != leader).unwrap();
     let mut s = Smtp::connect(&c.listener(via, "smtp"));
     s.envelope("other@remote.test", user);

@@ -11,16 +11,7 @@ import sys
 import time
 
 
-def hostport(addr):
-    host, port = addr.rsplit(":", 1)
-    return host, int(port)
-
-
-def insecure():
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+from mailtest import hostport, insecure
 
 
 def expect_refused(fn, code, status):

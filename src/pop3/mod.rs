@@ -8,7 +8,7 @@ pub mod session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Pop3Config, ServeConfig};
@@ -76,15 +76,11 @@ impl Pop3 {
         if kind == Pop3Kind::Tls && self.tls.is_none() {
             anyhow::bail!("the pop3s listener needs a TLS certificate");
         }
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen for {} on {addr}: {e}", kind.name()))?;
-        let bound = listener.local_addr()?;
         let pop3 = self.clone();
-        crate::net::spawn_accept_loop(listener, kind.name(), move |stream, peer| {
+        crate::net::listen(addr, kind.name(), move |stream, peer| {
             pop3.clone().connection(kind, stream, peer)
-        });
-        Ok(bound)
+        })
+        .await
     }
 
     async fn connection(self: Arc<Self>, kind: Pop3Kind, mut stream: TcpStream, peer: SocketAddr) {

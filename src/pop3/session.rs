@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use super::{Pop3, Pop3Kind};
 use crate::lines::{read_line, trim_eol, Line};
 use crate::mail;
-use crate::net::Stream;
+use crate::net::{upgrade_to_tls, Stream};
 use crate::sasl::decode_plain;
 use crate::throttle::Verdict;
 
@@ -146,19 +146,12 @@ impl Session {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let out = std::mem::take(&mut self.out);
-        let stream = self.io.get_mut();
-        let write = async {
-            stream.write_all(&out).await?;
-            stream.flush().await
-        };
-        match tokio::time::timeout(self.pop3.config.idle_timeout, write).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-        }
+        crate::net::write_out(
+            self.io.get_mut(),
+            &mut self.out,
+            self.pop3.config.idle_timeout,
+        )
+        .await
     }
 
     async fn read_line(&mut self) -> std::io::Result<Option<Result<String, ()>>> {
@@ -269,16 +262,10 @@ impl Session {
         self.out
             .extend_from_slice(ok("begin TLS negotiation").as_bytes());
         self.flush().await?;
-        // Plaintext pipelined after STLS is thrown away with the reader's buffer.
-        let old = std::mem::replace(&mut self.io, BufReader::new(Stream::Closed));
-        let Stream::Plain(tcp) = old.into_inner() else {
-            return Ok(Flow::Close);
-        };
         let timeout = self.pop3.config.tls_handshake_timeout;
-        let Some(tls) = crate::net::accept_tls(&acceptor, tcp, timeout).await else {
+        if !upgrade_to_tls(&mut self.io, &acceptor, timeout, READ_BUFFER_BYTES).await {
             return Ok(Flow::Close);
-        };
-        self.io = BufReader::with_capacity(READ_BUFFER_BYTES, tls);
+        }
         self.tls = true;
         self.user = None;
         Ok(Flow::Continue)

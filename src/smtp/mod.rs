@@ -12,7 +12,7 @@ pub mod session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ServeConfig, SmtpConfig};
@@ -91,15 +91,11 @@ impl Smtp {
         if kind == ListenerKind::Submissions && self.tls.is_none() {
             anyhow::bail!("the submissions listener needs a TLS certificate");
         }
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen for {} on {addr}: {e}", kind.name()))?;
-        let bound = listener.local_addr()?;
         let smtp = self.clone();
-        crate::net::spawn_accept_loop(listener, kind.name(), move |stream, peer| {
+        crate::net::listen(addr, kind.name(), move |stream, peer| {
             smtp.clone().connection(kind, stream, peer)
-        });
-        Ok(bound)
+        })
+        .await
     }
 
     async fn connection(

@@ -21,7 +21,7 @@ use super::policy::RcptVerdict;
 use super::{ListenerKind, Smtp};
 use crate::lines::{read_line, trim_eol, Line};
 use crate::mail;
-use crate::net::Stream;
+use crate::net::{upgrade_to_tls, Stream};
 use crate::sasl::{decode_base64_text, decode_plain};
 use crate::throttle::Verdict;
 
@@ -128,19 +128,12 @@ impl Session {
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let out = std::mem::take(&mut self.out);
-        let stream = self.io.get_mut();
-        let write = async {
-            stream.write_all(&out).await?;
-            stream.flush().await
-        };
-        match tokio::time::timeout(self.smtp.config.command_timeout, write).await {
-            Ok(r) => r,
-            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-        }
+        crate::net::write_out(
+            self.io.get_mut(),
+            &mut self.out,
+            self.smtp.config.command_timeout,
+        )
+        .await
     }
 
     async fn read_input(&mut self, max: usize) -> std::io::Result<Input> {
@@ -311,17 +304,10 @@ impl Session {
         };
         self.reply(Reply::new(220, "2.0.0", "Ready to start TLS"));
         self.flush().await?;
-        // Dropping the reader's buffer discards anything pipelined after STARTTLS in the
-        // clear (CVE-2011-0411).
-        let old = std::mem::replace(&mut self.io, BufReader::new(Stream::Closed));
-        let Stream::Plain(tcp) = old.into_inner() else {
-            return Ok(Flow::Close);
-        };
         let timeout = self.smtp.config.tls_handshake_timeout;
-        let Some(tls) = crate::net::accept_tls(&acceptor, tcp, timeout).await else {
+        if !upgrade_to_tls(&mut self.io, &acceptor, timeout, READ_BUFFER_BYTES).await {
             return Ok(Flow::Close);
-        };
-        self.io = BufReader::with_capacity(READ_BUFFER_BYTES, tls);
+        }
         // RFC 3207 §4.2: forget everything learned before the handshake.
         self.tls = true;
         self.helo = None;

@@ -300,6 +300,21 @@ impl Cluster {
         })
     }
 
+    /// The leader of the partition group holding `user` (with `partitions` partitions),
+    /// once every group has one.
+    pub fn leader_of_user(&self, user: &str, partitions: u32) -> u64 {
+        let group = mailgrid::router::partition_of(user, partitions) as u64 + 1;
+        let s = self.wait_healthy(1);
+        s["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["group"] == group)
+            .unwrap()["leader"]
+            .as_u64()
+            .unwrap()
+    }
+
     /// The address node `id` listens on for `service` ("smtp", "submission", ...), once it
     /// has published it.
     pub fn listener(&self, id: u64, service: &str) -> String {
