@@ -54,6 +54,20 @@ fn pop3_lists_retrieves_and_deletes_at_quit_and_one_session_holds_the_maildrop()
     let user = "user0@example.test";
     let tags = ["pop-one", "pop-two", "pop-three"];
     deliver_tags(&c, user, &tags);
+    let used = |c: &Cluster| -> u64 {
+        let shown = c.admin(&["quota", "show", user]);
+        shown
+            .split(": ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let before = used(&c);
+    let first_size = c.fetch(c.any(), user)[0].1.len() as u64;
     python(
         "basics",
         json!({
@@ -65,6 +79,8 @@ fn pop3_lists_retrieves_and_deletes_at_quit_and_one_session_holds_the_maildrop()
     let left = c.fetch(c.any(), user);
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.iter().all(|(_, b)| !b.contains("pop-one")));
+    // The deletion freed its bytes at once.
+    assert_eq!(used(&c), before - first_size);
     python(
         "in_use",
         json!({ "first": c.listener(1, "pop3s"), "second": c.listener(2, "pop3s"), "user": user, "password": "pw" }),

@@ -196,7 +196,7 @@ impl Smtp {
 fn no_quorum_is_451_and_retries_store_one_copy_that_survives_a_leader_kill() {
     // Goal: a message is acknowledged only once committed: without a quorum the end of DATA
     // gets 451 4.3.0; the sender's retries of the same message leave exactly one copy; a 250
-    // survives kill -9 of the partition leader.
+    // survives kill -9 of the partition leader, and mail sent meanwhile is accepted.
     let _g = serial();
     let mut c = Cluster::start_with(3, PARTITIONS, 5000, 2, SMTP_CONFIG);
     let user = "user0@example.test";
@@ -235,6 +235,11 @@ fn no_quorum_is_451_and_retries_store_one_copy_that_survives_a_leader_kill() {
     let (code, text) = s.data("Subject: survives\r\n\r\nsurvivor-tag\r\n");
     assert_eq!(code, 250, "{text}");
     c.node(leader).kill9();
+    // While the node is down, mail through a survivor is accepted (after the election).
+    let mut s = Smtp::connect(&c.listener(via, "smtp"));
+    s.envelope("other@remote.test", user);
+    let (code, text) = s.data("Subject: meanwhile\r\n\r\nmeanwhile-tag\r\n");
+    assert_eq!(code, 250, "{text}");
     for n in [1u64, 2, 3].into_iter().filter(|n| *n != leader) {
         let data = c.node(n).data().to_string();
         let got = eventually(Duration::from_secs(30), "read after leader kill", || {
@@ -244,6 +249,7 @@ fn no_quorum_is_451_and_retries_store_one_copy_that_survives_a_leader_kill() {
                 .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
         });
         assert_eq!(got.matches("survivor-tag").count(), 1, "node {n}: {got}");
+        assert_eq!(got.matches("meanwhile-tag").count(), 1, "node {n}: {got}");
         assert_eq!(got.matches("once-tag").count(), 1, "node {n}: {got}");
     }
 }

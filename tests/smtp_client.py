@@ -122,8 +122,10 @@ def bad_input(a):
     r.expect(500, "5.5.2")
     r.send(b"MAIL FROM:<x@remote.test>\r\n")
     r.expect(503, "5.5.1")
-    r.send(b"EHLO " + b"a" * 3000 + b"\r\n")
+    r.send(b"EHLO " + b"a" * 994 + b"\r\n")  # 1001 octets
     r.expect(500, "5.5.2")
+    r.send(b"NOOP " + b"a" * 993 + b"\r\n")  # 1000 octets: allowed
+    r.expect(250)
     r.send(b"NOOP \x00\r\n")
     r.expect(500, "5.5.2")
     # Pipelined transaction in one write (RFC 2920), answered in order.
