@@ -42,8 +42,17 @@ struct Maildrop {
     uid_validity: UidValidity,
     messages: Vec<Message>,
     deleted: BTreeSet<usize>,
-    /// Stops the lock renewal task when the session ends.
-    _renewal: tokio::task::JoinHandle<()>,
+    /// Stops the lock renewal task when the session ends, however it ends.
+    _renewal: AbortOnDrop,
+}
+
+/// Aborts a background task when dropped (a detached renewal would hold the lock forever).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 enum Flow {
@@ -373,7 +382,7 @@ impl Session {
             uid_validity: mailbox.uid_validity,
             messages,
             deleted: BTreeSet::new(),
-            _renewal: renewal,
+            _renewal: AbortOnDrop(renewal),
         });
         let text = format!("maildrop has {count} messages ({bytes} octets)");
         self.out.extend_from_slice(ok(text).as_bytes());
@@ -408,8 +417,9 @@ impl Session {
     /// Ends the session's hold on its maildrop (whether or not QUIT committed anything).
     async fn release(&mut self) {
         if let Some(drop) = self.maildrop.take() {
-            drop._renewal.abort();
-            self.unlock(&drop.address, drop.holder).await;
+            let (address, holder) = (drop.address.clone(), drop.holder);
+            std::mem::drop(drop); // stops the renewal before the lock is released
+            self.unlock(&address, holder).await;
         }
     }
 

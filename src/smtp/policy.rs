@@ -2,7 +2,8 @@
 //! recipient exists and has room (its own quota and its domain's).
 //!
 //! Domains and limits are read from this node's copy of the meta state (it may lag the meta
-//! leader by a heartbeat). A domain's usage is the sum over all partitions, cached for a
+//! leader by a heartbeat); a domain missing from it is checked at the meta leader before
+//! mail for it is refused. A domain's usage is the sum over all partitions, cached for a
 //! couple of seconds; so a domain quota can be overshot by what arrives within that window,
 //! while each account's quota is checked again inside the partition when the message is
 //! stored.
@@ -15,7 +16,7 @@ use storage::meta::Domain;
 use storage::partition::Usage;
 use storage::types::domain_of;
 
-use crate::api::Lookup;
+use crate::api::{Lookup, Query, QueryResult};
 use crate::mail::{self, MailServiceError, Resolved};
 use crate::node::Node;
 
@@ -58,6 +59,21 @@ impl Policy {
             .flatten()
     }
 
+    /// Whether `domain` is served, asked of the meta leader: a refusal for "not our domain" is
+    /// permanent, so it must not rest on a local copy that has not caught up (a node just
+    /// started or joined).
+    async fn served_fresh(&self, domain: &str) -> Result<bool, MailServiceError> {
+        match self
+            .node
+            .router
+            .read(raft::META_GROUP, Query::Domains)
+            .await?
+        {
+            QueryResult::Domains(d) => Ok(d.iter().any(|x| x.name == domain)),
+            other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// The cluster-wide message size limit (what EHLO advertises as SIZE).
     pub fn cluster_message_bytes_max(&self) -> u64 {
         self.node
@@ -82,7 +98,9 @@ impl Policy {
         address: &str,
         size: u64,
     ) -> Result<RcptVerdict, MailServiceError> {
-        if self.domain(domain_of(address)).is_none() {
+        if self.domain(domain_of(address)).is_none()
+            && !self.served_fresh(domain_of(address)).await?
+        {
             return Ok(RcptVerdict::Remote);
         }
         let router = &self.node.router;
