@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use futures::future::join_all;
 use raft::host::GroupError;
 use storage::partition::{
-    Mailbox, MessageRecord, PartitionCommand, PartitionResponse, Quota, RecipientOutcome, Usage,
+    Account, Mailbox, MessageRecord, PartitionCommand, PartitionResponse, Quota, RecipientOutcome,
+    Usage,
 };
 use storage::types::{is_valid_address, normalize_address, BodyHash, Uid, UnixSeconds};
 use storage::{Command, Response};
@@ -41,8 +42,8 @@ pub enum MailServiceError {
 /// What an address resolves to for delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolved {
-    /// Final mailbox owners (aliases expanded).
-    Accounts(Vec<String>),
+    /// Final mailbox owners (aliases expanded), sorted by address.
+    Accounts(Vec<Account>),
     Unknown,
 }
 
@@ -79,7 +80,8 @@ pub async fn domain_usage(router: &Router, domain: &str) -> Result<Usage, MailSe
     Ok(total)
 }
 
-/// Expands aliases (breadth first, bounded) into the accounts that receive mail for `address`.
+/// Expands aliases (breadth first, bounded) into the accounts that receive mail for `address`,
+/// as read at their partitions' leaders (with their quota and usage).
 pub async fn resolve(router: &Router, address: &str) -> Result<Resolved, MailServiceError> {
     let address = normalize_address(address);
     if !is_valid_address(&address) {
@@ -98,15 +100,15 @@ pub async fn resolve(router: &Router, address: &str) -> Result<Resolved, MailSer
                 continue;
             }
             match lookup(router, &addr).await? {
-                Lookup::Account(a) => accounts.push(a.address),
+                Lookup::Account(a) => accounts.push(a),
                 Lookup::Alias(a) => next.extend(a.targets.iter().map(|t| normalize_address(t))),
                 Lookup::Unknown => {}
             }
         }
         frontier = next;
     }
-    accounts.sort();
-    accounts.dedup();
+    // Each address is looked up once (`seen`), so the accounts are distinct.
+    accounts.sort_by(|a, b| a.address.cmp(&b.address));
     if accounts.len() > RECIPIENTS_MAX {
         return Err(MailServiceError::TooManyRecipients);
     }

@@ -458,7 +458,7 @@ impl Node {
                 .await
                 .map_err(|e| e.to_string())?
             {
-                Resolved::Accounts(a) => accounts.extend(a),
+                Resolved::Accounts(a) => accounts.extend(a.into_iter().map(|a| a.address)),
                 Resolved::Unknown => return Err(format!("unknown recipient {rcpt}")),
             }
         }

@@ -15,7 +15,6 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use mailgrid::api::{ClientReply, ClientRequest};
 use mailgrid::client::Client;
-use smtp_load::percentile;
 use storage::partition::Quota;
 
 #[derive(Parser, Debug)]
@@ -207,18 +206,12 @@ async fn deliveries(
     for t in tasks {
         all.extend(t.await??);
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort();
-    Ok(serde_json::json!({
-        "concurrency": concurrency,
-        "messages": messages,
-        "size": size,
-        "seconds": elapsed,
-        "msgs_per_sec": messages as f64 / elapsed,
-        "p50_ms": percentile(&all, 0.5),
-        "p99_ms": percentile(&all, 0.99),
-        "max_ms": percentile(&all, 1.0),
-    }))
+    Ok(smtp_load::summary(
+        all,
+        concurrency,
+        size,
+        started.elapsed().as_secs_f64(),
+    ))
 }
 
 fn cpu_ticks(pid: u32) -> Option<u64> {

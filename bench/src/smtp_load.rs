@@ -139,17 +139,31 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
     for t in tasks {
         all.extend(t.await??);
     }
-    let seconds = started.elapsed().as_secs_f64();
-    all.sort();
-    Ok(serde_json::json!({
-        "concurrency": load.concurrency,
-        "messages": load.messages,
-        "size": load.size,
+    Ok(summary(
+        all,
+        load.concurrency,
+        load.size,
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Throughput and latency percentiles of one run, as the JSON every bench run writes.
+pub fn summary(
+    mut latencies: Vec<Duration>,
+    concurrency: usize,
+    size: usize,
+    seconds: f64,
+) -> serde_json::Value {
+    latencies.sort();
+    serde_json::json!({
+        "concurrency": concurrency,
+        "messages": latencies.len(),
+        "size": size,
         "seconds": seconds,
-        "msgs_per_sec": load.messages as f64 / seconds,
-        "p50_ms": percentile(&all, 0.5),
-        "p90_ms": percentile(&all, 0.9),
-        "p99_ms": percentile(&all, 0.99),
-        "max_ms": percentile(&all, 1.0),
-    }))
+        "msgs_per_sec": latencies.len() as f64 / seconds,
+        "p50_ms": percentile(&latencies, 0.5),
+        "p90_ms": percentile(&latencies, 0.9),
+        "p99_ms": percentile(&latencies, 0.99),
+        "max_ms": percentile(&latencies, 1.0),
+    })
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use storage::partition::{MailError, PartitionCommand, PartitionResponse};
-use storage::types::{normalize_address, BodyHash, Uid, UidValidity};
+use storage::types::{BodyHash, Uid, UidValidity};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -377,7 +377,7 @@ impl Session {
         let count = messages.len();
         let bytes: u64 = messages.iter().map(|m| m.size).sum();
         self.maildrop = Some(Maildrop {
-            address: normalize_address(&address),
+            address,
             holder,
             uid_validity: mailbox.uid_validity,
             messages,

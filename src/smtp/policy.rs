@@ -16,7 +16,7 @@ use storage::meta::Domain;
 use storage::partition::Usage;
 use storage::types::domain_of;
 
-use crate::api::{Lookup, Query, QueryResult};
+use crate::api::{Query, QueryResult};
 use crate::mail::{self, MailServiceError, Resolved};
 use crate::node::Node;
 
@@ -103,25 +103,24 @@ impl Policy {
         {
             return Ok(RcptVerdict::Remote);
         }
-        let router = &self.node.router;
-        let accounts = match mail::resolve(router, address).await? {
+        let accounts = match mail::resolve(&self.node.router, address).await? {
             Resolved::Unknown => return Ok(RcptVerdict::Unknown),
             Resolved::Accounts(a) => a,
         };
         for account in &accounts {
-            if let Lookup::Account(a) = mail::lookup(router, account).await? {
-                if !a.fits(size.max(1)) {
-                    return Ok(RcptVerdict::OverQuota(format!("mailbox {account} is full")));
-                }
+            if !account.fits(size.max(1)) {
+                let text = format!("mailbox {} is full", account.address);
+                return Ok(RcptVerdict::OverQuota(text));
             }
-            if !self.domain_fits(domain_of(account), size).await? {
-                let domain = domain_of(account);
-                return Ok(RcptVerdict::OverQuota(format!(
-                    "domain {domain} is over its quota"
-                )));
+            let domain = domain_of(&account.address);
+            if !self.domain_fits(domain, size).await? {
+                let text = format!("domain {domain} is over its quota");
+                return Ok(RcptVerdict::OverQuota(text));
             }
         }
-        Ok(RcptVerdict::Local(accounts))
+        Ok(RcptVerdict::Local(
+            accounts.into_iter().map(|a| a.address).collect(),
+        ))
     }
 
     /// Whether `size` more bytes fit in the quota of `domain` (always, when it has none).

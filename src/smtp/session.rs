@@ -694,17 +694,16 @@ impl Session {
         Ok(Flow::Continue)
     }
 
+    /// The `with` protocol of the `Received:` header (RFC 3848: ESMTPS, ESMTPA, ESMTPSA are
+    /// defined only for ESMTP).
     fn protocol(&self) -> String {
-        let mut p = String::from(if self.esmtp { "ESMTP" } else { "SMTP" });
+        let extended = self.esmtp || self.tls || self.auth.is_some();
+        let mut p = String::from(if extended { "ESMTP" } else { "SMTP" });
         if self.tls {
             p.push('S');
         }
         if self.auth.is_some() {
             p.push('A');
-        }
-        if p == "SMTPS" || p == "SMTPSA" || p == "SMTPA" {
-            // RFC 3848 defines these only for ESMTP.
-            p = p.replacen("SMTP", "ESMTP", 1);
         }
         p
     }
