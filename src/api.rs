@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use storage::meta::{ClusterInfo, ClusterLimits, Domain, NodeRecord, PartitionRecord};
 use storage::partition::{Account, Alias, Mailbox, MessageRecord, Quota, RecipientOutcome, Usage};
-use storage::types::{BodyHash, Uid};
+use storage::types::{BodyHash, ModSeq, Uid};
 use storage::Command;
 
 pub use raft::host::GroupStatus;
@@ -58,11 +58,27 @@ pub enum Query {
         domain: Option<String>,
     },
     Mailboxes(String),
+    Mailbox {
+        address: String,
+        name: String,
+    },
+    /// UIDs expunged from a mailbox after MODSEQ `since` (QRESYNC).
+    Vanished {
+        address: String,
+        mailbox: String,
+        since: ModSeq,
+    },
     Messages {
         address: String,
         mailbox: String,
         from: Uid,
         limit: usize,
+    },
+    /// What changed in a mailbox after MODSEQ `since` (an IMAP session catching up).
+    Changes {
+        address: String,
+        mailbox: String,
+        since: ModSeq,
     },
     Body(BodyHash),
     /// Sum of the usage of a domain's accounts in one partition.
@@ -81,7 +97,11 @@ pub enum QueryResult {
     Accounts(Vec<Account>),
     Aliases(Vec<Alias>),
     Mailboxes(Vec<Mailbox>),
+    Mailbox(Option<Mailbox>),
+    /// `None` when the mailbox does not exist.
+    Uids(Option<Vec<Uid>>),
     Messages(Option<(Mailbox, Vec<(Uid, MessageRecord)>)>),
+    Changes(Option<MailboxChanges>),
     Body(Option<Vec<u8>>),
     Digest([u8; 32]),
     Cluster(Option<ClusterInfo>),
@@ -90,6 +110,18 @@ pub enum QueryResult {
     Domains(Vec<Domain>),
     Limits(ClusterLimits),
     Usage(Usage),
+}
+
+/// A mailbox's changes after some MODSEQ, read in one go at the partition leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MailboxChanges {
+    pub mailbox: Mailbox,
+    /// Messages added or re-flagged since, in UID order.
+    pub changed: Vec<(Uid, MessageRecord)>,
+    /// Whether `changed` holds all of them (else the reader lists the whole mailbox).
+    pub complete: bool,
+    /// UIDs expunged since.
+    pub vanished: Vec<Uid>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -41,6 +41,7 @@ pub struct ServeConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub smtp: SmtpConfig,
     pub pop3: Pop3Config,
+    pub imap: ImapConfig,
     pub auth: AuthLimits,
 }
 
@@ -52,6 +53,8 @@ pub struct Listen {
     pub submissions: Option<SocketAddr>,
     pub pop3: Option<SocketAddr>,
     pub pop3s: Option<SocketAddr>,
+    pub imap: Option<SocketAddr>,
+    pub imaps: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -75,6 +78,33 @@ impl Default for Pop3Config {
             idle_timeout: Duration::from_secs(600),
             tls_handshake_timeout: Duration::from_secs(10),
             lock_lease: Duration::from_secs(30),
+            auth_without_tls: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ImapConfig {
+    pub connections_max: usize,
+    pub connections_per_ip_max: usize,
+    /// RFC 3501 §5.4: an inactivity autologout timer of at least 30 minutes (IDLE included;
+    /// clients re-issue IDLE every 29 minutes).
+    pub idle_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// How often a session in IDLE looks for changes made through other nodes.
+    pub idle_poll: Duration,
+    /// Allow LOGIN and AUTHENTICATE without TLS (tests, trusted networks only).
+    pub auth_without_tls: bool,
+}
+
+impl Default for ImapConfig {
+    fn default() -> ImapConfig {
+        ImapConfig {
+            connections_max: 2_000,
+            connections_per_ip_max: 50,
+            idle_timeout: Duration::from_secs(1800),
+            tls_handshake_timeout: Duration::from_secs(10),
+            idle_poll: Duration::from_millis(500),
             auth_without_tls: false,
         }
     }
@@ -158,6 +188,8 @@ struct File {
     #[serde(default)]
     pop3: Pop3Section,
     #[serde(default)]
+    imap: ImapSection,
+    #[serde(default)]
     auth: AuthSection,
 }
 
@@ -169,6 +201,17 @@ struct Pop3Section {
     idle_timeout_s: Option<u64>,
     tls_handshake_timeout_s: Option<u64>,
     lock_lease_s: Option<u64>,
+    auth_without_tls: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImapSection {
+    connections_max: Option<usize>,
+    connections_per_ip_max: Option<usize>,
+    idle_timeout_s: Option<u64>,
+    tls_handshake_timeout_s: Option<u64>,
+    idle_poll_ms: Option<u64>,
     auth_without_tls: Option<bool>,
 }
 
@@ -190,6 +233,8 @@ struct ListenSection {
     submissions: Option<String>,
     pop3: Option<String>,
     pop3s: Option<String>,
+    imap: Option<String>,
+    imaps: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +329,8 @@ impl ServeConfig {
             submissions: listener("submissions", l.submissions, "0.0.0.0:465")?,
             pop3: listener("pop3", l.pop3, "0.0.0.0:110")?,
             pop3s: listener("pop3s", l.pop3s, "0.0.0.0:995")?,
+            imap: listener("imap", l.imap, "0.0.0.0:143")?,
+            imaps: listener("imaps", l.imaps, "0.0.0.0:993")?,
         };
         let hostname = file.hostname.unwrap_or_else(system_hostname);
         if hostname.is_empty() || hostname.bytes().any(|b| b.is_ascii_whitespace()) {
@@ -330,6 +377,25 @@ impl ServeConfig {
         if pop3.lock_lease < Duration::from_secs(3) {
             bail!("pop3.lock_lease_s must be at least 3");
         }
+        let d = ImapConfig::default();
+        let i = file.imap;
+        let imap = ImapConfig {
+            connections_max: i.connections_max.unwrap_or(d.connections_max),
+            connections_per_ip_max: i.connections_per_ip_max.unwrap_or(d.connections_per_ip_max),
+            idle_timeout: secs(i.idle_timeout_s, d.idle_timeout),
+            tls_handshake_timeout: secs(i.tls_handshake_timeout_s, d.tls_handshake_timeout),
+            idle_poll: i
+                .idle_poll_ms
+                .map(Duration::from_millis)
+                .unwrap_or(d.idle_poll),
+            auth_without_tls: i.auth_without_tls.unwrap_or(d.auth_without_tls),
+        };
+        if imap.connections_max == 0 || imap.connections_per_ip_max == 0 {
+            bail!("imap.connections_max and imap.connections_per_ip_max must be at least 1");
+        }
+        if imap.idle_poll < Duration::from_millis(50) || imap.idle_poll > Duration::from_secs(60) {
+            bail!("imap.idle_poll_ms must be between 50 and 60000");
+        }
         let d = AuthLimits::default();
         let a = file.auth;
         let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
@@ -353,6 +419,7 @@ impl ServeConfig {
             tls: file.tls.map(|t| (t.cert, t.key)),
             smtp,
             pop3,
+            imap,
             auth,
         })
     }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod datadir;
 pub mod dev;
+pub mod imap;
 pub mod lines;
 pub mod mail;
 pub mod net;

@@ -14,7 +14,8 @@ pub enum Line {
     Eof,
 }
 
-/// Reads one line into `out` (cleared first), holding at most `max` bytes of it.
+/// Reads one line into `out` (cleared first), holding at most `max` bytes of it; of a line
+/// that is too long, `out` keeps the first `max` bytes.
 pub async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     max: usize,
@@ -33,8 +34,10 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
         };
         if !too_long {
             if out.len() + take > max {
+                // Keep what fits: callers may still want the start (an IMAP tag).
                 too_long = true;
-                out.clear();
+                let room = max - out.len();
+                out.extend_from_slice(&buf[..room]);
             } else {
                 out.extend_from_slice(&buf[..take]);
             }

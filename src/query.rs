@@ -4,7 +4,7 @@ use storage::machine::GroupKind;
 use storage::partition::{Lookup as StoredLookup, Usage};
 use storage::{GroupMachine, StorageError};
 
-use crate::api::{Lookup, Query, QueryResult};
+use crate::api::{Lookup, MailboxChanges, Query, QueryResult};
 
 /// Most messages one read returns.
 pub const MESSAGES_PER_READ_MAX: usize = 10_000;
@@ -39,6 +39,40 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
             Query::Accounts { domain } => QueryResult::Accounts(p.accounts(domain.as_deref())?),
             Query::Aliases { domain } => QueryResult::Aliases(p.aliases(domain.as_deref())?),
             Query::Mailboxes(address) => QueryResult::Mailboxes(p.mailboxes(address)?),
+            Query::Mailbox { address, name } => QueryResult::Mailbox(p.mailbox(address, name)?),
+            Query::Vanished {
+                address,
+                mailbox,
+                since,
+            } => QueryResult::Uids(match p.mailbox(address, mailbox)? {
+                Some(mb) => Some(p.vanished(mb.id, *since)?),
+                None => None,
+            }),
+            Query::Changes {
+                address,
+                mailbox,
+                since,
+            } => QueryResult::Changes(match p.mailbox(address, mailbox)? {
+                // Nothing changed (the common case): no scan of the mailbox.
+                Some(mb) if mb.highest_modseq <= *since => Some(MailboxChanges {
+                    mailbox: mb,
+                    changed: Vec::new(),
+                    complete: true,
+                    vanished: Vec::new(),
+                }),
+                Some(mb) => {
+                    let (changed, complete) =
+                        p.changed_since(mb.id, *since, MESSAGES_PER_READ_MAX)?;
+                    let vanished = p.vanished(mb.id, *since)?;
+                    Some(MailboxChanges {
+                        mailbox: mb,
+                        changed,
+                        complete,
+                        vanished,
+                    })
+                }
+                None => None,
+            }),
             Query::Messages {
                 address,
                 mailbox,

@@ -8,6 +8,11 @@ pub fn decode_plain(b64: &str) -> Result<(String, String), &'static str> {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64.trim())
         .map_err(|_| "invalid base64")?;
+    parse_plain(&raw)
+}
+
+/// SASL PLAIN from its decoded octets (IMAP's SASL-IR hands them over already decoded).
+pub fn parse_plain(raw: &[u8]) -> Result<(String, String), &'static str> {
     let parts: Vec<&[u8]> = raw.split(|&b| b == 0).collect();
     let [authz, user, password] = parts[..] else {
         return Err("malformed PLAIN response");

@@ -9,6 +9,7 @@ use storage::meta::MetaCommand;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServeConfig;
+use crate::imap::{Imap, ImapKind};
 use crate::node::Node;
 use crate::pop3::{Pop3, Pop3Kind};
 use crate::server_tls;
@@ -51,13 +52,28 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }
-    let pop3 = Pop3::new(node.clone(), &config, Some(acceptor), throttle);
+    let pop3 = Pop3::new(
+        node.clone(),
+        &config,
+        Some(acceptor.clone()),
+        throttle.clone(),
+    );
     for (kind, addr) in [
         (Pop3Kind::Plain, config.listen.pop3),
         (Pop3Kind::Tls, config.listen.pop3s),
     ] {
         let Some(addr) = addr else { continue };
         let bound = pop3.listen(kind, addr).await?;
+        println!("{} listening on {bound}", kind.name());
+        listeners.insert(kind.name().to_string(), bound.to_string());
+    }
+    let imap = Imap::new(node.clone(), &config, Some(acceptor), throttle);
+    for (kind, addr) in [
+        (ImapKind::Plain, config.listen.imap),
+        (ImapKind::Tls, config.listen.imaps),
+    ] {
+        let Some(addr) = addr else { continue };
+        let bound = imap.listen(kind, addr).await?;
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }

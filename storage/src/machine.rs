@@ -340,7 +340,7 @@ impl std::fmt::Display for Command {
 mod tests {
     use super::*;
     use crate::partition::{FlagOp, MailError, Quota, RecipientOutcome};
-    use crate::types::Uid;
+    use crate::types::{ModSeq, Uid};
 
     fn partition(dir: &Path) -> (Store, GroupMachine) {
         let store = Store::open(dir, true).unwrap();
@@ -563,8 +563,12 @@ mod tests {
             uids: vec![Uid(1)],
             op: FlagOp::Add,
             flags: vec!["\\Deleted".into()],
+            unchanged_since: None,
         };
-        assert!(matches!(apply(&m, 4, store), PartitionResponse::Flags(_)));
+        assert!(matches!(
+            apply(&m, 4, store),
+            PartitionResponse::Flags { .. }
+        ));
         let expunged = apply(
             &m,
             5,
@@ -597,6 +601,72 @@ mod tests {
             bad,
             PartitionResponse::Refused(MailError::InvalidMailboxName)
         );
+    }
+
+    #[test]
+    fn imap_state_recent_claims_conditional_store_and_vanished() {
+        // Goal: \Recent is claimed by exactly one caller per message; UNCHANGEDSINCE leaves a
+        // message changed after it alone; expunged UIDs are remembered with their MODSEQ.
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        apply(&m, 1, account("a@x.test", Quota::default()));
+        apply(&m, 2, deliver(1, &["a@x.test"], b"one"));
+        apply(&m, 3, deliver(2, &["a@x.test"], b"two"));
+        let claim = || PartitionCommand::ClaimRecent {
+            address: "a@x.test".into(),
+            mailbox: "INBOX".into(),
+        };
+        let recent = |from, to| PartitionResponse::Recent {
+            from: Uid(from),
+            to: Uid(to),
+        };
+        assert_eq!(apply(&m, 4, claim()), recent(1, 3));
+        assert_eq!(apply(&m, 5, claim()), recent(3, 3));
+        let store = |uids: Vec<u32>, since: Option<u64>| PartitionCommand::StoreFlags {
+            address: "a@x.test".into(),
+            mailbox: "INBOX".into(),
+            uids: uids.into_iter().map(Uid).collect(),
+            op: FlagOp::Add,
+            flags: vec!["\\Seen".into()],
+            unchanged_since: since.map(ModSeq),
+        };
+        let PartitionResponse::Flags { stored, conflicts } = apply(&m, 6, store(vec![1], None))
+        else {
+            panic!()
+        };
+        assert!(conflicts.is_empty());
+        let seen_modseq = stored[0].1;
+        // Message 1 changed at `seen_modseq`; a store conditional on an older value skips it.
+        let PartitionResponse::Flags { stored, conflicts } =
+            apply(&m, 7, store(vec![1, 2], Some(seen_modseq.0 - 1)))
+        else {
+            panic!()
+        };
+        assert_eq!(conflicts, vec![Uid(1)]);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].0, Uid(2));
+        let before = m.read_partition(|p| p.mailbox("a@x.test", "INBOX").unwrap().unwrap());
+        apply(
+            &m,
+            8,
+            PartitionCommand::Expunge {
+                address: "a@x.test".into(),
+                mailbox: "INBOX".into(),
+                uids: Some(vec![Uid(2)]),
+            },
+        );
+        m.read_partition(|p| {
+            let after = p.mailbox("a@x.test", "INBOX").unwrap().unwrap();
+            assert!(after.highest_modseq > before.highest_modseq);
+            assert_eq!(
+                p.vanished(after.id, before.highest_modseq).unwrap(),
+                vec![Uid(2)]
+            );
+            assert!(p
+                .vanished(after.id, after.highest_modseq)
+                .unwrap()
+                .is_empty());
+        });
     }
 
     #[test]

@@ -80,6 +80,8 @@ pub struct Mailbox {
     pub special_use: Option<String>,
     pub messages: u64,
     pub bytes: u64,
+    /// First UID no IMAP session has claimed as `\Recent` yet (RFC 3501 §2.3.2).
+    pub recent_from: Uid,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,12 +170,15 @@ pub enum PartitionCommand {
         flags: Vec<String>,
         internal_date: UnixSeconds,
     },
+    /// Changes the flags of the given messages. With `unchanged_since` (RFC 7162
+    /// UNCHANGEDSINCE), a message whose MODSEQ is higher is left alone and reported.
     StoreFlags {
         address: String,
         mailbox: String,
         uids: Vec<Uid>,
         op: FlagOp,
         flags: Vec<String>,
+        unchanged_since: Option<ModSeq>,
     },
     /// Removes the given messages, or every `\Deleted` one when `uids` is `None`.
     Expunge {
@@ -187,6 +192,12 @@ pub enum PartitionCommand {
         to: String,
         uids: Vec<Uid>,
         remove_source: bool,
+    },
+    /// Claims the mailbox's messages not yet seen by any session as `\Recent` for the caller:
+    /// answers the range of UIDs that are recent for it, and moves the mark to UIDNEXT.
+    ClaimRecent {
+        address: String,
+        mailbox: String,
     },
     /// Takes (or renews) the exclusive lock on an account's maildrop (POP3, RFC 1939 §8) for
     /// `holder` until `now + lease_seconds`. Refused while another holder's lease runs.
@@ -247,7 +258,17 @@ pub enum PartitionResponse {
         uid_validity: UidValidity,
         uid: Uid,
     },
-    Flags(Vec<(Uid, ModSeq, BTreeSet<String>)>),
+    /// Every named message that still exists, with its MODSEQ and flags after the store,
+    /// and the ones left alone because they changed after UNCHANGEDSINCE.
+    Flags {
+        stored: Vec<(Uid, ModSeq, BTreeSet<String>)>,
+        conflicts: Vec<Uid>,
+    },
+    /// The UIDs `from..to` are `\Recent` for the session that claimed them.
+    Recent {
+        from: Uid,
+        to: Uid,
+    },
     Expunged(Vec<Uid>),
     Copied {
         uid_validity: UidValidity,
@@ -273,6 +294,8 @@ const DELIVERY_KEY: u8 = b'K';
 const DELIVERY_KEY_BY_TIME: u8 = b'T';
 const COUNTER: u8 = b'S';
 const MAILDROP_LOCK: u8 = b'P';
+/// Expunged UIDs with the MODSEQ of their expunge, for QRESYNC's VANISHED (RFC 7162 §3.2.10).
+const EXPUNGED: u8 = b'X';
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct MaildropLock {
@@ -294,6 +317,10 @@ fn mailbox_key(address: &str, name: &str) -> Vec<u8> {
 
 fn message_key(mailbox: u64, uid: Uid) -> Vec<u8> {
     key(MESSAGE, &[&mailbox.to_be_bytes(), &uid.0.to_be_bytes()])
+}
+
+fn expunged_key(mailbox: u64, uid: Uid) -> Vec<u8> {
+    key(EXPUNGED, &[&mailbox.to_be_bytes(), &uid.0.to_be_bytes()])
 }
 
 /// Order-preserving encoding of a signed time for big-endian keys.
@@ -586,7 +613,23 @@ pub(crate) fn apply(txn: &mut Txn<'_>, cmd: &PartitionCommand) -> Outcome {
             uids,
             op,
             flags,
-        } => store_flags(txn, address, mailbox, uids, *op, flags),
+            unchanged_since,
+        } => store_flags(txn, address, mailbox, uids, *op, flags, *unchanged_since),
+        C::ClaimRecent { address, mailbox } => {
+            let k = mailbox_key(address, mailbox);
+            let Some(mut mb) = txn.get::<Mailbox>(&k)? else {
+                return refused(MailError::NoSuchMailbox);
+            };
+            let from = mb.recent_from;
+            if from != mb.uid_next {
+                mb.recent_from = mb.uid_next;
+                txn.put(k, &mb);
+            }
+            Ok(PartitionResponse::Recent {
+                from,
+                to: mb.uid_next,
+            })
+        }
         C::Expunge {
             address,
             mailbox,
@@ -718,12 +761,16 @@ fn new_mailbox(
         special_use: special_use.map(str::to_string),
         messages: 0,
         bytes: 0,
+        recent_from: Uid(1),
     };
     txn.put(mailbox_key(address, name), &mb);
     Ok(mb)
 }
 
 fn drop_mailbox_messages(txn: &mut Txn<'_>, mailbox_id: u64) -> Result<(u64, u64), StorageError> {
+    for (k, _) in txn.scan::<ModSeq>(&key(EXPUNGED, &[&mailbox_id.to_be_bytes()]))? {
+        txn.del(k);
+    }
     let (mut count, mut bytes) = (0, 0);
     for (k, msg) in txn.scan::<MessageRecord>(&key(MESSAGE, &[&mailbox_id.to_be_bytes()]))? {
         txn.body_unref(msg.body)?;
@@ -945,6 +992,7 @@ fn store_flags(
     uids: &[Uid],
     op: FlagOp,
     flags: &[String],
+    unchanged_since: Option<ModSeq>,
 ) -> Outcome {
     if flags.len() > FLAGS_PER_MESSAGE_MAX || !flags.iter().all(|f| is_valid_flag(f)) {
         return refused(MailError::InvalidFlag);
@@ -953,11 +1001,16 @@ fn store_flags(
         return refused(MailError::NoSuchMailbox);
     };
     let mut changed = Vec::new();
+    let mut conflicts = Vec::new();
     for uid in uids.iter().collect::<BTreeSet<_>>() {
         let k = message_key(mb.id, *uid);
         let Some(mut msg) = txn.get::<MessageRecord>(&k)? else {
             continue; // expunged meanwhile: RFC 3501 lets STORE ignore it
         };
+        if unchanged_since.is_some_and(|since| msg.modseq > since) {
+            conflicts.push(*uid);
+            continue;
+        }
         let before = msg.flags.clone();
         match op {
             FlagOp::Add => msg.flags.extend(flags.iter().cloned()),
@@ -975,7 +1028,10 @@ fn store_flags(
         changed.push((*uid, msg.modseq, msg.flags));
     }
     txn.put(mailbox_key(address, mailbox), &mb);
-    Ok(PartitionResponse::Flags(changed))
+    Ok(PartitionResponse::Flags {
+        stored: changed,
+        conflicts,
+    })
 }
 
 fn expunge(txn: &mut Txn<'_>, address: &str, mailbox: &str, uids: Option<&[Uid]>) -> Outcome {
@@ -987,6 +1043,7 @@ fn expunge(txn: &mut Txn<'_>, address: &str, mailbox: &str, uids: Option<&[Uid]>
         return refused(MailError::NoSuchMailbox);
     };
     let wanted: Option<BTreeSet<Uid>> = uids.map(|u| u.iter().copied().collect());
+    let expunge_modseq = ModSeq(mb.highest_modseq.0 + 1);
     let mut removed = Vec::new();
     for (k, msg) in txn.scan::<MessageRecord>(&key(MESSAGE, &[&mb.id.to_be_bytes()]))? {
         let uid = Uid(u32::from_be_bytes(k[9..13].try_into().expect("4-byte uid")));
@@ -1003,10 +1060,11 @@ fn expunge(txn: &mut Txn<'_>, address: &str, mailbox: &str, uids: Option<&[Uid]>
         mb.bytes -= msg.size;
         account.usage.messages -= 1;
         account.usage.bytes -= msg.size;
+        txn.put(expunged_key(mb.id, uid), &expunge_modseq);
         removed.push(uid);
     }
     if !removed.is_empty() {
-        mb.highest_modseq = ModSeq(mb.highest_modseq.0 + 1);
+        mb.highest_modseq = expunge_modseq;
     }
     txn.put(mailbox_key(address, mailbox), &mb);
     txn.put(ak, &account);
@@ -1163,6 +1221,53 @@ impl PartitionView<'_> {
             }
             let uid = Uid(u32::from_be_bytes(k[9..13].try_into().expect("4-byte uid")));
             out.push((uid, codec::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` messages of a mailbox whose MODSEQ is above `since` (new or changed), in
+    /// UID order, and whether that is all of them.
+    pub fn changed_since(
+        &self,
+        mailbox_id: u64,
+        since: ModSeq,
+        limit: usize,
+    ) -> Result<(Vec<(Uid, MessageRecord)>, bool), StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .tree
+            .scan_prefix(key(MESSAGE, &[&mailbox_id.to_be_bytes()]))
+        {
+            let (k, v) = item?;
+            let record: MessageRecord = codec::decode(&v)?;
+            if record.modseq <= since || k.len() != 13 {
+                continue;
+            }
+            if out.len() >= limit {
+                return Ok((out, false));
+            }
+            out.push((
+                Uid(u32::from_be_bytes(k[9..13].try_into().expect("4 bytes"))),
+                record,
+            ));
+        }
+        Ok((out, true))
+    }
+
+    /// UIDs expunged from a mailbox by an expunge with a MODSEQ above `since`, ascending.
+    pub fn vanished(&self, mailbox_id: u64, since: ModSeq) -> Result<Vec<Uid>, StorageError> {
+        let mut out = Vec::new();
+        for item in self
+            .tree
+            .scan_prefix(key(EXPUNGED, &[&mailbox_id.to_be_bytes()]))
+        {
+            let (k, v) = item?;
+            let modseq: ModSeq = codec::decode(&v)?;
+            if modseq > since && k.len() == 13 {
+                out.push(Uid(u32::from_be_bytes(
+                    k[9..13].try_into().expect("4 bytes"),
+                )));
+            }
         }
         Ok(out)
     }

@@ -1,0 +1,284 @@
+//! SEARCH (RFC 3501 §6.4.4, WITHIN RFC 5032, MODSEQ RFC 7162): whether a message matches a
+//! search key. Keys on flags, sizes, dates and numbers use the session's view; header and
+//! text keys need the message, which the caller loads only when [`needs_body`] says so.
+//! String matching is a case-insensitive substring match on the decoded (UTF-8) text.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use imap_codec::imap_types::core::AString;
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+
+use super::mime;
+use super::view::Msg;
+
+/// One message as a search sees it.
+pub struct Candidate<'a> {
+    /// Its sequence number.
+    pub seq: u32,
+    pub msg: &'a Msg,
+    pub recent: bool,
+    /// The message, when the key needs it.
+    pub body: Option<&'a [u8]>,
+}
+
+/// What the whole mailbox contributes to `*`.
+pub struct Bounds {
+    pub count: u32,
+    pub largest_uid: u32,
+    pub now: i64,
+}
+
+/// Whether evaluating `key` needs the message itself.
+pub fn needs_body(key: &SearchKey<'_>) -> bool {
+    use SearchKey as K;
+    match key {
+        K::And(keys) => keys.as_ref().iter().any(needs_body),
+        K::Not(k) => needs_body(k),
+        K::Or(a, b) => needs_body(a) || needs_body(b),
+        K::Bcc(_)
+        | K::Body(_)
+        | K::Cc(_)
+        | K::From(_)
+        | K::Header(..)
+        | K::SentBefore(_)
+        | K::SentOn(_)
+        | K::SentSince(_)
+        | K::Subject(_)
+        | K::Text(_)
+        | K::To(_) => true,
+        _ => false,
+    }
+}
+
+/// Whether the key uses MODSEQ (the response then reports the highest one, RFC 7162 §3.1.5).
+pub fn uses_modseq(key: &SearchKey<'_>) -> bool {
+    use SearchKey as K;
+    match key {
+        K::And(keys) => keys.as_ref().iter().any(uses_modseq),
+        K::Not(k) => uses_modseq(k),
+        K::Or(a, b) => uses_modseq(a) || uses_modseq(b),
+        K::ModSequence { .. } => true,
+        _ => false,
+    }
+}
+
+/// Whether `n` is in a sequence set whose `*` stands for `largest`.
+pub fn in_set(set: &SequenceSet, n: u32, largest: u32) -> bool {
+    let value = |v: &SeqOrUid| match v {
+        SeqOrUid::Value(x) => x.get(),
+        SeqOrUid::Asterisk => largest,
+    };
+    set.0.as_ref().iter().any(|s| match s {
+        Sequence::Single(v) => value(v) == n,
+        Sequence::Range(a, b) => {
+            let (a, b) = (value(a), value(b));
+            a.min(b) <= n && n <= a.max(b)
+        }
+    })
+}
+
+fn needle(s: &AString<'_>) -> String {
+    String::from_utf8_lossy(s.as_ref()).to_lowercase()
+}
+
+fn contains(haystack: &str, needle: &str) -> bool {
+    needle.is_empty() || haystack.to_lowercase().contains(needle)
+}
+
+fn header_contains(body: &[u8], name: &str, value: &AString<'_>) -> bool {
+    let wanted = needle(value);
+    mime::header_values(body, name)
+        .iter()
+        .any(|v| contains(v, &wanted))
+}
+
+fn internal_day(msg: &Msg) -> Option<NaiveDate> {
+    DateTime::<Utc>::from_timestamp(msg.internal_date, 0).map(|d| d.date_naive())
+}
+
+fn sent_day(body: &[u8]) -> Option<NaiveDate> {
+    let (y, m, d) = mime::sent_date(body)?;
+    NaiveDate::from_ymd_opt(y, m, d)
+}
+
+/// Whether the candidate matches. Keys that need the message are false without it.
+pub fn matches(key: &SearchKey<'_>, c: &Candidate<'_>, b: &Bounds) -> bool {
+    use SearchKey as K;
+    let flag = |f: &str| c.msg.flags.contains(f);
+    let body = c.body.unwrap_or_default();
+    match key {
+        K::And(keys) => keys.as_ref().iter().all(|k| matches(k, c, b)),
+        K::Not(k) => !matches(k, c, b),
+        K::Or(x, y) => matches(x, c, b) || matches(y, c, b),
+        K::SequenceSet(set) => in_set(set, c.seq, b.count),
+        K::Uid(set) => in_set(set, c.msg.uid.0, b.largest_uid),
+        K::All => true,
+        K::Answered => flag("\\Answered"),
+        K::Deleted => flag("\\Deleted"),
+        K::Draft => flag("\\Draft"),
+        K::Flagged => flag("\\Flagged"),
+        K::Seen => flag("\\Seen"),
+        K::Unanswered => !flag("\\Answered"),
+        K::Undeleted => !flag("\\Deleted"),
+        K::Undraft => !flag("\\Draft"),
+        K::Unflagged => !flag("\\Flagged"),
+        K::Unseen => !flag("\\Seen"),
+        K::Recent => c.recent,
+        K::New => c.recent && !flag("\\Seen"),
+        K::Old => !c.recent,
+        K::Keyword(k) => c
+            .msg
+            .flags
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(k.as_ref())),
+        K::Unkeyword(k) => !c
+            .msg
+            .flags
+            .iter()
+            .any(|f| f.eq_ignore_ascii_case(k.as_ref())),
+        K::Larger(n) => c.msg.size > u64::from(*n),
+        K::Smaller(n) => c.msg.size < u64::from(*n),
+        K::Before(d) => internal_day(c.msg).is_some_and(|x| x < *d.as_ref()),
+        K::On(d) => internal_day(c.msg).is_some_and(|x| x == *d.as_ref()),
+        K::Since(d) => internal_day(c.msg).is_some_and(|x| x >= *d.as_ref()),
+        K::Older(secs) => c.msg.internal_date <= b.now - i64::from(secs.get()),
+        K::Younger(secs) => c.msg.internal_date >= b.now - i64::from(secs.get()),
+        K::SentBefore(d) => sent_day(body).is_some_and(|x| x < *d.as_ref()),
+        K::SentOn(d) => sent_day(body).is_some_and(|x| x == *d.as_ref()),
+        K::SentSince(d) => sent_day(body).is_some_and(|x| x >= *d.as_ref()),
+        K::Bcc(v) => header_contains(body, "Bcc", v),
+        K::Cc(v) => header_contains(body, "Cc", v),
+        K::From(v) => header_contains(body, "From", v),
+        K::To(v) => header_contains(body, "To", v),
+        K::Subject(v) => header_contains(body, "Subject", v),
+        K::Header(name, v) => {
+            let name = String::from_utf8_lossy(name.as_ref()).into_owned();
+            let wanted = needle(v);
+            let values = mime::header_values(body, &name);
+            // An empty value matches every message that has the field.
+            !values.is_empty() && values.iter().any(|x| contains(x, &wanted))
+        }
+        K::Body(v) => c.body.is_some() && contains(&mime::body_text(body), &needle(v)),
+        K::Text(v) => {
+            let wanted = needle(v);
+            c.body.is_some()
+                && (contains(&String::from_utf8_lossy(header_part(body)), &wanted)
+                    || contains(&mime::body_text(body), &wanted))
+        }
+        K::ModSequence { modseq, .. } => c.msg.modseq.0 >= *modseq,
+    }
+}
+
+/// The header of a message (up to the first empty line).
+fn header_part(body: &[u8]) -> &[u8] {
+    let end = body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(body.len());
+    &body[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_codec::decode::Decoder;
+    use imap_codec::imap_types::command::CommandBody;
+    use imap_codec::CommandCodec;
+    use storage::types::{BodyHash, ModSeq, Uid};
+
+    fn key(text: &str) -> SearchKey<'static> {
+        let line = format!("a SEARCH {text}\r\n");
+        let (_, cmd) = CommandCodec::default()
+            .decode(line.as_bytes())
+            .unwrap_or_else(|e| panic!("{text}: {e:?}"));
+        let CommandBody::Search { criteria, .. } = cmd.body else {
+            panic!()
+        };
+        let mut keys = criteria.into_inner();
+        let k = if keys.len() == 1 {
+            keys.remove(0)
+        } else {
+            SearchKey::And(keys.try_into().unwrap())
+        };
+        bounded_static::IntoBoundedStatic::into_static(k)
+    }
+
+    const MAIL: &[u8] = b"From: Alice <alice@example.test>\r\nTo: bob@example.test\r\nSubject: =?utf-8?q?Caf=C3=A9?= plans\r\nDate: Tue, 3 Nov 2026 10:00:00 +0000\r\n\r\nLet us meet at noon.\r\n";
+
+    // Goal: each kind of key (flags, numbers, sizes, dates, headers, text, boolean
+    // combinations) selects exactly the messages it should.
+    #[test]
+    fn keys_match() {
+        let msg = Msg {
+            uid: Uid(7),
+            flags: ["\\Seen".to_string(), "$Work".to_string()].into(),
+            modseq: ModSeq(12),
+            size: MAIL.len() as u64,
+            internal_date: 1_793_700_000, // 2026-11-03
+            body: BodyHash::of(MAIL),
+        };
+        let c = Candidate {
+            seq: 3,
+            msg: &msg,
+            recent: false,
+            body: Some(MAIL),
+        };
+        let b = Bounds {
+            count: 5,
+            largest_uid: 9,
+            now: 1_793_700_100,
+        };
+        let yes = [
+            "ALL",
+            "SEEN",
+            "OLD",
+            "KEYWORD $work",
+            "UNKEYWORD $home",
+            "3",
+            "2:4",
+            "UID 7",
+            "UID 5:*",
+            "LARGER 10",
+            "SMALLER 100000",
+            "SINCE 1-Nov-2026",
+            "ON 3-Nov-2026",
+            "SENTON 3-Nov-2026",
+            "SENTBEFORE 4-Nov-2026",
+            "FROM alice",
+            "TO BOB@",
+            "SUBJECT {5}\r\ncafé",
+            "HEADER Subject plans",
+            "HEADER Date \"\"",
+            "BODY noon",
+            "TEXT alice",
+            "NOT DELETED",
+            "OR DELETED SEEN",
+            "YOUNGER 1000",
+            "MODSEQ 12",
+            "(SEEN UNDELETED) UNANSWERED",
+        ];
+        for k in yes {
+            assert!(matches(&key(k), &c, &b), "{k} should match");
+        }
+        let no = [
+            "UNSEEN",
+            "NEW",
+            "RECENT",
+            "4:*",
+            "UID 8",
+            "BEFORE 3-Nov-2026",
+            "FROM carol",
+            "BODY midnight",
+            "HEADER X-Missing \"\"",
+            "OLDER 1000",
+            "MODSEQ 13",
+            "OR DELETED FLAGGED",
+        ];
+        for k in no {
+            assert!(!matches(&key(k), &c, &b), "{k} should not match");
+        }
+        assert!(needs_body(&key("OR SEEN BODY x")));
+        assert!(!needs_body(&key("OR SEEN UID 1")));
+        assert!(uses_modseq(&key("NOT MODSEQ 3")));
+    }
+}
