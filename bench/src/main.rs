@@ -1,9 +1,11 @@
 //! `bench`: measurements of a real local mailgrid cluster. `bench core` reports commit
 //! latency and throughput of deliveries, idle load per node, and the time from a leader's
 //! kill -9 to its partition's next commit. `bench smtp` measures SMTP delivery (msgs/s and
-//! latency) against a cluster it starts or any SMTP server given. Figures are printed and
-//! written as JSON.
+//! latency) against a cluster it starts or any SMTP server given. `bench mailbox` measures
+//! IMAP session mixes (ops/s, latency per command) and POP3 download sessions per second.
+//! Figures are printed and written as JSON.
 
+mod mailbox_load;
 mod smtp_load;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +74,27 @@ enum Cmd {
         /// Recipient addresses, `{}` replaced by 0..users.
         #[arg(long, default_value = "bench{}@example.test")]
         user_format: String,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// IMAP session mix and POP3 download sessions (each client its own user, over TLS,
+    /// spread over every node), after preloading every mailbox by SMTP.
+    Mailbox {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Comma-separated numbers of concurrent clients.
+        #[arg(long, default_value = "10,50")]
+        clients: String,
+        /// Sessions each client runs, one after another.
+        #[arg(long, default_value_t = 10)]
+        sessions: usize,
+        /// Size of the preloaded messages.
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -462,6 +485,79 @@ async fn main() -> anyhow::Result<()> {
             });
             drop(cluster);
             write_results(&out, "smtp", &results)
+        }
+        Cmd::Mailbox {
+            nodes,
+            partitions,
+            clients,
+            sessions,
+            size,
+            mailgrid,
+            out,
+        } => {
+            let counts = numbers(&clients, "--clients")?;
+            let most = counts.iter().copied().max().unwrap_or(1);
+            let bin = mailgrid_binary(mailgrid)?;
+            let cluster = start_cluster(&bin, nodes, partitions)?;
+            let client = Client::open(&cluster.nodes[0].2, None)?;
+            let users: Vec<String> = (0..most).map(|i| format!("box{i}@example.test")).collect();
+            add_users(&client, &users).await?;
+            let listeners = |service: &str| -> Vec<String> {
+                cluster.info["nodes"]
+                    .as_array()
+                    .map(|nodes| {
+                        nodes
+                            .iter()
+                            .filter_map(|n| n["listeners"][service].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            // Every session expunges one message; the first users serve every run.
+            let per_user = sessions * counts.len() + 10;
+            let preload = smtp_load::Load {
+                servers: listeners("smtp"),
+                users: users.clone(),
+                messages: per_user * users.len(),
+                size,
+                concurrency: 32,
+                run: format!("preload-{}", std::process::id()),
+            };
+            smtp_load::run(preload).await?;
+            let mut imap_runs = Vec::new();
+            let mut pop3_runs = Vec::new();
+            for c in counts {
+                let load = |servers: Vec<String>| mailbox_load::Load {
+                    servers,
+                    users: users[..c].to_vec(),
+                    password: "bench".into(),
+                    sessions_per_client: sessions,
+                };
+                let r = mailbox_load::imap(load(listeners("imaps"))).await?;
+                eprintln!(
+                    "imap session mix, {c} clients: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms",
+                    r["ops_per_sec"].as_f64().unwrap_or(0.0),
+                    r["p50_ms"].as_f64().unwrap_or(0.0),
+                    r["p99_ms"].as_f64().unwrap_or(0.0)
+                );
+                imap_runs.push(r);
+                let r = mailbox_load::pop3(load(listeners("pop3s"))).await?;
+                eprintln!(
+                    "pop3 download sessions, {c} clients: {:.1} sessions/s, p50 {:.1} ms, p99 {:.1} ms",
+                    r["sessions_per_sec"].as_f64().unwrap_or(0.0),
+                    r["p50_ms"].as_f64().unwrap_or(0.0),
+                    r["p99_ms"].as_f64().unwrap_or(0.0)
+                );
+                pop3_runs.push(r);
+            }
+            let results = serde_json::json!({
+                "target": format!("mailgrid {nodes} nodes, {partitions} partitions"),
+                "message_size": size,
+                "imap": imap_runs,
+                "pop3": pop3_runs,
+            });
+            drop(cluster);
+            write_results(&out, "mailbox", &results)
         }
     }
 }

@@ -1,0 +1,328 @@
+//! Mailbox access load: IMAP session mixes and POP3 download sessions, over implicit TLS,
+//! each client its own user, through every node in turn (as DNS round robin spreads them).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::smtp_load::percentile;
+
+/// Test nodes have self-signed certificates: the load generator accepts any.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn connector() -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+struct Conn {
+    io: BufReader<TlsStream<TcpStream>>,
+    tag: u64,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> anyhow::Result<Conn> {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+        let tls = connector().connect(name, tcp).await?;
+        let mut conn = Conn {
+            io: BufReader::new(tls),
+            tag: 0,
+        };
+        conn.line().await?; // greeting
+        Ok(conn)
+    }
+
+    async fn line(&mut self) -> anyhow::Result<String> {
+        let mut line = String::new();
+        if self.io.read_line(&mut line).await? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line)
+    }
+
+    /// An IMAP command; the untagged lines (literal contents skipped) and the status.
+    async fn imap(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
+        self.tag += 1;
+        let tag = format!("b{}", self.tag);
+        self.io
+            .get_mut()
+            .write_all(format!("{tag} {command}\r\n").as_bytes())
+            .await?;
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await?;
+            if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
+                if !rest.starts_with("OK") {
+                    bail!("{command}: {}", line.trim());
+                }
+                return Ok(lines);
+            }
+            // A literal: skip its octets (the line goes on after them).
+            if let Some(n) = line
+                .trim_end()
+                .strip_suffix('}')
+                .and_then(|l| l.rsplit_once('{'))
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+            {
+                let mut skip = (&mut self.io).take(n);
+                tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
+            }
+            lines.push(line);
+        }
+    }
+
+    /// A POP3 command; the status line, and the body of a multi-line answer when `multi`.
+    async fn pop3(&mut self, command: &str, multi: bool) -> anyhow::Result<(String, usize)> {
+        self.io
+            .get_mut()
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
+        let status = self.line().await?;
+        if !status.starts_with("+OK") {
+            bail!("{command}: {}", status.trim());
+        }
+        let mut bytes = 0;
+        if multi {
+            loop {
+                let line = self.line().await?;
+                if line == ".\r\n" {
+                    break;
+                }
+                bytes += line.len();
+            }
+        }
+        Ok((status, bytes))
+    }
+}
+
+pub struct Load {
+    pub servers: Vec<String>,
+    /// One user per client.
+    pub users: Vec<String>,
+    pub password: String,
+    pub sessions_per_client: usize,
+}
+
+fn ops_summary(name: &str, mut latencies: Vec<Duration>, seconds: f64) -> serde_json::Value {
+    latencies.sort();
+    serde_json::json!({
+        "op": name,
+        "count": latencies.len(),
+        "p50_ms": percentile(&latencies, 0.5),
+        "p99_ms": percentile(&latencies, 0.99),
+        "per_sec": latencies.len() as f64 / seconds,
+    })
+}
+
+const IMAP_OPS: [&str; 7] = [
+    "LOGIN",
+    "SELECT",
+    "FETCH headers",
+    "FETCH body",
+    "STORE flags",
+    "EXPUNGE",
+    "LOGOUT",
+];
+
+/// The IMAP session mix: LOGIN, SELECT INBOX, FETCH the headers of every message, FETCH the
+/// newest message's body, mark it \Deleted, EXPUNGE, LOGOUT.
+async fn imap_session(addr: &str, user: &str, password: &str) -> anyhow::Result<[Duration; 7]> {
+    let mut t = [Duration::ZERO; 7];
+    let mut conn = Conn::open(addr).await?;
+    let timed = Instant::now();
+    conn.imap(&format!("LOGIN \"{user}\" \"{password}\""))
+        .await?;
+    t[0] = timed.elapsed();
+    let timed = Instant::now();
+    let lines = conn.imap("SELECT INBOX").await?;
+    t[1] = timed.elapsed();
+    let exists = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("* ")
+                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .context("no EXISTS")?;
+    if exists == 0 {
+        bail!("{user}'s INBOX is empty: preload more messages");
+    }
+    let timed = Instant::now();
+    conn.imap("FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])")
+        .await?;
+    t[2] = timed.elapsed();
+    let timed = Instant::now();
+    conn.imap(&format!("FETCH {exists} BODY[]")).await?;
+    t[3] = timed.elapsed();
+    let timed = Instant::now();
+    conn.imap(&format!("STORE {exists} +FLAGS.SILENT (\\Deleted)"))
+        .await?;
+    t[4] = timed.elapsed();
+    let timed = Instant::now();
+    conn.imap("EXPUNGE").await?;
+    t[5] = timed.elapsed();
+    let timed = Instant::now();
+    conn.imap("LOGOUT").await?;
+    t[6] = timed.elapsed();
+    Ok(t)
+}
+
+pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
+    let load = Arc::new(load);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, user) in load.users.iter().enumerate() {
+        let load = load.clone();
+        let user = user.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for s in 0..load.sessions_per_client {
+                let addr = &load.servers[(c + s) % load.servers.len()];
+                out.push(
+                    imap_session(addr, &user, &load.password)
+                        .await
+                        .with_context(|| format!("{user} via {addr}"))?,
+                );
+            }
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.extend(t.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let ops: Vec<serde_json::Value> = IMAP_OPS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| ops_summary(name, sessions.iter().map(|s| s[i]).collect(), seconds))
+        .collect();
+    let all: Vec<Duration> = sessions.iter().flat_map(|s| s.iter().copied()).collect();
+    let total = ops_summary("all", all, seconds);
+    Ok(serde_json::json!({
+        "clients": load.users.len(),
+        "sessions": sessions.len(),
+        "seconds": seconds,
+        "ops_per_sec": total["per_sec"],
+        "p50_ms": total["p50_ms"],
+        "p99_ms": total["p99_ms"],
+        "ops": ops,
+    }))
+}
+
+/// One POP3 download session: USER/PASS, STAT, RETR every message, QUIT (nothing deleted).
+async fn pop3_session(addr: &str, user: &str, password: &str) -> anyhow::Result<usize> {
+    let mut conn = Conn::open(addr).await?;
+    conn.pop3(&format!("USER {user}"), false).await?;
+    conn.pop3(&format!("PASS {password}"), false).await?;
+    let (stat, _) = conn.pop3("STAT", false).await?;
+    let count: usize = stat
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context("STAT")?;
+    let mut bytes = 0;
+    for i in 1..=count {
+        bytes += conn.pop3(&format!("RETR {i}"), true).await?.1;
+    }
+    conn.pop3("QUIT", false).await?;
+    Ok(bytes)
+}
+
+pub async fn pop3(load: Load) -> anyhow::Result<serde_json::Value> {
+    let load = Arc::new(load);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, user) in load.users.iter().enumerate() {
+        let load = load.clone();
+        let user = user.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for s in 0..load.sessions_per_client {
+                let addr = &load.servers[(c + s) % load.servers.len()];
+                let t = Instant::now();
+                let bytes = pop3_session(addr, &user, &load.password)
+                    .await
+                    .with_context(|| format!("{user} via {addr}"))?;
+                out.push((t.elapsed(), bytes));
+            }
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut sessions = Vec::new();
+    for t in tasks {
+        sessions.extend(t.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes: usize = sessions.iter().map(|s| s.1).sum();
+    let summary = ops_summary("session", sessions.iter().map(|s| s.0).collect(), seconds);
+    Ok(serde_json::json!({
+        "clients": load.users.len(),
+        "sessions": sessions.len(),
+        "seconds": seconds,
+        "sessions_per_sec": summary["per_sec"],
+        "p50_ms": summary["p50_ms"],
+        "p99_ms": summary["p99_ms"],
+        "mbytes_per_sec": bytes as f64 / seconds / 1e6,
+    }))
+}
