@@ -22,7 +22,17 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
     out: &mut Vec<u8>,
 ) -> std::io::Result<Line> {
     out.clear();
-    let mut too_long = false;
+    continue_line(reader, max, out).await
+}
+
+/// Like [`read_line`] but keeps what `out` already holds: a caller whose read was cancelled
+/// (a `select!` that took another branch) resumes the same line without losing its start.
+pub async fn continue_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> std::io::Result<Line> {
+    let mut too_long = out.len() > max;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
@@ -89,5 +99,17 @@ mod tests {
         );
         assert_eq!(trim_eol(&line), b"QUIT");
         assert_eq!(read_line(&mut r, 10, &mut line).await.unwrap(), Line::Eof);
+    }
+
+    // Goal: a line whose read was interrupted after its first bytes resumes intact.
+    #[tokio::test]
+    async fn resumed_line_keeps_its_start() {
+        let mut r = tokio::io::BufReader::new(&b"NE\r\nnext\r\n"[..]);
+        let mut line = b"DO".to_vec();
+        assert_eq!(
+            continue_line(&mut r, 10, &mut line).await.unwrap(),
+            Line::Complete
+        );
+        assert_eq!(trim_eol(&line), b"DONE");
     }
 }

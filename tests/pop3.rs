@@ -153,3 +153,61 @@ fn a_dead_sessions_lock_expires_and_uidls_are_the_same_after_failover() {
     assert_eq!(after["uidl"], before["uidl"]);
     assert_eq!(after["uidl"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn fetchmail_downloads_and_deletes_over_pop3s() {
+    // Goal: a real POP3 client (fetchmail) pulls every message over implicit TLS, hands
+    // each to its delivery agent, and deletes them at QUIT, after which the INBOX is empty.
+    let _g = serial();
+    if Command::new("fetchmail").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: fetchmail is not installed");
+        return;
+    }
+    let c = Cluster::start(3, PARTITIONS, 5000, 3);
+    let user = "user2@example.test";
+    let tags = ["fm-one", "fm-two", "fm-three"];
+    deliver_tags(&c, user, &tags);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("delivered");
+    let (host, port) = c
+        .listener(3, "pop3s")
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.to_string()))
+        .unwrap();
+    let rc = dir.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "set no syslog\npoll {host} with proto POP3 port {port}\n  user \"{user}\" there with password \"pw\" is \"nobody\" here\n  options ssl no sslcertck fetchall mda \"cat >> {}\"\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = Command::new("fetchmail")
+        .args(["-f"])
+        .arg(&rc)
+        .args(["--nodetach", "-v"])
+        .env("FETCHMAILHOME", dir.path())
+        .env("HOME", dir.path())
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(run.status.success(), "fetchmail failed:\n{log}");
+    let delivered = std::fs::read_to_string(&out).unwrap_or_default();
+    for tag in tags {
+        assert!(
+            delivered.contains(&format!("body of {tag}")),
+            "{tag} missing:\n{delivered}\n{log}"
+        );
+    }
+    assert!(
+        c.fetch(c.any(), user).is_empty(),
+        "left on the server:\n{log}"
+    );
+}

@@ -28,7 +28,7 @@ use super::mime::write_string;
 use super::view::{flag_list, uid_set, View, Wording};
 use super::{Imap, ImapKind};
 use crate::api::{Lookup, Query, QueryResult};
-use crate::lines::{read_line, trim_eol, Line};
+use crate::lines::{continue_line, read_line, trim_eol, Line};
 use crate::mail::{self, MailServiceError};
 use crate::net::{upgrade_to_tls, Stream};
 use crate::throttle::Verdict;
@@ -1087,7 +1087,7 @@ impl Session {
         let mut line = Vec::new();
         loop {
             tokio::select! {
-                read = read_line(&mut self.io, LINE_BYTES_MAX, &mut line) => {
+                read = continue_line(&mut self.io, LINE_BYTES_MAX, &mut line) => {
                     return Ok(match read? {
                         Line::Complete if trim_eol(&line).eq_ignore_ascii_case(b"DONE") => {
                             if self.selected.is_some() {
