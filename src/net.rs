@@ -233,6 +233,23 @@ where
     });
 }
 
+/// Admits a connection under `limits`, or tells the client (with the protocol's line for
+/// the reason) and gives `None`.
+pub async fn admit_or_refuse(
+    limits: &ConnectionLimits,
+    stream: &mut TcpStream,
+    ip: IpAddr,
+    line: impl FnOnce(Refusal) -> String,
+) -> Option<ConnectionSlot> {
+    match limits.admit(ip) {
+        Ok(slot) => Some(slot),
+        Err(refusal) => {
+            refuse(stream, &line(refusal)).await;
+            None
+        }
+    }
+}
+
 /// Tells a client it was not admitted (one line, best effort, bounded in time).
 pub async fn refuse(stream: &mut TcpStream, line: &str) {
     use tokio::io::AsyncWriteExt;

@@ -20,25 +20,7 @@ const PARTITIONS: u32 = 8;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/imap_client.py");
 
 fn python(scenario: &str, args: serde_json::Value) -> serde_json::Value {
-    let out = Command::new("python3")
-        .args([SCRIPT, scenario, &args.to_string()])
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "scenario {scenario} failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    last_json(&stdout)
-}
-
-fn last_json(stdout: &str) -> serde_json::Value {
-    stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null)
+    last_json(&python_scenario("imap_client.py", scenario, &args))
 }
 
 /// A Python scenario running in the background, talked to line by line.

@@ -19,21 +19,7 @@ const PARTITIONS: u32 = 8;
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pop3_client.py");
 
 fn python(scenario: &str, args: serde_json::Value) -> serde_json::Value {
-    let out = Command::new("python3")
-        .args([SCRIPT, scenario, &args.to_string()])
-        .output()
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "scenario {scenario} failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(serde_json::Value::Null)
+    last_json(&python_scenario("pop3_client.py", scenario, &args))
 }
 
 fn deliver_tags(c: &Cluster, user: &str, tags: &[&str]) {

@@ -26,18 +26,7 @@ const SMTP_CONFIG: &str = "[smtp]\nrecipients_max = 20\nconnections_per_ip_max =
 
 /// Runs a scenario of tests/smtp_client.py; panics with its output when it fails.
 fn python(scenario: &str, args: serde_json::Value) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/smtp_client.py");
-    let out = Command::new("python3")
-        .args([script, scenario, &args.to_string()])
-        .output()
-        .expect("python3 runs (it is part of the test machine)");
-    assert!(
-        out.status.success(),
-        "scenario {scenario} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    python_scenario("smtp_client.py", scenario, &args)
 }
 
 fn bodies(c: &Cluster, user: &str) -> Vec<String> {

@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ImapConfig, ServeConfig};
-use crate::net::{ConnectionLimits, Refusal};
+use crate::net::{admit_or_refuse, ConnectionLimits, Refusal};
 use crate::node::Node;
 use crate::smtp::policy::Policy;
 use crate::throttle::AuthThrottle;
@@ -97,20 +97,15 @@ impl Imap {
     }
 
     async fn connection(self: Arc<Self>, kind: ImapKind, mut stream: TcpStream, peer: SocketAddr) {
-        let slot = match self.connections.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                let text = match refusal {
-                    Refusal::Busy => {
-                        "* BYE [UNAVAILABLE] too many connections, try again later\r\n"
-                    }
-                    Refusal::TooManyFromAddress => {
-                        "* BYE [UNAVAILABLE] too many connections from your address\r\n"
-                    }
-                };
-                crate::net::refuse(&mut stream, text).await;
-                return;
+        let refusal = |r| match r {
+            Refusal::Busy => "* BYE [UNAVAILABLE] too many connections, try again later\r\n".into(),
+            Refusal::TooManyFromAddress => {
+                "* BYE [UNAVAILABLE] too many connections from your address\r\n".into()
             }
+        };
+        let admitted = admit_or_refuse(&self.connections, &mut stream, peer.ip(), refusal);
+        let Some(slot) = admitted.await else {
+            return;
         };
         session::Session::new(self.clone(), kind, peer)
             .run(stream)

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{ServeConfig, SmtpConfig};
-use crate::net::{ConnectionLimits, Refusal};
+use crate::net::{admit_or_refuse, ConnectionLimits, Refusal};
 use crate::node::Node;
 use crate::throttle::AuthThrottle;
 
@@ -104,18 +104,15 @@ impl Smtp {
         mut stream: TcpStream,
         peer: SocketAddr,
     ) {
-        let slot = match self.connections.admit(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                let text = match refusal {
-                    Refusal::Busy => "4.3.2 Too many connections, try again later",
-                    Refusal::TooManyFromAddress => {
-                        "4.7.0 Too many connections from your address, try again later"
-                    }
-                };
-                crate::net::refuse(&mut stream, &format!("421 {text}\r\n")).await;
-                return;
+        let refusal = |r| match r {
+            Refusal::Busy => "421 4.3.2 Too many connections, try again later\r\n".into(),
+            Refusal::TooManyFromAddress => {
+                "421 4.7.0 Too many connections from your address, try again later\r\n".into()
             }
+        };
+        let admitted = admit_or_refuse(&self.connections, &mut stream, peer.ip(), refusal);
+        let Some(slot) = admitted.await else {
+            return;
         };
         session::Session::new(self.clone(), kind, peer)
             .run(stream)

@@ -385,6 +385,32 @@ impl Cluster {
     }
 }
 
+/// Runs `scenario` of a Python client script in `tests/` with JSON arguments; its stdout.
+/// Panics with the script's output when it fails.
+pub fn python_scenario(script: &str, scenario: &str, args: &serde_json::Value) -> String {
+    let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("python3")
+        .args([&script, scenario, &args.to_string()])
+        .output()
+        .expect("python3 runs (scripts/test installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "scenario {scenario} of {script} failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The last line of a scenario's output, as JSON (`Null` if it is not).
+pub fn last_json(stdout: &str) -> serde_json::Value {
+    stdout
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
