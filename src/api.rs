@@ -99,7 +99,7 @@ pub enum QueryResult {
     Mailboxes(Vec<Mailbox>),
     Mailbox(Option<Mailbox>),
     /// `None` when the mailbox does not exist.
-    Uids(Option<Vec<Uid>>),
+    Vanished(Option<Vanished>),
     Messages(Option<(Mailbox, Vec<(Uid, MessageRecord)>)>),
     Changes(Option<MailboxChanges>),
     Body(Option<Vec<u8>>),
@@ -110,6 +110,16 @@ pub enum QueryResult {
     Domains(Vec<Domain>),
     Limits(ClusterLimits),
     Usage(Usage),
+}
+
+/// What was expunged from a mailbox after some MODSEQ.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Vanished {
+    /// These UIDs, ascending.
+    Exactly(Vec<Uid>),
+    /// The mailbox's expunge history no longer reaches back that far: every UID below
+    /// UIDNEXT that is not in the mailbox may have vanished since.
+    Forgotten,
 }
 
 /// A mailbox's changes after some MODSEQ, read in one go at the partition leader.

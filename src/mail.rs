@@ -306,6 +306,16 @@ pub async fn body(
 }
 
 /// Proposes a partition command for `address` and returns the partition's answer.
+/// Wraps `cmd` so that the cluster applies it at most once however often the write is
+/// retried (the router retries such writes through failures of unknown outcome).
+pub fn once(cmd: PartitionCommand) -> PartitionCommand {
+    PartitionCommand::Once {
+        key: rand::random(),
+        now: now(),
+        command: Box::new(cmd),
+    }
+}
+
 pub async fn partition_write(
     router: &Router,
     address: &str,

@@ -4,7 +4,7 @@ use storage::machine::GroupKind;
 use storage::partition::{Lookup as StoredLookup, Usage};
 use storage::{GroupMachine, StorageError};
 
-use crate::api::{Lookup, MailboxChanges, Query, QueryResult};
+use crate::api::{Lookup, MailboxChanges, Query, QueryResult, Vanished};
 
 /// Most messages one read returns.
 pub const MESSAGES_PER_READ_MAX: usize = 10_000;
@@ -44,8 +44,11 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                 address,
                 mailbox,
                 since,
-            } => QueryResult::Uids(match p.mailbox(address, mailbox)? {
-                Some(mb) => Some(p.vanished(mb.id, *since)?),
+            } => QueryResult::Vanished(match p.mailbox(address, mailbox)? {
+                Some(mb) => Some(match p.vanished(&mb, *since)? {
+                    Some(uids) => Vanished::Exactly(uids),
+                    None => Vanished::Forgotten,
+                }),
                 None => None,
             }),
             Query::Changes {
@@ -60,17 +63,25 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                     complete: true,
                     vanished: Vec::new(),
                 }),
-                Some(mb) => {
-                    let (changed, complete) =
-                        p.changed_since(mb.id, *since, MESSAGES_PER_READ_MAX)?;
-                    let vanished = p.vanished(mb.id, *since)?;
-                    Some(MailboxChanges {
+                Some(mb) => match p.vanished(&mb, *since)? {
+                    Some(vanished) => {
+                        let (changed, complete) =
+                            p.changed_since(mb.id, *since, MESSAGES_PER_READ_MAX)?;
+                        Some(MailboxChanges {
+                            mailbox: mb,
+                            changed,
+                            complete,
+                            vanished,
+                        })
+                    }
+                    // Expunges that old are forgotten: the reader compares a full listing.
+                    None => Some(MailboxChanges {
                         mailbox: mb,
-                        changed,
-                        complete,
-                        vanished,
-                    })
-                }
+                        changed: Vec::new(),
+                        complete: false,
+                        vanished: Vec::new(),
+                    }),
+                },
                 None => None,
             }),
             Query::Messages {

@@ -218,13 +218,11 @@ impl Router {
     }
 
     /// Proposes `cmd` to `group`; returns once committed by a majority and applied.
-    /// Deliveries are retried through failures of unknown outcome (their key makes a repeat a
-    /// no-op); other commands report such a failure to the caller.
+    /// Deliveries and `Once` commands are retried through failures of unknown outcome (their
+    /// key makes a repeat a no-op); other commands report such a failure to the caller.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
-        let idempotent = matches!(
-            cmd,
-            Command::Partition(storage::partition::PartitionCommand::Deliver { .. })
-        );
+        use storage::partition::PartitionCommand as P;
+        let idempotent = matches!(cmd, Command::Partition(P::Deliver { .. } | P::Once { .. }));
         let request = ServiceRequest::PeerWrite {
             group,
             cmd: cmd.clone(),

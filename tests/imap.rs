@@ -232,11 +232,10 @@ fn a_session_survives_its_partition_leader_dying_with_the_same_uids() {
 }
 
 /// Runs mbsync with `config`; its output on failure.
-fn mbsync(config: &std::path::Path) -> Result<String, String> {
-    let out = Command::new("mbsync")
-        .args(["-c"])
-        .arg(config)
-        .args(["-a"])
+/// Runs a client program; its output, as an error when it failed.
+fn client(program: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(program)
+        .args(args)
         .output()
         .map_err(|e| e.to_string())?;
     let text = format!(
@@ -251,54 +250,43 @@ fn mbsync(config: &std::path::Path) -> Result<String, String> {
     }
 }
 
-/// The messages in a maildir folder: (file name, content).
-fn maildir(dir: &std::path::Path) -> Vec<(String, String)> {
+/// The messages in a maildir folder: (path, content).
+fn maildir(dir: &std::path::Path) -> Vec<(std::path::PathBuf, String)> {
     let mut out = Vec::new();
     for sub in ["cur", "new"] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
             continue;
         };
         for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            out.push((name, std::fs::read_to_string(e.path()).unwrap_or_default()));
+            out.push((
+                e.path(),
+                std::fs::read_to_string(e.path()).unwrap_or_default(),
+            ));
         }
     }
     out
 }
 
-#[test]
-fn mbsync_syncs_a_mailbox_both_ways() {
-    // Goal: a real IMAP client (mbsync from isync) pulls every folder, then pushes back a
-    // new message, a flag change and a deletion, which the cluster then holds.
-    let _g = serial();
-    if Command::new("mbsync").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: mbsync (isync) is not installed");
-        return;
-    }
-    let c = Cluster::start_with(3, PARTITIONS, 5000, 1, "[imap]\nauth_without_tls = true\n");
-    let user = "user0@example.test";
-    deliver_tags(&c, user, &["sync-one", "sync-two", "sync-three"]);
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join("mail");
-    std::fs::create_dir_all(&local).unwrap();
-    let (host, port) = c
-        .listener(2, "imap")
-        .rsplit_once(':')
-        .map(|(h, p)| (h.to_string(), p.to_string()))
-        .unwrap();
-    let config = dir.path().join("mbsyncrc");
-    std::fs::write(
-        &config,
-        format!(
-            "IMAPAccount mg\nHost {host}\nPort {port}\nUser {user}\nPass pw\nSSLType None\nAuthMechs LOGIN\n\n\
-             IMAPStore remote\nAccount mg\n\n\
-             MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n\
-             Channel sync\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n",
-            local = local.display()
-        ),
-    )
-    .unwrap();
-    mbsync(&config).unwrap_or_else(|e| panic!("first sync failed:\n{e}"));
+/// How a maildir client is told to delete a message.
+enum LocalDelete {
+    /// Mark it trashed (maildir flag `T`).
+    Flag,
+    /// Remove its file.
+    Remove,
+}
+
+/// A real maildir-syncing client (`sync` runs one synchronisation into `local`) pulls every
+/// folder of a user holding "sync-one/two/three"; then a message drafted locally, a flag set
+/// locally on "sync-one" and the local deletion of "sync-two" are pushed back, and the
+/// cluster holds exactly that afterwards, through other nodes.
+fn check_two_way_sync(
+    c: &Cluster,
+    user: &str,
+    local: &std::path::Path,
+    delete: LocalDelete,
+    sync: impl Fn() -> Result<String, String>,
+) {
+    sync().unwrap_or_else(|e| panic!("first sync failed:\n{e}"));
     let inbox = maildir(&local.join("INBOX"));
     assert_eq!(inbox.len(), 3, "{inbox:?}");
     for folder in ["Sent", "Drafts", "Trash", "Junk", "Archive"] {
@@ -307,34 +295,27 @@ fn mbsync_syncs_a_mailbox_both_ways() {
             "{folder} not synced"
         );
     }
-    // Locally: a new message in Drafts, INBOX's "sync-one" flagged, "sync-two" deleted.
     std::fs::write(
         local.join("Drafts/new/1700000000.1_1.local"),
         "Subject: drafted locally\r\nFrom: user0@example.test\r\n\r\nlocal body\r\n",
     )
     .unwrap();
-    for (name, content) in &inbox {
-        let sub = if local.join("INBOX/cur").join(name).exists() {
-            "cur"
-        } else {
-            "new"
-        };
-        let from = local.join("INBOX").join(sub).join(name);
+    for (path, content) in &inbox {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
         let base = name.split(":2,").next().unwrap();
-        let flags = if content.contains("sync-one") {
-            "F"
+        let cur = local.join("INBOX/cur");
+        if content.contains("sync-one") {
+            std::fs::rename(path, cur.join(format!("{base}:2,F"))).unwrap();
         } else if content.contains("sync-two") {
-            "T"
-        } else {
-            continue;
-        };
-        std::fs::rename(
-            &from,
-            local.join("INBOX/cur").join(format!("{base}:2,{flags}")),
-        )
-        .unwrap();
+            match delete {
+                LocalDelete::Flag => {
+                    std::fs::rename(path, cur.join(format!("{base}:2,T"))).unwrap()
+                }
+                LocalDelete::Remove => std::fs::remove_file(path).unwrap(),
+            }
+        }
     }
-    mbsync(&config).unwrap_or_else(|e| panic!("second sync failed:\n{e}"));
+    sync().unwrap_or_else(|e| panic!("second sync failed:\n{e}"));
     let left = c.fetch(c.any(), user);
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(
@@ -358,4 +339,313 @@ fn mbsync_syncs_a_mailbox_both_ways() {
         json!({ "imaps": c.listener(3, "imaps"), "user": user, "password": "pw" }),
     );
     assert_eq!(flagged["subjects"], json!(["sync-one"]));
+}
+
+fn host_port(addr: &str) -> (String, String) {
+    addr.rsplit_once(':')
+        .map(|(h, p)| (h.to_string(), p.to_string()))
+        .unwrap()
+}
+
+#[test]
+fn mbsync_syncs_a_mailbox_both_ways() {
+    // Goal: mbsync (isync) over port 143 pulls every folder and pushes back a new message,
+    // a flag and a deletion (flagged T locally).
+    let _g = serial();
+    if Command::new("mbsync").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: mbsync (isync) is not installed");
+        return;
+    }
+    let c = Cluster::start_with(3, PARTITIONS, 5000, 1, "[imap]\nauth_without_tls = true\n");
+    let user = "user0@example.test";
+    deliver_tags(&c, user, &["sync-one", "sync-two", "sync-three"]);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("mail");
+    std::fs::create_dir_all(&local).unwrap();
+    let (host, port) = host_port(&c.listener(2, "imap"));
+    let config = dir.path().join("mbsyncrc");
+    std::fs::write(
+        &config,
+        format!(
+            "IMAPAccount mg\nHost {host}\nPort {port}\nUser {user}\nPass pw\nSSLType None\nAuthMechs LOGIN\n\n\
+             IMAPStore remote\nAccount mg\n\n\
+             MaildirStore local\nPath {local}/\nInbox {local}/INBOX\nSubFolders Verbatim\n\n\
+             Channel sync\nFar :remote:\nNear :local:\nPatterns *\nCreate Both\nExpunge Both\nSyncState *\n",
+            local = local.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    check_two_way_sync(&c, user, &local, LocalDelete::Flag, || {
+        client("mbsync", &["-c", config, "-a"])
+    });
+}
+
+#[test]
+fn offlineimap_syncs_a_mailbox_both_ways() {
+    // Goal: offlineimap over implicit TLS (993, checking the node's certificate) pulls every
+    // folder and pushes back a new message (found again by its APPENDUID), a flag and a
+    // deletion (the local file removed).
+    let _g = serial();
+    if Command::new("offlineimap")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: offlineimap is not installed");
+        return;
+    }
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 1);
+    let user = "user0@example.test";
+    deliver_tags(&c, user, &["sync-one", "sync-two", "sync-three"]);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("mail");
+    std::fs::create_dir_all(&local).unwrap();
+    let (_, port) = host_port(&c.listener(2, "imaps"));
+    let cert = std::path::Path::new(c.node(2).data()).join("tls/server.pem");
+    let config = dir.path().join("offlineimaprc");
+    std::fs::write(
+        &config,
+        format!(
+            "[general]\naccounts = mg\nmetadata = {meta}\n\n\
+             [Account mg]\nlocalrepository = local\nremoterepository = remote\n\n\
+             [Repository local]\ntype = Maildir\nlocalfolders = {local}\n\n\
+             [Repository remote]\ntype = IMAP\nremotehost = localhost\nremoteport = {port}\n\
+             ssl = yes\nsslcacertfile = {cert}\nremoteuser = {user}\nremotepass = pw\n",
+            meta = dir.path().join("meta").display(),
+            local = local.display(),
+            cert = cert.display(),
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    check_two_way_sync(&c, user, &local, LocalDelete::Remove, || {
+        client("offlineimap", &["-c", config, "-o", "-u", "basic"])
+    });
+}
+
+/// A line-level IMAP client over TLS that trusts the node's own (self-signed) certificate:
+/// the transcript tests see every byte the server sends.
+struct Transcript {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+    tag: u32,
+}
+
+impl Transcript {
+    fn connect(addr: &str, node_dir: &str) -> Transcript {
+        use rustls::pki_types::pem::PemObject;
+        let pem = std::path::Path::new(node_dir).join("tls/server.pem");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(&pem).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        let mut t = Transcript {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            tag: 0,
+        };
+        let greeting = t.line();
+        assert!(greeting.starts_with("* OK"), "{greeting}");
+        t
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        while !line.ends_with(b"\r\n") {
+            std::io::Read::read_exact(&mut self.tls, &mut byte).unwrap();
+            line.push(byte[0]);
+        }
+        line.truncate(line.len() - 2);
+        String::from_utf8(line).unwrap()
+    }
+
+    /// Sends `command` (with a fresh tag; `{n+}` literals go inline) and returns every line
+    /// up to and including the tagged one, with the tag replaced by `T`.
+    fn run(&mut self, command: &str) -> Vec<String> {
+        self.tag += 1;
+        let tag = format!("a{}", self.tag);
+        let wire = format!("{tag} {command}\r\n");
+        std::io::Write::write_all(&mut self.tls, wire.as_bytes()).unwrap();
+        std::io::Write::flush(&mut self.tls).unwrap();
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
+                lines.push(format!("T {rest}"));
+                return lines;
+            }
+            lines.push(line);
+        }
+    }
+
+    /// Runs `command` and checks its answer line by line against `expected`.
+    fn expect(&mut self, command: &str, expected: &[&str]) {
+        let got = self.run(command);
+        assert_eq!(got, expected, "answer to {command:?}");
+    }
+
+    /// Appends `body` to `mailbox` with a LITERAL+ literal; the APPENDUID UID.
+    fn append(&mut self, mailbox: &str, body: &str) -> u32 {
+        let got = self.run(&format!("APPEND {mailbox} {{{}+}}\r\n{body}", body.len()));
+        let last = got.last().unwrap();
+        assert!(last.starts_with("T OK [APPENDUID "), "{got:?}");
+        last.split_whitespace()
+            .nth(4)
+            .unwrap()
+            .trim_end_matches(']')
+            .parse()
+            .unwrap()
+    }
+}
+
+#[test]
+fn condstore_and_qresync_transcript() {
+    // Goal: exact server output for RFC 7162: MODSEQ in FETCH and STORE, UNCHANGEDSINCE with
+    // [MODIFIED], CHANGEDSINCE, VANISHED on expunge, VANISHED (EARLIER) from the expunge
+    // history, and from the listing once the history no longer reaches back (an expunge of
+    // more messages than the history keeps); SELECT (QRESYNC ...) with and without known
+    // UIDs. Driven through node 2, which is not necessarily the partition leader.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 1);
+    let addr = c.listener(2, "imaps");
+    let dir = c.node(2).data().to_string();
+    let mut s = Transcript::connect(&addr, &dir);
+    let login = s.run("LOGIN user0@example.test pw");
+    assert!(login.last().unwrap().starts_with("T OK"), "{login:?}");
+    s.expect(
+        "ENABLE QRESYNC",
+        &["* ENABLED QRESYNC", "T OK ENABLE completed"],
+    );
+    for i in 1..=3 {
+        let uid = s.append("INBOX", &format!("Subject: m{i}\r\n\r\nbody {i}\r\n"));
+        assert_eq!(uid, i);
+    }
+    // A new mailbox starts at MODSEQ 1; each APPEND adds one.
+    let select = s.run("SELECT INBOX");
+    let validity: u32 = select
+        .iter()
+        .find_map(|l| l.strip_prefix("* OK [UIDVALIDITY "))
+        .and_then(|rest| rest.split(']').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(select.contains(&"* 3 EXISTS".to_string()), "{select:?}");
+    assert!(
+        select.contains(&"* OK [HIGHESTMODSEQ 4] highest".to_string()),
+        "{select:?}"
+    );
+    assert_eq!(select.last().unwrap(), "T OK [READ-WRITE] SELECT completed");
+    s.expect(
+        "STORE 1 (UNCHANGEDSINCE 4) +FLAGS (\\Flagged)",
+        &[
+            "* 1 FETCH (FLAGS (\\Flagged \\Recent) MODSEQ (5))",
+            "T OK STORE completed",
+        ],
+    );
+    s.expect(
+        "UID STORE 1:2 (UNCHANGEDSINCE 4) +FLAGS.SILENT (\\Seen)",
+        &[
+            "* 2 FETCH (UID 2 MODSEQ (6))",
+            "T OK [MODIFIED 1] conditional STORE failed for some messages",
+        ],
+    );
+    s.expect(
+        "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 4)",
+        &[
+            "* 1 FETCH (UID 1 FLAGS (\\Flagged \\Recent) MODSEQ (5))",
+            "* 2 FETCH (UID 2 FLAGS (\\Seen \\Recent) MODSEQ (6))",
+            "T OK UID FETCH completed",
+        ],
+    );
+    // UID EXPUNGE (RFC 4315) removes only named messages that are \Deleted.
+    s.expect("UID EXPUNGE 2", &["T OK EXPUNGE completed"]);
+    // With CONDSTORE enabled, even .SILENT reports the new MODSEQ (RFC 7162 §3.1.3).
+    s.expect(
+        "UID STORE 2 +FLAGS.SILENT (\\Deleted)",
+        &["* 2 FETCH (UID 2 MODSEQ (7))", "T OK STORE completed"],
+    );
+    s.expect(
+        "UID EXPUNGE 2:3",
+        &["* VANISHED 2", "T OK EXPUNGE completed"],
+    );
+    s.expect(
+        "UID FETCH 1:* (FLAGS) (CHANGEDSINCE 1 VANISHED)",
+        &[
+            "* VANISHED (EARLIER) 2",
+            "* 1 FETCH (UID 1 FLAGS (\\Flagged \\Recent) MODSEQ (5))",
+            "* 2 FETCH (UID 3 FLAGS (\\Recent) MODSEQ (4))",
+            "T OK UID FETCH completed",
+        ],
+    );
+    // Reopening with what the client knew before the expunge.
+    s.expect(
+        &format!("SELECT INBOX (QRESYNC ({validity} 4 1:3))"),
+        &[
+            "* OK [CLOSED] previous mailbox closed",
+            "* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)",
+            "* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] flags",
+            "* 2 EXISTS",
+            "* 0 RECENT",
+            "* OK [UNSEEN 1] first unseen",
+            &format!("* OK [UIDVALIDITY {validity}] UIDs valid"),
+            "* OK [UIDNEXT 4] predicted next UID",
+            "* OK [HIGHESTMODSEQ 8] highest",
+            "* VANISHED (EARLIER) 2",
+            "* 1 FETCH (UID 1 FLAGS (\\Flagged) MODSEQ (5))",
+            "T OK [READ-WRITE] SELECT completed",
+        ],
+    );
+    // 1024 messages by doubling with COPY, then one expunge of all of them: more than the
+    // expunge history keeps, so the store forgets them individually.
+    s.expect("CREATE Bulk", &["T OK CREATE completed"]);
+    s.append("Bulk", "Subject: bulk\r\n\r\nbulk\r\n");
+    let bulk = s.run("SELECT Bulk");
+    let bulk_validity: u32 = bulk
+        .iter()
+        .find_map(|l| l.strip_prefix("* OK [UIDVALIDITY "))
+        .and_then(|rest| rest.split(']').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    for round in 1..=10 {
+        let got = s.run("COPY 1:* Bulk");
+        assert!(got.last().unwrap().starts_with("T OK [COPYUID "), "{got:?}");
+        let exists = format!("* {} EXISTS", 1 << round);
+        assert!(got.contains(&exists), "{got:?}");
+    }
+    let stored = s.run("STORE 1:* +FLAGS.SILENT (\\Deleted)");
+    assert_eq!(stored.len(), 1025, "{:?}", stored.last());
+    s.expect(
+        "UID EXPUNGE 1:*",
+        &["* VANISHED 1:1024", "T OK EXPUNGE completed"],
+    );
+    s.append("Bulk", "Subject: after\r\n\r\nafter\r\n");
+    // A client that knew the mailbox at MODSEQ 2 (just the first message) learns that every
+    // UID it could know is gone, computed from the listing.
+    let reopened = s.run(&format!("SELECT Bulk (QRESYNC ({bulk_validity} 2))"));
+    assert!(
+        reopened.contains(&"* VANISHED (EARLIER) 1:1024".to_string()),
+        "{reopened:?}"
+    );
+    assert!(reopened.contains(&"* 1 EXISTS".to_string()), "{reopened:?}");
+    // Limited to the UIDs the client names.
+    let reopened = s.run(&format!(
+        "SELECT Bulk (QRESYNC ({bulk_validity} 2 5,7:9,2000))"
+    ));
+    assert!(
+        reopened.contains(&"* VANISHED (EARLIER) 5,7:9".to_string()),
+        "{reopened:?}"
+    );
+    s.expect("LOGOUT", &["* BYE logging out", "T OK LOGOUT completed"]);
 }

@@ -470,14 +470,10 @@ impl Session {
                 mailbox: view.name.clone(),
                 since: ModSeq(since),
             };
-            let largest = view.uid_next.0.saturating_sub(1);
-            if let Ok(QueryResult::Uids(Some(gone))) = self.read(query).await {
-                let gone: Vec<Uid> = gone
-                    .into_iter()
-                    .filter(|u| search::in_set(set, u.0, largest))
-                    .collect();
-                if !gone.is_empty() {
-                    let line = format!("* VANISHED (EARLIER) {}\r\n", uid_set(gone));
+            if let Ok(QueryResult::Vanished(Some(gone))) = self.read(query).await {
+                let view = self.selected.as_ref().expect("selected");
+                if let Some(set) = view.vanished_earlier(&gone, Some(set)) {
+                    let line = format!("* VANISHED (EARLIER) {set}\r\n");
                     self.out.extend_from_slice(line.as_bytes());
                 }
             }
@@ -777,13 +773,14 @@ impl Session {
             }
         }
         let view = self.selected.as_ref().expect("selected");
-        let cmd = PartitionCommand::Copy {
+        // Once: a retry through a leader change must not copy twice.
+        let cmd = mail::once(PartitionCommand::Copy {
             address: self.address().to_string(),
             from: view.name.clone(),
             to: target,
             uids,
             remove_source,
-        };
+        });
         let (validity, pairs) = match self.write(cmd).await {
             Ok(PartitionResponse::Copied {
                 uid_validity,

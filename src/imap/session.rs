@@ -19,15 +19,15 @@ use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox as MailboxArg};
 use imap_codec::imap_types::status::StatusDataItemName;
 use imap_codec::CommandCodec;
 use storage::partition::{MailError, Mailbox, PartitionCommand, PartitionResponse};
-use storage::types::{domain_of, normalize_mailbox_name, ModSeq, Uid};
+use storage::types::{domain_of, normalize_mailbox_name, ModSeq};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 use super::framing::{read_command, tag_of, Frame, Limits};
 use super::mime::write_string;
-use super::view::{flag_list, uid_set, View, Wording};
+use super::view::{flag_list, View, Wording};
 use super::{Imap, ImapKind};
-use crate::api::{Lookup, Query, QueryResult};
+use crate::api::{Lookup, Query, QueryResult, Vanished};
 use crate::lines::{continue_line, read_line, trim_eol, Line};
 use crate::mail::{self, MailServiceError};
 use crate::net::{upgrade_to_tls, Stream};
@@ -701,21 +701,12 @@ impl Session {
                     since: ModSeq(since),
                 };
                 let vanished = match self.read(query).await {
-                    Ok(QueryResult::Uids(Some(v))) => v,
-                    Ok(_) => Vec::new(),
+                    Ok(QueryResult::Vanished(Some(v))) => v,
+                    Ok(_) => Vanished::Exactly(Vec::new()),
                     Err(e) => return Done::unavailable(e),
                 };
-                let largest = view.uid_next.0.saturating_sub(1);
-                let vanished: Vec<Uid> = vanished
-                    .into_iter()
-                    .filter(|u| {
-                        known
-                            .as_ref()
-                            .is_none_or(|set| super::search::in_set(set, u.0, largest))
-                    })
-                    .collect();
-                if !vanished.is_empty() {
-                    let line = format!("* VANISHED (EARLIER) {}\r\n", uid_set(vanished));
+                if let Some(set) = view.vanished_earlier(&vanished, known.as_ref()) {
+                    let line = format!("* VANISHED (EARLIER) {set}\r\n");
                     self.out.extend_from_slice(line.as_bytes());
                 }
                 for (i, m) in view.messages.iter().enumerate() {
@@ -1052,13 +1043,14 @@ impl Session {
             .map(|d| d.as_ref().timestamp())
             .unwrap_or_else(mail::now);
         let size = body.len() as u64;
-        let cmd = PartitionCommand::Append {
+        // Once: a retry through a leader change must not store the message twice.
+        let cmd = mail::once(PartitionCommand::Append {
             address: self.address().to_string(),
             mailbox: name,
             body,
             flags,
             internal_date,
-        };
+        });
         match self.write(cmd).await {
             Ok(PartitionResponse::Appended { uid_validity, uid }) => {
                 self.imap.policy.note_stored(self.address(), size);

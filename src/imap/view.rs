@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::api::Vanished;
 use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use storage::partition::{Mailbox, MessageRecord};
 use storage::types::{BodyHash, ModSeq, Uid, UidValidity, UnixSeconds};
@@ -88,16 +89,26 @@ pub fn flag_list(flags: &BTreeSet<String>, recent: bool) -> String {
 pub fn uid_set(uids: impl IntoIterator<Item = Uid>) -> String {
     let mut sorted: Vec<u32> = uids.into_iter().map(|u| u.0).collect();
     sorted.sort_unstable();
-    sorted.dedup();
-    let mut out = String::new();
-    let mut i = 0;
-    while i < sorted.len() {
-        let start = sorted[i];
-        let mut end = start;
-        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
-            i += 1;
-            end += 1;
+    range_set(&ranges_of(&sorted))
+}
+
+/// Sorted, distinct numbers as inclusive ranges of consecutive ones.
+fn ranges_of(sorted: &[u32]) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for &n in sorted {
+        match out.last_mut() {
+            Some((_, end)) if n <= *end => {}
+            Some((_, end)) if n == *end + 1 => *end = n,
+            _ => out.push((n, n)),
         }
+    }
+    out
+}
+
+/// Inclusive ranges in IMAP sequence-set syntax (`1:3,7`).
+fn range_set(ranges: &[(u32, u32)]) -> String {
+    let mut out = String::new();
+    for &(start, end) in ranges {
         if !out.is_empty() {
             out.push(',');
         }
@@ -106,7 +117,49 @@ pub fn uid_set(uids: impl IntoIterator<Item = Uid>) -> String {
         } else {
             out.push_str(&format!("{start}:{end}"));
         }
-        i += 1;
+    }
+    out
+}
+
+/// A sequence set as sorted, merged inclusive ranges (`*` is `largest`).
+fn set_ranges(set: &SequenceSet, largest: u32) -> Vec<(u32, u32)> {
+    let value = |v: &SeqOrUid| match v {
+        SeqOrUid::Value(x) => x.get(),
+        SeqOrUid::Asterisk => largest,
+    };
+    let mut ranges: Vec<(u32, u32)> = set
+        .0
+        .as_ref()
+        .iter()
+        .map(|s| match s {
+            Sequence::Single(v) => (value(v), value(v)),
+            Sequence::Range(a, b) => (value(a).min(value(b)), value(a).max(value(b))),
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
+        match merged.last_mut() {
+            Some((_, end)) if a <= end.saturating_add(1) => *end = (*end).max(b),
+            _ => merged.push((a, b)),
+        }
+    }
+    merged
+}
+
+/// The overlap of two sorted lists of disjoint inclusive ranges.
+fn intersect(a: &[(u32, u32)], b: &[(u32, u32)]) -> Vec<(u32, u32)> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (lo, hi) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if lo <= hi {
+            out.push((lo, hi));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
     }
     out
 }
@@ -312,6 +365,44 @@ impl View {
         (changed, vanished)
     }
 
+    /// The UID set for `VANISHED (EARLIER)` (RFC 7162 §3.2.5.2, §3.2.6): what vanished of the
+    /// UIDs the client names in `known` (every UID below UIDNEXT when `None`). When the store
+    /// no longer remembers every expunge that far back, every UID below UIDNEXT that is not in
+    /// this (current) view counts as vanished. `None` when nothing did.
+    pub fn vanished_earlier(
+        &self,
+        vanished: &Vanished,
+        known: Option<&SequenceSet>,
+    ) -> Option<String> {
+        let largest = self.uid_next.0.saturating_sub(1);
+        if largest == 0 {
+            return None;
+        }
+        let gone = match vanished {
+            Vanished::Exactly(uids) => {
+                let uids: Vec<u32> = uids.iter().map(|u| u.0).filter(|u| *u <= largest).collect();
+                ranges_of(&uids)
+            }
+            Vanished::Forgotten => {
+                let mut gaps = Vec::new();
+                let mut next = 1u32;
+                for m in &self.messages {
+                    if m.uid.0 > next {
+                        gaps.push((next, m.uid.0 - 1));
+                    }
+                    next = next.max(m.uid.0.saturating_add(1));
+                }
+                if next <= largest {
+                    gaps.push((next, largest));
+                }
+                gaps
+            }
+        };
+        let wanted = known.map_or_else(|| vec![(1, largest)], |set| set_ranges(set, largest));
+        let gone = intersect(&gone, &wanted);
+        (!gone.is_empty()).then(|| range_set(&gone))
+    }
+
     /// The sequence number of the first unseen message.
     pub fn first_unseen(&self) -> Option<usize> {
         self.messages
@@ -347,6 +438,8 @@ mod tests {
             messages: 0,
             bytes: 0,
             recent_from: Uid(1),
+            expunge_records: 0,
+            expunge_history_from: ModSeq(0),
         }
     }
 
@@ -374,6 +467,36 @@ mod tests {
             uid_set([Uid(1), Uid(2), Uid(3), Uid(7), Uid(9), Uid(10)]),
             "1:3,7,9:10"
         );
+    }
+
+    // Goal: VANISHED (EARLIER) names what vanished of the client's known UIDs; when the
+    // store forgot that far back, every absent UID below UIDNEXT (view of 2,4,6,9 with
+    // UIDNEXT 10) counts, still limited to the known set.
+    #[test]
+    fn vanished_earlier_from_history_or_from_the_listing() {
+        let v = view(&[2, 4, 6, 9]);
+        let set = |s: &str| SequenceSet::try_from(s).unwrap();
+        let exactly = Vanished::Exactly(vec![Uid(1), Uid(3), Uid(5), Uid(7), Uid(8), Uid(40)]);
+        assert_eq!(
+            v.vanished_earlier(&exactly, None).as_deref(),
+            Some("1,3,5,7:8")
+        );
+        assert_eq!(
+            v.vanished_earlier(&exactly, Some(&set("3:7"))).as_deref(),
+            Some("3,5,7")
+        );
+        assert_eq!(v.vanished_earlier(&exactly, Some(&set("2,4"))), None);
+        let forgotten = Vanished::Forgotten;
+        assert_eq!(
+            v.vanished_earlier(&forgotten, None).as_deref(),
+            Some("1,3,5,7:8")
+        );
+        assert_eq!(
+            v.vanished_earlier(&forgotten, Some(&set("8:*,1,5:3")))
+                .as_deref(),
+            Some("1,3,5,8")
+        );
+        assert_eq!(v.vanished_earlier(&Vanished::Exactly(vec![]), None), None);
     }
 
     // Goal: a catch-up announces expunges highest first, new messages as EXISTS and other

@@ -63,12 +63,7 @@ impl Store {
             return Err(StorageError::Missing(dir.display().to_string()));
         }
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(64 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| StorageError::Corrupt(format!("{}: {e}", dir.display())))?;
+        let db = open_sled(dir)?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(|e| StorageError::io(&data_path, e))?;
         if !exists {
@@ -164,6 +159,31 @@ impl StoreInner {
             .syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// How long opening waits for a previous handle on the same directory to let go of its file
+/// lock: sled's background threads release it shortly after the last handle is dropped.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn open_sled(dir: &Path) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(64 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(StorageError::Corrupt(format!("{}: {e}", dir.display()))),
+        }
     }
 }
 

@@ -659,14 +659,125 @@ mod tests {
             let after = p.mailbox("a@x.test", "INBOX").unwrap().unwrap();
             assert!(after.highest_modseq > before.highest_modseq);
             assert_eq!(
-                p.vanished(after.id, before.highest_modseq).unwrap(),
-                vec![Uid(2)]
+                p.vanished(&after, before.highest_modseq).unwrap(),
+                Some(vec![Uid(2)])
             );
-            assert!(p
-                .vanished(after.id, after.highest_modseq)
-                .unwrap()
-                .is_empty());
+            assert_eq!(
+                p.vanished(&after, after.highest_modseq).unwrap(),
+                Some(vec![])
+            );
         });
+    }
+
+    fn append(body: &[u8]) -> PartitionCommand {
+        PartitionCommand::Append {
+            address: "a@x.test".into(),
+            mailbox: "INBOX".into(),
+            body: body.to_vec(),
+            flags: vec![],
+            internal_date: 1000,
+        }
+    }
+
+    fn expunge(uids: impl IntoIterator<Item = u32>) -> PartitionCommand {
+        PartitionCommand::Expunge {
+            address: "a@x.test".into(),
+            mailbox: "INBOX".into(),
+            uids: Some(uids.into_iter().map(Uid).collect()),
+        }
+    }
+
+    #[test]
+    fn expunge_history_is_bounded_and_says_when_it_forgot() {
+        // Goal: a mailbox keeps at most EXPUNGE_HISTORY_MAX expunge records, drops the oldest
+        // first, and answers "forgotten" (None) for a MODSEQ older than what it still knows.
+        use crate::partition::EXPUNGE_HISTORY_MAX;
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        apply(&m, 1, account("a@x.test", Quota::default()));
+        let total = EXPUNGE_HISTORY_MAX as u32 + 10;
+        let mut index = 2;
+        for i in 0..total {
+            apply(&m, index, append(format!("m{i}").as_bytes()));
+            index += 1;
+        }
+        let mailbox = || m.read_partition(|p| p.mailbox("a@x.test", "INBOX").unwrap().unwrap());
+        let start = mailbox().highest_modseq;
+        // One expunge per message: MODSEQs start+1 ..= start+total.
+        for uid in 1..=total {
+            apply(&m, index, expunge([uid]));
+            index += 1;
+        }
+        let mb = mailbox();
+        assert_eq!(mb.expunge_records, EXPUNGE_HISTORY_MAX);
+        assert_eq!(mb.expunge_history_from, ModSeq(start.0 + 10));
+        m.read_partition(|p| {
+            assert_eq!(p.vanished(&mb, start).unwrap(), None);
+            assert_eq!(p.vanished(&mb, ModSeq(start.0 + 9)).unwrap(), None);
+            let recent = p.vanished(&mb, ModSeq(start.0 + 10)).unwrap().unwrap();
+            assert_eq!(recent, (11..=total).map(Uid).collect::<Vec<_>>());
+            let last = p.vanished(&mb, ModSeq(mb.highest_modseq.0 - 1)).unwrap();
+            assert_eq!(last, Some(vec![Uid(total)]));
+        });
+        // One expunge larger than the whole history keeps none and moves the floor to itself.
+        let first_uid = mb.uid_next.0;
+        for i in 0..total {
+            apply(&m, index, append(format!("n{i}").as_bytes()));
+            index += 1;
+        }
+        apply(&m, index, expunge(first_uid..first_uid + total));
+        let mb = mailbox();
+        assert_eq!(mb.messages, 0);
+        assert_eq!(mb.expunge_records, 0);
+        assert_eq!(mb.expunge_history_from, mb.highest_modseq);
+        m.read_partition(|p| {
+            assert_eq!(
+                p.vanished(&mb, ModSeq(mb.highest_modseq.0 - 1)).unwrap(),
+                None
+            );
+            assert_eq!(p.vanished(&mb, mb.highest_modseq).unwrap(), Some(vec![]));
+        });
+    }
+
+    #[test]
+    fn once_applies_a_command_a_single_time_per_key() {
+        // Goal: a repeated `Once` (a retry after an unknown outcome) answers the first
+        // response and stores nothing more; another key applies again; a key is forgotten
+        // after its retention; nesting is refused.
+        use crate::partition::ONCE_KEY_RETENTION_SECONDS;
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        apply(&m, 1, account("a@x.test", Quota::default()));
+        let once = |key: u8, now: i64| PartitionCommand::Once {
+            key: [key; 32],
+            now,
+            command: Box::new(append(b"hello")),
+        };
+        let first = apply(&m, 2, once(1, 1000));
+        assert_eq!(apply(&m, 3, once(1, 1001)), first);
+        let messages =
+            || m.read_partition(|p| p.mailbox("a@x.test", "INBOX").unwrap().unwrap().messages);
+        assert_eq!(messages(), 1);
+        assert_ne!(apply(&m, 4, once(2, 1002)), first);
+        assert_eq!(messages(), 2);
+        // Key 1 expires once a later command's time is past its retention.
+        apply(&m, 5, once(3, 1000 + ONCE_KEY_RETENTION_SECONDS + 1));
+        assert_eq!(messages(), 3);
+        assert_ne!(
+            apply(&m, 6, once(1, 1000 + ONCE_KEY_RETENTION_SECONDS + 2)),
+            first
+        );
+        assert_eq!(messages(), 4);
+        let nested = PartitionCommand::Once {
+            key: [9; 32],
+            now: 1000,
+            command: Box::new(once(8, 1000)),
+        };
+        assert_eq!(
+            apply(&m, 7, nested),
+            PartitionResponse::Refused(MailError::NotAllowed)
+        );
+        assert_eq!(messages(), 4);
     }
 
     #[test]

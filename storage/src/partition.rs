@@ -26,10 +26,19 @@ pub const DEFAULT_MAILBOXES: [(&str, Option<&str>); 6] = [
 pub const DELIVERY_KEY_RETENTION_SECONDS: i64 = 7 * 24 * 3600;
 /// How many expired delivery keys one apply may prune (bounds the work of one entry).
 const DELIVERY_KEY_PRUNE_MAX: usize = 32;
+/// How long a [`PartitionCommand::Once`] key is remembered: far longer than a proposer
+/// retries (its write deadline), so a late repeat is still recognised.
+pub const ONCE_KEY_RETENTION_SECONDS: i64 = 3600;
+/// Largest response remembered whole for a `Once` key; a larger COPY answer is remembered
+/// without its UID pairs (a repeat then answers no COPYUID, which RFC 4315 allows).
+const ONCE_RESPONSE_BYTES_MAX: usize = 16 * 1024;
 /// Largest message body we store.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most recipients in one partition for one delivery.
 pub const RECIPIENTS_MAX: usize = 10_000;
+/// Expunge records (UID and MODSEQ, for QRESYNC's VANISHED) kept per mailbox; older ones are
+/// dropped, and a client resynchronising from before them is answered from the listing.
+pub const EXPUNGE_HISTORY_MAX: u64 = 1_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Quota {
@@ -82,6 +91,11 @@ pub struct Mailbox {
     pub bytes: u64,
     /// First UID no IMAP session has claimed as `\Recent` yet (RFC 3501 §2.3.2).
     pub recent_from: Uid,
+    /// Expunge records kept for this mailbox (at most [`EXPUNGE_HISTORY_MAX`]).
+    pub expunge_records: u64,
+    /// Expunges with a MODSEQ up to this one are no longer individually remembered: a reader
+    /// asking what vanished since an older MODSEQ must compare listings instead.
+    pub expunge_history_from: ModSeq,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +226,14 @@ pub enum PartitionCommand {
         address: String,
         holder: [u8; 16],
     },
+    /// Applies `command` once per `key`: a repeat (a proposer retrying after a failure of
+    /// unknown outcome) answers the first response and changes nothing. For commands that
+    /// are not idempotent by themselves, such as APPEND and COPY.
+    Once {
+        key: [u8; 32],
+        now: UnixSeconds,
+        command: Box<PartitionCommand>,
+    },
 }
 
 /// Why a command had no effect. These are expected outcomes, not failures of the system.
@@ -278,6 +300,12 @@ pub enum PartitionResponse {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
+struct OnceRecord {
+    at: UnixSeconds,
+    response: PartitionResponse,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct DeliveryKeyRecord {
     at: UnixSeconds,
     outcome: RecipientOutcome,
@@ -294,8 +322,12 @@ const DELIVERY_KEY: u8 = b'K';
 const DELIVERY_KEY_BY_TIME: u8 = b'T';
 const COUNTER: u8 = b'S';
 const MAILDROP_LOCK: u8 = b'P';
-/// Expunged UIDs with the MODSEQ of their expunge, for QRESYNC's VANISHED (RFC 7162 §3.2.10).
+/// Expunged UIDs by the MODSEQ of their expunge, for QRESYNC's VANISHED (RFC 7162 §3.2.10):
+/// mailbox id, MODSEQ, UID → ().
 const EXPUNGED: u8 = b'X';
+/// `Once` keys → their first response, and the same keys by time for pruning.
+const ONCE_KEY: u8 = b'O';
+const ONCE_KEY_BY_TIME: u8 = b'Q';
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct MaildropLock {
@@ -319,8 +351,22 @@ fn message_key(mailbox: u64, uid: Uid) -> Vec<u8> {
     key(MESSAGE, &[&mailbox.to_be_bytes(), &uid.0.to_be_bytes()])
 }
 
-fn expunged_key(mailbox: u64, uid: Uid) -> Vec<u8> {
-    key(EXPUNGED, &[&mailbox.to_be_bytes(), &uid.0.to_be_bytes()])
+fn expunged_key(mailbox: u64, modseq: ModSeq, uid: Uid) -> Vec<u8> {
+    key(
+        EXPUNGED,
+        &[
+            &mailbox.to_be_bytes(),
+            &modseq.0.to_be_bytes(),
+            &uid.0.to_be_bytes(),
+        ],
+    )
+}
+
+/// The MODSEQ and UID of an expunge record's key.
+fn expunged_parts(k: &[u8]) -> Option<(ModSeq, Uid)> {
+    let modseq = k.get(9..17)?.try_into().ok().map(u64::from_be_bytes)?;
+    let uid = k.get(17..21)?.try_into().ok().map(u32::from_be_bytes)?;
+    (k.len() == 21).then_some((ModSeq(modseq), Uid(uid)))
 }
 
 /// Order-preserving encoding of a signed time for big-endian keys.
@@ -477,6 +523,11 @@ fn refused(e: MailError) -> Outcome {
 pub(crate) fn apply(txn: &mut Txn<'_>, cmd: &PartitionCommand) -> Outcome {
     use PartitionCommand as C;
     match cmd {
+        C::Once {
+            key: once,
+            now,
+            command,
+        } => apply_once(txn, once, *now, command),
         C::CreateAccount {
             address,
             password_hash,
@@ -762,13 +813,15 @@ fn new_mailbox(
         messages: 0,
         bytes: 0,
         recent_from: Uid(1),
+        expunge_records: 0,
+        expunge_history_from: ModSeq(0),
     };
     txn.put(mailbox_key(address, name), &mb);
     Ok(mb)
 }
 
 fn drop_mailbox_messages(txn: &mut Txn<'_>, mailbox_id: u64) -> Result<(u64, u64), StorageError> {
-    for (k, _) in txn.scan::<ModSeq>(&key(EXPUNGED, &[&mailbox_id.to_be_bytes()]))? {
+    for (k, ()) in txn.scan::<()>(&key(EXPUNGED, &[&mailbox_id.to_be_bytes()]))? {
         txn.del(k);
     }
     let (mut count, mut bytes) = (0, 0);
@@ -950,8 +1003,50 @@ fn deliver(
         txn.put(key(DELIVERY_KEY_BY_TIME, &[&time_key(now), &rkey]), &());
         outcome.push((rcpt.clone(), delivered));
     }
-    prune_delivery_keys(txn, now)?;
+    prune_keys(
+        txn,
+        DELIVERY_KEY_BY_TIME,
+        DELIVERY_KEY,
+        now.saturating_sub(DELIVERY_KEY_RETENTION_SECONDS),
+    )?;
     Ok(PartitionResponse::Delivered(outcome))
+}
+
+fn apply_once(
+    txn: &mut Txn<'_>,
+    once: &[u8; 32],
+    now: UnixSeconds,
+    command: &PartitionCommand,
+) -> Outcome {
+    if matches!(command, PartitionCommand::Once { .. }) {
+        return refused(MailError::NotAllowed);
+    }
+    let k = key(ONCE_KEY, &[once]);
+    if let Some(seen) = txn.get::<OnceRecord>(&k)? {
+        return Ok(seen.response);
+    }
+    let response = apply(txn, command)?;
+    let mut remembered = response.clone();
+    if codec::encode(&remembered).len() > ONCE_RESPONSE_BYTES_MAX {
+        if let PartitionResponse::Copied { pairs, .. } = &mut remembered {
+            pairs.clear();
+        }
+    }
+    txn.put(
+        k,
+        &OnceRecord {
+            at: now,
+            response: remembered,
+        },
+    );
+    txn.put(key(ONCE_KEY_BY_TIME, &[&time_key(now), once]), &());
+    prune_keys(
+        txn,
+        ONCE_KEY_BY_TIME,
+        ONCE_KEY,
+        now.saturating_sub(ONCE_KEY_RETENTION_SECONDS),
+    )?;
+    Ok(response)
 }
 
 fn recipient_delivery_key(dkey: &[u8; 32], recipient: &str) -> [u8; 32] {
@@ -961,10 +1056,17 @@ fn recipient_delivery_key(dkey: &[u8; 32], recipient: &str) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-fn prune_delivery_keys(txn: &mut Txn<'_>, now: UnixSeconds) -> Result<(), StorageError> {
-    let horizon = time_key(now.saturating_sub(DELIVERY_KEY_RETENTION_SECONDS));
+/// Drops up to [`DELIVERY_KEY_PRUNE_MAX`] keys recorded before `horizon`: `by_time` holds
+/// (time, key) index entries, `records` the records they point at.
+fn prune_keys(
+    txn: &mut Txn<'_>,
+    by_time: u8,
+    records: u8,
+    horizon: UnixSeconds,
+) -> Result<(), StorageError> {
+    let horizon = time_key(horizon);
     let mut expired = Vec::new();
-    for item in txn.tree.scan_prefix([DELIVERY_KEY_BY_TIME]) {
+    for item in txn.tree.scan_prefix([by_time]) {
         let (k, _) = item?;
         if k.len() != 1 + 8 + 32
             || k[1..9] >= horizon[..]
@@ -975,7 +1077,7 @@ fn prune_delivery_keys(txn: &mut Txn<'_>, now: UnixSeconds) -> Result<(), Storag
         expired.push(k.to_vec());
     }
     for k in expired {
-        txn.del(key(DELIVERY_KEY, &[&k[9..]]));
+        txn.del(key(records, &[&k[9..]]));
         txn.del(k);
     }
     Ok(())
@@ -1042,33 +1144,80 @@ fn expunge(txn: &mut Txn<'_>, address: &str, mailbox: &str, uids: Option<&[Uid]>
     let Some(mut mb) = selected(txn, address, mailbox)? else {
         return refused(MailError::NoSuchMailbox);
     };
-    let wanted: Option<BTreeSet<Uid>> = uids.map(|u| u.iter().copied().collect());
-    let expunge_modseq = ModSeq(mb.highest_modseq.0 + 1);
-    let mut removed = Vec::new();
-    for (k, msg) in txn.scan::<MessageRecord>(&key(MESSAGE, &[&mb.id.to_be_bytes()]))? {
-        let uid = Uid(u32::from_be_bytes(k[9..13].try_into().expect("4-byte uid")));
-        let chosen = match &wanted {
-            Some(set) => set.contains(&uid),
-            None => msg.flags.contains("\\Deleted"),
-        };
-        if !chosen {
-            continue;
+    // Named UIDs are looked up directly; only "every \Deleted one" walks the mailbox.
+    let chosen: Vec<(Vec<u8>, MessageRecord)> = match uids {
+        Some(uids) => {
+            let mut found = Vec::new();
+            for uid in uids.iter().collect::<BTreeSet<_>>() {
+                let k = message_key(mb.id, *uid);
+                if let Some(msg) = txn.get::<MessageRecord>(&k)? {
+                    found.push((k, msg));
+                }
+            }
+            found
         }
+        None => txn
+            .scan::<MessageRecord>(&key(MESSAGE, &[&mb.id.to_be_bytes()]))?
+            .into_iter()
+            .filter(|(_, msg)| msg.flags.contains("\\Deleted"))
+            .collect(),
+    };
+    let expunge_modseq = ModSeq(mb.highest_modseq.0 + 1);
+    let mut removed = Vec::with_capacity(chosen.len());
+    for (k, msg) in chosen {
+        let uid = Uid(u32::from_be_bytes(k[9..13].try_into().expect("4-byte uid")));
         txn.body_unref(msg.body)?;
         txn.del(k);
         mb.messages -= 1;
         mb.bytes -= msg.size;
         account.usage.messages -= 1;
         account.usage.bytes -= msg.size;
-        txn.put(expunged_key(mb.id, uid), &expunge_modseq);
         removed.push(uid);
     }
     if !removed.is_empty() {
         mb.highest_modseq = expunge_modseq;
+        remember_expunges(txn, &mut mb, expunge_modseq, &removed)?;
     }
     txn.put(mailbox_key(address, mailbox), &mb);
     txn.put(ak, &account);
     Ok(PartitionResponse::Expunged(removed))
+}
+
+/// Records `removed` as expunged at `modseq`, dropping the oldest records beyond
+/// [`EXPUNGE_HISTORY_MAX`] and moving the mailbox's history floor past them.
+fn remember_expunges(
+    txn: &mut Txn<'_>,
+    mb: &mut Mailbox,
+    modseq: ModSeq,
+    removed: &[Uid],
+) -> Result<(), StorageError> {
+    let prefix = key(EXPUNGED, &[&mb.id.to_be_bytes()]);
+    let added = removed.len() as u64;
+    if added > EXPUNGE_HISTORY_MAX {
+        // This expunge alone overflows the history: keep none, remember only the floor.
+        for (k, ()) in txn.scan::<()>(&prefix)? {
+            txn.del(k);
+        }
+        mb.expunge_records = 0;
+        mb.expunge_history_from = modseq;
+        return Ok(());
+    }
+    for uid in removed {
+        txn.put(expunged_key(mb.id, modseq, *uid), &());
+    }
+    let excess = (mb.expunge_records + added).saturating_sub(EXPUNGE_HISTORY_MAX);
+    // The oldest records are in the tree (this apply's records have the highest MODSEQ).
+    let mut dropped = 0;
+    for item in txn.tree.scan_prefix(&prefix).take(excess as usize) {
+        let (k, _) = item?;
+        if let Some((old, _)) = expunged_parts(&k) {
+            mb.expunge_history_from = mb.expunge_history_from.max(old);
+        }
+        txn.del(k.to_vec());
+        dropped += 1;
+    }
+    mb.expunge_records = mb.expunge_records + added - dropped;
+    Ok(())
 }
 
 fn copy(
@@ -1254,22 +1403,36 @@ impl PartitionView<'_> {
         Ok((out, true))
     }
 
-    /// UIDs expunged from a mailbox by an expunge with a MODSEQ above `since`, ascending.
-    pub fn vanished(&self, mailbox_id: u64, since: ModSeq) -> Result<Vec<Uid>, StorageError> {
+    /// UIDs expunged from a mailbox by an expunge with a MODSEQ above `since`, ascending, or
+    /// `None` when the mailbox no longer remembers every expunge since then.
+    pub fn vanished(
+        &self,
+        mailbox: &Mailbox,
+        since: ModSeq,
+    ) -> Result<Option<Vec<Uid>>, StorageError> {
+        if since < mailbox.expunge_history_from {
+            return Ok(None);
+        }
+        let prefix = key(EXPUNGED, &[&mailbox.id.to_be_bytes()]);
+        let start = key(
+            EXPUNGED,
+            &[
+                &mailbox.id.to_be_bytes(),
+                &(since.0.saturating_add(1)).to_be_bytes(),
+            ],
+        );
         let mut out = Vec::new();
-        for item in self
-            .tree
-            .scan_prefix(key(EXPUNGED, &[&mailbox_id.to_be_bytes()]))
-        {
-            let (k, v) = item?;
-            let modseq: ModSeq = codec::decode(&v)?;
-            if modseq > since && k.len() == 13 {
-                out.push(Uid(u32::from_be_bytes(
-                    k[9..13].try_into().expect("4 bytes"),
-                )));
+        for item in self.tree.range(start..) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if let Some((_, uid)) = expunged_parts(&k) {
+                out.push(uid);
             }
         }
-        Ok(out)
+        out.sort_unstable();
+        Ok(Some(out))
     }
 
     pub fn body(&self, hash: BodyHash) -> Result<Option<Vec<u8>>, StorageError> {
