@@ -2,6 +2,9 @@
 //! acknowledged, failed, or of unknown outcome) and the final contents of every mailbox, it
 //! reports every way the cluster broke its promise. It knows nothing of how the history was
 //! made, so it can be checked against hand-written histories that must fail.
+//!
+//! The runner (`main.rs`: `cluster`, `workload`, `nemesis`, `report`) makes such histories
+//! against real node processes under faults.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +26,12 @@ pub struct Delivery {
     pub tag: String,
     pub recipient: String,
     pub outcome: Outcome,
+    /// When the operation was invoked and when its outcome was known, in milliseconds since
+    /// the run started (for the real-time order of UIDs).
+    #[serde(default)]
+    pub invoked_ms: u64,
+    #[serde(default)]
+    pub completed_ms: u64,
 }
 
 /// A message found in a mailbox at the end, in UID order.
@@ -51,7 +60,50 @@ pub enum Violation {
         uid_validity: u32,
         uids: Vec<u32>,
     },
+    /// A delivery acknowledged before another was even invoked got the higher UID.
+    UidAfter {
+        recipient: String,
+        earlier: String,
+        later: String,
+    },
+    /// Replicas of a group that caught up hold different state.
+    ReplicasDiffer {
+        group: u64,
+        digests: BTreeMap<u64, Option<String>>,
+    },
+    /// An account's recorded usage is not the sum of what its mailboxes hold.
+    UsageMismatch {
+        recipient: String,
+        recorded_bytes: u64,
+        stored_bytes: u64,
+    },
 }
+
+impl Violation {
+    /// The kind of violation, as the verdict table names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Violation::Lost { .. } => "lost acknowledged delivery",
+            Violation::Duplicated { .. } => "duplicated message",
+            Violation::Invented { .. } => "invented message",
+            Violation::UidOrder { .. } => "UID reused or out of order",
+            Violation::UidAfter { .. } => "UID against real-time order",
+            Violation::ReplicasDiffer { .. } => "replicas differ",
+            Violation::UsageMismatch { .. } => "quota usage wrong",
+        }
+    }
+}
+
+/// Every kind the checker looks for, in the verdict table's order.
+pub const KINDS: [&str; 7] = [
+    "lost acknowledged delivery",
+    "duplicated message",
+    "invented message",
+    "UID reused or out of order",
+    "UID against real-time order",
+    "replicas differ",
+    "quota usage wrong",
+];
 
 /// Every violation of the history against the final state. Empty means the run passed.
 pub fn check(history: &[Delivery], state: &BTreeMap<String, Vec<Stored>>) -> Vec<Violation> {
@@ -87,6 +139,7 @@ pub fn check(history: &[Delivery], state: &BTreeMap<String, Vec<Stored>>) -> Vec
             });
         }
     }
+    check_real_time_order(history, state, &mut violations);
     for (recipient, stored) in state {
         for s in stored {
             if !submitted.contains_key(&(recipient.as_str(), s.tag.as_str())) {
@@ -114,6 +167,65 @@ pub fn check(history: &[Delivery], state: &BTreeMap<String, Vec<Stored>>) -> Vec
     violations
 }
 
+/// An acknowledged delivery that completed before another acknowledged one to the same
+/// recipient was invoked must have the lower UID (same UIDVALIDITY). A message's interval
+/// runs from its first attempt (any attempt may be the one that stored it, even one of
+/// unknown outcome) to its first acknowledgement.
+fn check_real_time_order(
+    history: &[Delivery],
+    state: &BTreeMap<String, Vec<Stored>>,
+    violations: &mut Vec<Violation>,
+) {
+    // (recipient, tag) → (first invocation, first acknowledgement)
+    let mut spans: BTreeMap<(&str, &str), (u64, Option<u64>)> = BTreeMap::new();
+    for d in history {
+        let span = spans
+            .entry((&d.recipient, &d.tag))
+            .or_insert((d.invoked_ms, None));
+        span.0 = span.0.min(d.invoked_ms);
+        if d.outcome == Outcome::Ok {
+            span.1 = Some(span.1.map_or(d.completed_ms, |c| c.min(d.completed_ms)));
+        }
+    }
+    let mut acked: BTreeMap<&str, Vec<(&str, u64, u64)>> = BTreeMap::new();
+    for ((recipient, tag), (invoked, completed)) in spans {
+        if let Some(completed) = completed {
+            acked
+                .entry(recipient)
+                .or_default()
+                .push((tag, invoked, completed));
+        }
+    }
+    for (recipient, mut deliveries) in acked {
+        let Some(stored) = state.get(recipient) else {
+            continue;
+        };
+        let uid_of = |tag: &str| {
+            stored
+                .iter()
+                .find(|s| s.tag == tag)
+                .map(|s| (s.uid_validity, s.uid))
+        };
+        deliveries.sort_by_key(|d| d.2);
+        for (i, (a, _, a_completed)) in deliveries.iter().enumerate() {
+            let Some(ua) = uid_of(a) else { continue };
+            for (b, b_invoked, _) in &deliveries[i + 1..] {
+                if b_invoked <= a_completed {
+                    continue; // concurrent: either order is right
+                }
+                let Some(ub) = uid_of(b) else { continue };
+                if ua.0 == ub.0 && ua.1 >= ub.1 {
+                    violations.push(Violation::UidAfter {
+                        recipient: recipient.to_string(),
+                        earlier: a.to_string(),
+                        later: b.to_string(),
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +235,8 @@ mod tests {
             tag: tag.into(),
             recipient: "u@example.test".into(),
             outcome,
+            invoked_ms: 0,
+            completed_ms: 0,
         }
     }
 
@@ -200,6 +314,52 @@ mod tests {
             vec![Violation::Lost {
                 recipient: "u@example.test".into(),
                 tag: "r".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_uid_against_real_time_order_is_reported() {
+        // Goal: "first" was acknowledged before "second" was invoked, yet holds the higher
+        // UID: reported; overlapping deliveries may be stored in either order.
+        let timed = |tag: &str, invoked_ms, completed_ms| Delivery {
+            invoked_ms,
+            completed_ms,
+            ..d(tag, Outcome::Ok)
+        };
+        // "retried" was first tried (outcome unknown) before "overlap-a" was acknowledged:
+        // its acknowledged retry may carry the UID of that first try.
+        let unknown = Delivery {
+            invoked_ms: 80,
+            completed_ms: 85,
+            ..d("retried", Outcome::Unknown)
+        };
+        let history = [
+            timed("first", 0, 10),
+            timed("second", 20, 30),
+            timed("overlap-a", 40, 60),
+            timed("overlap-b", 50, 70),
+            timed("after", 100, 110),
+            unknown,
+            timed("retried", 120, 130),
+        ];
+        let state = BTreeMap::from([(
+            "u@example.test".to_string(),
+            vec![
+                s(1, "second"),
+                s(2, "first"),
+                s(3, "overlap-b"),
+                s(4, "overlap-a"),
+                s(5, "retried"),
+                s(6, "after"),
+            ],
+        )]);
+        assert_eq!(
+            check(&history, &state),
+            vec![Violation::UidAfter {
+                recipient: "u@example.test".into(),
+                earlier: "first".into(),
+                later: "second".into()
             }]
         );
     }
