@@ -86,6 +86,9 @@ impl Cluster {
                 smtp.insert(id, addr.to_string());
             }
         }
+        if smtp.len() != list.len() {
+            bail!("mailgrid dev did not report an smtp listener for every node: {line}");
+        }
         Ok(Cluster {
             bin: bin.to_path_buf(),
             dev,

@@ -187,16 +187,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             other => bail!("fetch answered {other:?}"),
         };
         let stored_bytes: u64 = messages.iter().map(|m| m.body.len() as u64).sum();
-        if let ClientReply::Quota(account) =
-            cluster.request(ClientRequest::QuotaShow(u.clone())).await?
-        {
-            if account.usage.bytes != stored_bytes {
-                violations.push(Violation::UsageMismatch {
-                    recipient: u.clone(),
-                    recorded_bytes: account.usage.bytes,
-                    stored_bytes,
-                });
-            }
+        let account = match cluster.request(ClientRequest::QuotaShow(u.clone())).await? {
+            ClientReply::Quota(account) => account,
+            other => bail!("quota show answered {other:?}"),
+        };
+        if account.usage.bytes != stored_bytes {
+            violations.push(Violation::UsageMismatch {
+                recipient: u.clone(),
+                recorded_bytes: account.usage.bytes,
+                stored_bytes,
+            });
         }
         let stored = messages
             .iter()

@@ -132,7 +132,9 @@ pub async fn run(
                     cluster.restart(*id)?;
                     nodes.push(*id);
                     // Each node back and the cluster healthy before the next goes down.
-                    let _ = cluster.wait_healthy(Duration::from_secs(30)).await;
+                    if let Err(e) = cluster.wait_healthy(Duration::from_secs(30)).await {
+                        eprintln!("[{:>6} ms] nemesis: rolling restart goes on: {e}", ms());
+                    }
                     cluster.refresh_listeners().await;
                 }
             }
