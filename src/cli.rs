@@ -40,6 +40,10 @@ enum Cmd {
         /// Address (host:port, UDP) other nodes and commands reach this node on.
         #[arg(long)]
         cluster_addr: String,
+        /// Local address the cluster socket binds, when other nodes reach this one through
+        /// another (NAT, a port forward, a proxy; or 0.0.0.0:PORT). Default: --cluster-addr.
+        #[arg(long)]
+        bind: Option<String>,
         #[arg(long, default_value_t = 64)]
         partitions: u32,
         #[arg(long, default_value_t = 3)]
@@ -51,8 +55,13 @@ enum Cmd {
         data: PathBuf,
         #[arg(long)]
         node_id: u64,
+        /// Address (host:port, UDP) other nodes and commands reach this node on.
         #[arg(long)]
         cluster_addr: String,
+        /// Local address the cluster socket binds, when other nodes reach this one through
+        /// another (NAT, a port forward, a proxy; or 0.0.0.0:PORT). Default: --cluster-addr.
+        #[arg(long)]
+        bind: Option<String>,
         /// Cluster address of any running member.
         #[arg(long)]
         seed: String,
@@ -272,10 +281,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             data,
             node_id,
             cluster_addr,
+            bind,
             partitions,
             replicas,
         } => {
-            let token = init(&data, node_id, &cluster_addr, partitions, replicas).await?;
+            let addrs = Addrs {
+                cluster: &cluster_addr,
+                bind: bind.as_deref(),
+            };
+            let token = init(&data, node_id, addrs, partitions, replicas).await?;
             println!("initialised cluster; node {node_id} in {}", data.display());
             println!("join token: {token}");
             println!(
@@ -288,10 +302,15 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             data,
             node_id,
             cluster_addr,
+            bind,
             seed,
             token,
         } => {
-            join(&data, node_id, &cluster_addr, &seed, &token).await?;
+            let addrs = Addrs {
+                cluster: &cluster_addr,
+                bind: bind.as_deref(),
+            };
+            join(&data, node_id, addrs, &seed, &token).await?;
             println!(
                 "node {node_id} joined; run it with: mailgrid serve --data {}",
                 data.display()
@@ -399,10 +418,27 @@ fn write_tls(
     Ok(())
 }
 
+/// A node's cluster address, and the local address its socket binds when that differs.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs<'a> {
+    pub cluster: &'a str,
+    pub bind: Option<&'a str>,
+}
+
+impl Addrs<'_> {
+    fn check(&self) -> anyhow::Result<()> {
+        check_addr(self.cluster)?;
+        if let Some(b) = self.bind {
+            check_addr(b).context("--bind")?;
+        }
+        Ok(())
+    }
+}
+
 pub async fn init(
     dir: &Path,
     node_id: u64,
-    cluster_addr: &str,
+    addrs: Addrs<'_>,
     partitions: u32,
     replicas: u32,
 ) -> anyhow::Result<String> {
@@ -415,7 +451,8 @@ pub async fn init(
     if !(1..=7).contains(&replicas) {
         bail!("--replicas must be between 1 and 7");
     }
-    check_addr(cluster_addr)?;
+    addrs.check()?;
+    let cluster_addr = addrs.cluster;
     datadir::prepare_new(dir)?;
     let cluster_id = random_hex(8);
     let secret = random_hex(24);
@@ -433,6 +470,7 @@ pub async fn init(
     let file = NodeFile {
         node_id,
         cluster_addr: cluster_addr.to_string(),
+        bind_addr: addrs.bind.map(str::to_string),
         cluster_id: cluster_id.clone(),
         partitions,
         replicas,
@@ -468,14 +506,15 @@ pub async fn init(
 pub async fn join(
     dir: &Path,
     node_id: u64,
-    cluster_addr: &str,
+    addrs: Addrs<'_>,
     seed: &str,
     token: &str,
 ) -> anyhow::Result<()> {
     if node_id == 0 {
         bail!("--node-id must be at least 1");
     }
-    check_addr(cluster_addr)?;
+    addrs.check()?;
+    let cluster_addr = addrs.cluster;
     let token = JoinToken::decode(token)?;
     datadir::prepare_new(dir)?;
     let (key_pem, public_pem) = tls::generate_node_key()?;
@@ -509,6 +548,7 @@ pub async fn join(
     let file = NodeFile {
         node_id,
         cluster_addr: cluster_addr.to_string(),
+        bind_addr: addrs.bind.map(str::to_string),
         cluster_id: accepted.cluster.cluster_id,
         partitions: accepted.cluster.partitions,
         replicas: accepted.cluster.replicas,

@@ -1,7 +1,7 @@
 //! A node's data directory: its identity file, TLS material, database and snapshots.
 //!
 //! ```text
-//! DIR/node.toml      node id, cluster address, cluster id, partitions, replicas
+//! DIR/node.toml      node id, cluster (and bind) address, cluster id, partitions, replicas
 //! DIR/tls/           ca.pem, ca.key, node.pem, node.key, join.secret
 //! DIR/db/            the sled database (every group's log and state)
 //! DIR/snapshots/G/   snapshot files of group G
@@ -16,6 +16,10 @@ use serde::{Deserialize, Serialize};
 pub struct NodeFile {
     pub node_id: u64,
     pub cluster_addr: String,
+    /// The local address the cluster socket binds, when it is not `cluster_addr` (behind NAT,
+    /// a port forward or a proxy; or `0.0.0.0:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_addr: Option<String>,
     pub cluster_id: String,
     pub partitions: u32,
     pub replicas: u32,
@@ -51,6 +55,11 @@ impl NodeFile {
             );
         }
         Ok(file)
+    }
+
+    /// The address the cluster socket binds.
+    pub fn bind_addr(&self) -> &str {
+        self.bind_addr.as_deref().unwrap_or(&self.cluster_addr)
     }
 
     /// What the store records about its owner: cluster and node id.

@@ -101,7 +101,7 @@ impl Node {
                 }
             );
         }
-        let addr = raft::transport::resolve(&file.cluster_addr).await?;
+        let addr = raft::transport::resolve(file.bind_addr()).await?;
         let transport = Arc::new(Transport::bind(&identity, addr)?);
         let config = HostConfig {
             id: file.node_id,

@@ -1,5 +1,6 @@
-//! The cluster under test: a `mailgrid dev` cluster of real node processes on loopback, whose
-//! nodes the nemesis kills, restarts, pauses and resumes by process id.
+//! The cluster under test: real `mailgrid` node processes, one per network slot (see `net`),
+//! made with `mailgrid init`/`join` and run with `mailgrid serve`, which the nemesis kills,
+//! restarts, pauses, cuts apart, skews the clocks of, removes and joins again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,39 +12,69 @@ use anyhow::{bail, Context};
 use mailgrid::api::{ClientReply, ClientRequest, ClusterStatus};
 use mailgrid::client::Client;
 
+use crate::net::{Blocked, Choice, Net, Slot};
+
+/// libfaketime, which the clock nemesis runs every node under (Debian package `faketime`).
+pub const FAKETIME_LIB: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// How long a new cluster may take to elect every leader.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A node process in a slot.
 pub struct Node {
     pub id: u64,
+    pub slot: usize,
     pub data: PathBuf,
-    pid: u32,
-    /// A process this harness started (after a restart); `dev` owns the first one.
     child: Option<Child>,
     pub running: bool,
     pub paused: bool,
+    /// Taken out of the cluster (`node remove`) with its disk wiped; joins again on heal.
+    pub removed: bool,
+}
+
+impl Node {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 pub struct Cluster {
     bin: PathBuf,
-    dev: Child,
     pub dir: PathBuf,
+    pub net: Net,
     pub nodes: Vec<Node>,
     pub partitions: u32,
-    /// Each node's current SMTP listener (a restarted node binds a new port).
-    pub smtp: Arc<Mutex<BTreeMap<u64, String>>>,
+    token: String,
+    next_id: u64,
+    /// Nodes run under libfaketime, each with a file holding its clock offset.
+    skewable: bool,
+    /// Each member's current client listeners (a restarted node binds new ports).
+    pub endpoints: Endpoints,
 }
+
+/// Where clients reach a node.
+#[derive(Clone, Debug)]
+pub struct Listeners {
+    pub smtp: String,
+    pub imaps: Option<String>,
+    pub pop3s: Option<String>,
+    /// The node's self-signed certificate, which TLS clients trust.
+    pub cert: PathBuf,
+}
+
+pub type Endpoints = Arc<Mutex<BTreeMap<u64, Listeners>>>;
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
-            if n.paused {
-                signal(n.pid, "CONT");
-            }
             if let Some(c) = &mut n.child {
+                if n.paused {
+                    signal(c.id(), "CONT");
+                }
                 let _ = c.kill();
                 let _ = c.wait();
             }
         }
-        signal(self.dev.id(), "TERM");
-        let _ = self.dev.wait();
     }
 }
 
@@ -54,49 +85,126 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+fn run_step(mut cmd: Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Every client listener on the slot's own host, on ports the system picks.
+fn config(slot: &Slot) -> String {
+    let h = &slot.host;
+    format!(
+        "hostname = \"localhost\"\n[listen]\nsmtp = \"{h}:0\"\nsubmission = \"{h}:0\"\nsubmissions = \"{h}:0\"\npop3 = \"{h}:0\"\npop3s = \"{h}:0\"\nimap = \"{h}:0\"\nimaps = \"{h}:0\"\n"
+    )
+}
+
 impl Cluster {
-    /// Starts `nodes` nodes with `partitions` partitions in `dir` (which must not exist).
-    pub fn start(bin: &Path, nodes: u32, partitions: u32, dir: &Path) -> anyhow::Result<Cluster> {
-        let mut dev = Command::new(bin)
-            .args(["dev", "--json", "--nodes", &nodes.to_string()])
-            .args(["--partitions", &partitions.to_string(), "--dir"])
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = dev.stdout.take().context("dev stdout")?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        let info: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("mailgrid dev printed {line:?} (see its log above)"))?;
-        let mut list = Vec::new();
-        let mut smtp = BTreeMap::new();
-        for n in info["nodes"].as_array().context("dev printed no nodes")? {
-            let id = n["id"].as_u64().context("node id")?;
-            list.push(Node {
-                id,
-                data: PathBuf::from(n["data"].as_str().context("node data")?),
-                pid: n["pid"].as_u64().context("node pid")? as u32,
-                child: None,
-                running: true,
-                paused: false,
-            });
-            if let Some(addr) = n["listeners"]["smtp"].as_str() {
-                smtp.insert(id, addr.to_string());
+    /// Starts `nodes` nodes with `partitions` partitions in `dir` (which must not exist); with
+    /// `skewable`, under libfaketime so the clock nemesis can move their clocks.
+    pub async fn start(
+        bin: &Path,
+        nodes: u32,
+        partitions: u32,
+        dir: &Path,
+        skewable: bool,
+        network: Choice,
+    ) -> anyhow::Result<Cluster> {
+        if skewable && !Path::new(FAKETIME_LIB).exists() {
+            bail!("the clock nemesis needs {FAKETIME_LIB} (apt-get install faketime)");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let net = Net::start(nodes as usize, network).await?;
+        let mut cluster = Cluster {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            net,
+            nodes: Vec::new(),
+            partitions,
+            token: String::new(),
+            next_id: 1,
+            skewable,
+            endpoints: Arc::new(Mutex::new(BTreeMap::new())),
+        };
+        for slot in 0..nodes as usize {
+            cluster.add_node(slot)?;
+            if slot == 0 {
+                cluster.wait_ready(1, READY_TIMEOUT).await?;
+                cluster
+                    .request(ClientRequest::DomainAdd(mailgrid::dev::DEMO_DOMAIN.into()))
+                    .await?;
             }
         }
-        if smtp.len() != list.len() {
-            bail!("mailgrid dev did not report an smtp listener for every node: {line}");
+        cluster.wait_ready(3, READY_TIMEOUT).await?;
+        cluster.refresh_listeners().await;
+        Ok(cluster)
+    }
+
+    /// Makes a new node (the next id) in `slot`, initialising the cluster when it is the
+    /// first, and starts it.
+    fn add_node(&mut self, slot: usize) -> anyhow::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let s = self.net.slots()[slot].clone();
+        let data = self.dir.join(format!("node{id}"));
+        let mut cmd = s.command(&self.bin);
+        if self.token.is_empty() {
+            cmd.arg("init")
+                .args(["--partitions", &self.partitions.to_string()])
+                .args(["--replicas", "3"]);
+        } else {
+            let seed = self.seed(slot)?;
+            cmd.arg("join")
+                .args(["--seed", &seed, "--token", &self.token]);
         }
-        Ok(Cluster {
-            bin: bin.to_path_buf(),
-            dev,
-            dir: PathBuf::from(info["dir"].as_str().unwrap_or_default()),
-            nodes: list,
-            partitions,
-            smtp: Arc::new(Mutex::new(smtp)),
-        })
+        cmd.arg("--data")
+            .arg(&data)
+            .args(["--node-id", &id.to_string()])
+            .args(["--cluster-addr", &s.cluster_addr]);
+        if let Some(b) = &s.bind {
+            cmd.args(["--bind", b]);
+        }
+        let out = run_step(cmd, &format!("adding node {id}"))?;
+        if self.token.is_empty() {
+            self.token = out
+                .lines()
+                .find_map(|l| l.strip_prefix("join token: "))
+                .context("init printed no token")?
+                .to_string();
+        }
+        std::fs::write(data.with_extension("toml"), config(&s))?;
+        let node = Node {
+            id,
+            slot,
+            data,
+            child: None,
+            running: false,
+            paused: false,
+            removed: false,
+        };
+        match self.nodes.iter().position(|n| n.slot == slot) {
+            Some(i) => self.nodes[i] = node,
+            None => self.nodes.push(node),
+        }
+        self.restart(id)
+    }
+
+    /// The cluster address of a running member other than `slot`.
+    fn seed(&self, slot: usize) -> anyhow::Result<String> {
+        let n = self
+            .nodes
+            .iter()
+            .find(|n| n.slot != slot && n.running && !n.paused && !n.removed)
+            .context("no running node to join through")?;
+        Ok(self.net.slots()[n.slot].cluster_addr.clone())
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -106,14 +214,25 @@ impl Cluster {
             .expect("known node")
     }
 
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|n| !n.removed)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    pub fn slot_of(&self, id: u64) -> Option<usize> {
+        self.nodes.iter().find(|n| n.id == id).map(|n| n.slot)
+    }
+
     pub fn kill(&mut self, id: u64) {
         let n = self.node(id);
-        if !n.running {
-            return;
-        }
-        signal(n.pid, "KILL");
         if let Some(c) = &mut n.child {
-            let _ = c.wait();
+            if n.running {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
         n.running = false;
         n.paused = false;
@@ -122,64 +241,139 @@ impl Cluster {
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let bin = self.bin.clone();
         let log_path = self.dir.join(format!("node{id}.log"));
+        let skewable = self.skewable;
+        let index = self.node(id).slot;
+        let slot = self.net.slots()[index].clone();
+        let clock = self.dir.join(format!("slot{index}.faketime"));
         let n = self.node(id);
-        if n.running {
+        if n.running || n.removed {
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)?;
-        let child = Command::new(bin)
-            .args(["serve", "--data"])
+        let mut cmd = slot.command(&bin);
+        cmd.args(["serve", "--data"])
             .arg(&n.data)
             .arg("--config")
             .arg(n.data.with_extension("toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("restarting a node")?;
-        n.pid = child.id();
+            .stderr(log);
+        if skewable {
+            if !clock.exists() {
+                std::fs::write(&clock, "+0\n")?;
+            }
+            // Only the wall clock moves: timers and timeouts run on the monotonic clock.
+            cmd.env("LD_PRELOAD", FAKETIME_LIB)
+                .env("FAKETIME_TIMESTAMP_FILE", &clock)
+                .env("FAKETIME_CACHE_DURATION", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_DONT_RESET", "1");
+        }
+        let child = cmd.spawn().context("starting a node")?;
         n.child = Some(child);
         n.running = true;
+        n.paused = false;
+        Ok(())
+    }
+
+    /// Moves node `id`'s wall clock `offset_s` seconds from the real time (0 puts it back).
+    pub fn set_clock(&mut self, id: u64, offset_s: i64) -> anyhow::Result<()> {
+        if !self.skewable {
+            bail!("the nodes do not run under libfaketime");
+        }
+        let slot = self.node(id).slot;
+        let path = self.dir.join(format!("slot{slot}.faketime"));
+        std::fs::write(&path, format!("{offset_s:+}\n"))?;
         Ok(())
     }
 
     pub fn pause(&mut self, id: u64) {
         let n = self.node(id);
-        if n.running && !n.paused {
-            signal(n.pid, "STOP");
+        if let (true, false, Some(pid)) = (n.running, n.paused, n.pid()) {
+            signal(pid, "STOP");
             n.paused = true;
         }
     }
 
     pub fn resume(&mut self, id: u64) {
         let n = self.node(id);
-        if n.paused {
-            signal(n.pid, "CONT");
+        if let (true, Some(pid)) = (n.paused, n.pid()) {
+            signal(pid, "CONT");
             n.paused = false;
         }
     }
 
-    /// Resumes every paused node and restarts every dead one.
+    /// Takes node `id` out of the cluster: `node remove` through another node, then kill -9
+    /// and a wiped disk. Its replicas move to the remaining nodes.
+    pub async fn remove(&mut self, id: u64) -> anyhow::Result<()> {
+        let client = self.client_avoiding(Some(id))?;
+        match client.request(ClientRequest::NodeRemove(id)).await? {
+            ClientReply::Done => {}
+            other => bail!("node remove {id} answered {other:?}"),
+        }
+        self.kill(id);
+        let n = self.node(id);
+        n.removed = true;
+        let data = n.data.clone();
+        std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
+        self.endpoints.lock().expect("listeners lock").remove(&id);
+        Ok(())
+    }
+
+    /// Joins a fresh node (a new id) into the slot of a removed node.
+    pub fn rejoin(&mut self, slot: usize) -> anyhow::Result<u64> {
+        self.add_node(slot)?;
+        Ok(self.nodes.iter().find(|n| n.slot == slot).expect("slot").id)
+    }
+
+    /// Puts clocks back, heals the network, resumes every paused node, restarts every dead
+    /// one and joins a fresh node where one was removed.
     pub fn heal(&mut self) -> anyhow::Result<()> {
+        self.net.heal()?;
         let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
         for id in ids {
+            if self.skewable {
+                self.set_clock(id, 0)?;
+            }
             self.resume(id);
             self.restart(id)?;
+        }
+        let removed: Vec<usize> = self
+            .nodes
+            .iter()
+            .filter(|n| n.removed)
+            .map(|n| n.slot)
+            .collect();
+        for slot in removed {
+            self.rejoin(slot)?;
         }
         Ok(())
     }
 
-    /// A client acting through the first running, unpaused node.
-    pub fn client(&self) -> anyhow::Result<Client> {
+    /// Blocks exactly these pairs of nodes (by id) from exchanging packets.
+    pub fn cut(&self, pairs: &[(u64, u64)]) -> anyhow::Result<()> {
+        let blocked: Blocked = pairs
+            .iter()
+            .filter_map(|&(a, b)| Some((self.slot_of(a)?, self.slot_of(b)?)))
+            .collect();
+        self.net.cut(&blocked)
+    }
+
+    fn client_avoiding(&self, avoid: Option<u64>) -> anyhow::Result<Client> {
         let n = self
             .nodes
             .iter()
-            .find(|n| n.running && !n.paused)
+            .find(|n| n.running && !n.paused && !n.removed && Some(n.id) != avoid)
             .context("no node is up")?;
         Client::open(&n.data, None)
+    }
+
+    /// A client acting through the first running, unpaused node.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        self.client_avoiding(None)
     }
 
     pub async fn request(&self, request: ClientRequest) -> anyhow::Result<ClientReply> {
@@ -193,13 +387,22 @@ impl Cluster {
         }
     }
 
-    /// Re-reads every node's SMTP listener from the cluster status.
+    /// Re-reads every member's listeners from the cluster status (members only: a removed
+    /// node's entry goes).
     pub async fn refresh_listeners(&self) {
         if let Ok(status) = self.status().await {
-            let mut smtp = self.smtp.lock().expect("listeners lock");
+            let mut endpoints = self.endpoints.lock().expect("listeners lock");
+            endpoints.retain(|id, _| status.nodes.iter().any(|n| n.id == *id));
             for n in status.nodes {
-                if let Some(addr) = n.listeners.get("smtp") {
-                    smtp.insert(n.id, addr.clone());
+                let data = self.nodes.iter().find(|m| m.id == n.id).map(|m| &m.data);
+                if let (Some(smtp), Some(data)) = (n.listeners.get("smtp"), data) {
+                    let listeners = Listeners {
+                        smtp: smtp.clone(),
+                        imaps: n.listeners.get("imaps").cloned(),
+                        pop3s: n.listeners.get("pop3s").cloned(),
+                        cert: data.join("tls/server.pem"),
+                    };
+                    endpoints.insert(n.id, listeners);
                 }
             }
         }
@@ -228,20 +431,38 @@ impl Cluster {
         }
     }
 
-    /// Waits until every group has a leader and every node is reachable.
-    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// Waits until every group has a leader and `voters` voters, and every member is
+    /// reachable and has published its SMTP listener.
+    async fn wait_ready(&self, voters: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             if let Ok(s) = self.status().await {
-                if s.partitions.iter().all(|p| p.healthy) && s.nodes.iter().all(|n| n.reachable) {
+                let groups = !s.partitions.is_empty()
+                    && s.partitions
+                        .iter()
+                        .all(|p| p.healthy && p.voters.len() >= voters.min(s.nodes.len()));
+                let nodes = s
+                    .nodes
+                    .iter()
+                    .all(|n| n.reachable && n.listeners.contains_key("smtp"));
+                if groups && nodes {
                     return Ok(());
                 }
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("the cluster did not become healthy within {timeout:?}");
+                bail!(
+                    "the cluster did not become ready within {timeout:?} (see the node logs in {})",
+                    self.dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
+    }
+
+    /// Waits until every group has a leader and a full set of voters, and every node is
+    /// reachable.
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_ready(3, timeout).await
     }
 
     /// Every group's digests by node, waiting (up to `timeout`) for the voters of each group

@@ -77,6 +77,20 @@ pub enum Violation {
         recorded_bytes: u64,
         stored_bytes: u64,
     },
+    /// A message whose expunge (IMAP) or deletion (POP3) was acknowledged is present.
+    ExpungedReturned { recipient: String, tag: String },
+    /// A message whose MOVE was acknowledged is in another mailbox.
+    Misplaced {
+        recipient: String,
+        tag: String,
+        mailbox: String,
+    },
+    /// A message whose STORE +FLAGS was acknowledged lacks the flag.
+    FlagLost {
+        recipient: String,
+        tag: String,
+        flag: String,
+    },
 }
 
 impl Violation {
@@ -90,20 +104,184 @@ impl Violation {
             Violation::UidAfter { .. } => "UID against real-time order",
             Violation::ReplicasDiffer { .. } => "replicas differ",
             Violation::UsageMismatch { .. } => "quota usage wrong",
+            Violation::ExpungedReturned { .. } => "expunged message back",
+            Violation::Misplaced { .. } => "moved message misplaced",
+            Violation::FlagLost { .. } => "acknowledged flag lost",
         }
     }
 }
 
 /// Every kind the checker looks for, in the verdict table's order.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 10] = [
     "lost acknowledged delivery",
     "duplicated message",
     "invented message",
     "UID reused or out of order",
     "UID against real-time order",
+    "expunged message back",
+    "moved message misplaced",
+    "acknowledged flag lost",
     "replicas differ",
     "quota usage wrong",
 ];
+
+/// What a mailbox operation did to one tagged message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// IMAP APPEND to INBOX.
+    Append,
+    /// SMTP delivery (for the POP3 users).
+    Deliver,
+    /// IMAP UID STORE +FLAGS of this flag.
+    Flag(String),
+    /// IMAP \Deleted and UID EXPUNGE.
+    Expunge,
+    /// IMAP UID MOVE to this mailbox.
+    Move(String),
+    /// POP3 RETR, DELE and QUIT.
+    PopDelete,
+}
+
+/// One mailbox operation on one tagged message of one user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxOp {
+    pub user: String,
+    pub tag: String,
+    pub action: Action,
+    pub outcome: Outcome,
+}
+
+/// A message found at the end in one of a user's mailboxes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Found {
+    pub mailbox: String,
+    pub uid_validity: u32,
+    pub uid: u32,
+    pub tag: String,
+    pub flags: Vec<String>,
+}
+
+/// The outcome that counts when an operation was tried several times: acknowledged if any
+/// try was, else unknown if any was, else failed.
+fn merge(a: Option<Outcome>, b: Outcome) -> Outcome {
+    match (a, b) {
+        (Some(Outcome::Ok), _) | (_, Outcome::Ok) => Outcome::Ok,
+        (Some(Outcome::Unknown), _) | (_, Outcome::Unknown) => Outcome::Unknown,
+        _ => Outcome::Fail,
+    }
+}
+
+/// Every violation of the mailbox operations (IMAP APPEND/STORE/EXPUNGE/MOVE, POP3 DELE)
+/// against the final contents of the users' mailboxes: an added message is present exactly
+/// once unless its removal may have happened, an acknowledged removal is final, an
+/// acknowledged move lands where it was sent, an acknowledged flag stays, and UIDs in each
+/// mailbox strictly increase.
+pub fn check_mailboxes(ops: &[MailboxOp], state: &BTreeMap<String, Vec<Found>>) -> Vec<Violation> {
+    #[derive(Default)]
+    struct Fate<'a> {
+        added: Option<Outcome>,
+        removed: Option<Outcome>,
+        moved: Option<(&'a str, Outcome)>,
+        flags: Vec<&'a str>,
+    }
+    let mut fates: BTreeMap<(&str, &str), Fate> = BTreeMap::new();
+    for op in ops {
+        let f = fates.entry((&op.user, &op.tag)).or_default();
+        match &op.action {
+            Action::Append | Action::Deliver => f.added = Some(merge(f.added, op.outcome)),
+            Action::Expunge | Action::PopDelete => {
+                if op.outcome != Outcome::Fail {
+                    f.removed = Some(merge(f.removed, op.outcome));
+                }
+            }
+            Action::Move(to) => {
+                if op.outcome != Outcome::Fail {
+                    f.moved = Some((to, merge(f.moved.map(|m| m.1), op.outcome)));
+                }
+            }
+            Action::Flag(flag) => {
+                if op.outcome == Outcome::Ok {
+                    f.flags.push(flag);
+                }
+            }
+        }
+    }
+    let mut violations = Vec::new();
+    let empty = Vec::new();
+    for ((user, tag), fate) in &fates {
+        let v = |make: fn(String, String) -> Violation| make(user.to_string(), tag.to_string());
+        let copies: Vec<&Found> = state
+            .get(*user)
+            .unwrap_or(&empty)
+            .iter()
+            .filter(|s| s.tag == *tag)
+            .collect();
+        match (fate.added, fate.removed, copies.len()) {
+            (_, Some(Outcome::Ok), n) if n > 0 => violations.push(v(|recipient, tag| {
+                Violation::ExpungedReturned { recipient, tag }
+            })),
+            (Some(Outcome::Ok), None, 0) => {
+                violations.push(v(|recipient, tag| Violation::Lost { recipient, tag }))
+            }
+            (None | Some(Outcome::Fail), _, n) if n > 0 => {
+                violations.push(v(|recipient, tag| Violation::Invented { recipient, tag }))
+            }
+            _ => {}
+        }
+        if copies.len() > 1 {
+            violations.push(Violation::Duplicated {
+                recipient: user.to_string(),
+                tag: tag.to_string(),
+                copies: copies.len(),
+            });
+        }
+        if let [found] = copies.as_slice() {
+            if let Some((to, Outcome::Ok)) = fate.moved {
+                if found.mailbox != to {
+                    violations.push(Violation::Misplaced {
+                        recipient: user.to_string(),
+                        tag: tag.to_string(),
+                        mailbox: found.mailbox.clone(),
+                    });
+                }
+            }
+            for flag in &fate.flags {
+                if !found.flags.iter().any(|f| f == flag) {
+                    violations.push(Violation::FlagLost {
+                        recipient: user.to_string(),
+                        tag: tag.to_string(),
+                        flag: flag.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    for (user, found) in state {
+        let mut uids: BTreeMap<(&str, u32), Vec<u32>> = BTreeMap::new();
+        for f in found {
+            if !fates.contains_key(&(user.as_str(), f.tag.as_str())) {
+                violations.push(Violation::Invented {
+                    recipient: user.clone(),
+                    tag: f.tag.clone(),
+                });
+            }
+            uids.entry((&f.mailbox, f.uid_validity))
+                .or_default()
+                .push(f.uid);
+        }
+        for ((_, uid_validity), uids) in uids {
+            let unique: BTreeSet<u32> = uids.iter().copied().collect();
+            if uids.windows(2).any(|w| w[0] >= w[1]) || unique.len() != uids.len() {
+                violations.push(Violation::UidOrder {
+                    recipient: user.clone(),
+                    uid_validity,
+                    uids,
+                });
+            }
+        }
+    }
+    violations
+}
 
 /// Every violation of the history against the final state. Empty means the run passed.
 pub fn check(history: &[Delivery], state: &BTreeMap<String, Vec<Stored>>) -> Vec<Violation> {
@@ -229,6 +407,90 @@ fn check_real_time_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mailbox_operations_are_checked_against_the_final_mailboxes() {
+        // Goal: a clean history passes; then each mailbox violation is reported: an
+        // expunged message back, a moved one in the wrong mailbox, a lost flag, a lost
+        // append, a duplicate, and a reused UID.
+        let u = "box@example.test";
+        let op = |tag: &str, action: Action, outcome| MailboxOp {
+            user: u.into(),
+            tag: tag.into(),
+            action,
+            outcome,
+        };
+        let found = |mailbox: &str, uid, tag: &str, flags: &[&str]| Found {
+            mailbox: mailbox.into(),
+            uid_validity: 1,
+            uid,
+            tag: tag.into(),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+        };
+        let flagged = || Action::Flag("\\Flagged".into());
+        let archive = || Action::Move("Archive".into());
+        let ops = vec![
+            op("kept", Action::Append, Outcome::Ok),
+            op("kept", flagged(), Outcome::Ok),
+            op("gone", Action::Append, Outcome::Ok),
+            op("gone", Action::Expunge, Outcome::Ok),
+            op("maybe", Action::Append, Outcome::Ok),
+            op("maybe", Action::Expunge, Outcome::Unknown),
+            op("moved", Action::Append, Outcome::Ok),
+            op("moved", archive(), Outcome::Ok),
+            op("popped", Action::Deliver, Outcome::Ok),
+            op("popped", Action::PopDelete, Outcome::Ok),
+            op("unsure", Action::Append, Outcome::Unknown),
+        ];
+        let clean = BTreeMap::from([(
+            u.to_string(),
+            vec![
+                found("INBOX", 1, "kept", &["\\Flagged"]),
+                found("INBOX", 3, "maybe", &[]),
+                found("Archive", 1, "moved", &[]),
+            ],
+        )]);
+        assert_eq!(check_mailboxes(&ops, &clean), vec![]);
+
+        let broken = BTreeMap::from([(
+            u.to_string(),
+            vec![
+                found("INBOX", 2, "gone", &[]),
+                found("INBOX", 3, "moved", &[]),
+                found("INBOX", 4, "popped", &[]),
+                found("INBOX", 4, "unsure", &[]),
+                found("INBOX", 5, "unsure", &[]),
+                found("Archive", 1, "kept", &[]),
+            ],
+        )]);
+        let v = check_mailboxes(&ops, &broken);
+        let kinds: BTreeSet<&str> = v.iter().map(Violation::kind).collect();
+        for kind in [
+            "expunged message back",
+            "moved message misplaced",
+            "acknowledged flag lost",
+            "duplicated message",
+            "UID reused or out of order",
+        ] {
+            assert!(kinds.contains(kind), "{kind} not reported in {v:?}");
+        }
+        assert!(v.contains(&Violation::ExpungedReturned {
+            recipient: u.into(),
+            tag: "popped".into()
+        }));
+        // "maybe" (expunge of unknown outcome) may be gone; "kept" is present.
+        assert!(!v
+            .iter()
+            .any(|x| matches!(x, Violation::Lost { tag, .. } if tag == "maybe")));
+        let lost = check_mailboxes(&ops[..2], &BTreeMap::new());
+        assert_eq!(
+            lost,
+            vec![Violation::Lost {
+                recipient: u.into(),
+                tag: "kept".into()
+            }]
+        );
+    }
 
     fn d(tag: &str, outcome: Outcome) -> Delivery {
         Delivery {

@@ -2,8 +2,10 @@
 //! random nodes while the nemesis kills, restarts and pauses them, heals everything, reads
 //! every mailbox back and checks the history. Exits non-zero on any violation.
 
+mod boxes;
 mod cluster;
 mod nemesis;
+mod net;
 mod report;
 mod workload;
 
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use chaos::{check, Delivery, Stored, Violation};
+use chaos::{check, check_mailboxes, Delivery, Found, Outcome, Stored, Violation};
 use clap::Parser;
 use mailgrid::api::{ClientReply, ClientRequest};
 use storage::partition::Quota;
@@ -35,7 +37,8 @@ struct Cli {
     /// Fixes the workload and the fault schedule (random when absent).
     #[arg(long)]
     seed: Option<u64>,
-    /// Faults to inject, comma-separated: kill, kill-leader, kill-minority, pause, rolling.
+    /// Faults to inject, comma-separated: kill, kill-leader, kill-minority, pause, rolling,
+    /// partition, clock, membership.
     #[arg(long, default_value = "kill,kill-leader,pause")]
     nemesis: String,
     /// Concurrent SMTP clients.
@@ -46,6 +49,16 @@ struct Cli {
     users: usize,
     #[arg(long, default_value_t = 16)]
     partitions: u32,
+    /// Concurrent IMAP clients (APPEND, STORE, EXPUNGE, MOVE on mailboxes they share).
+    #[arg(long, default_value_t = 3)]
+    imap_clients: usize,
+    /// Concurrent POP3 clients (SMTP in, RETR + DELE out), a user each.
+    #[arg(long, default_value_t = 1)]
+    pop_clients: usize,
+    /// How the nodes are connected: a network namespace each (root, `ip`, `nft`), or loopback
+    /// ports behind a UDP proxy in this process; `auto` picks namespaces when it can.
+    #[arg(long, value_enum, default_value = "auto")]
+    net: crate::net::Choice,
     /// The mailgrid binary (default: next to this one).
     #[arg(long)]
     bin: Option<PathBuf>,
@@ -95,9 +108,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     let seed = cli.seed.unwrap_or_else(rand::random);
     let repeat = format!(
-        "cargo run --release -p chaos -- --nodes {} --time {} --seed {seed} --nemesis {} --clients {} --users {} --partitions {}",
-        cli.nodes, cli.time, cli.nemesis, cli.clients, cli.users, cli.partitions
-    );
+        "cargo run --release -p chaos -- --nodes {} --time {} --seed {seed} --nemesis {} --clients {} --users {} --partitions {} --imap-clients {} --pop-clients {}",
+        cli.nodes, cli.time, cli.nemesis, cli.clients, cli.users, cli.partitions, cli.imap_clients, cli.pop_clients
+    ) + &match cli.net {
+        crate::net::Choice::Auto => String::new(),
+        crate::net::Choice::Namespaces => " --net namespaces".into(),
+        crate::net::Choice::Proxy => " --net proxy".into(),
+    };
     let bin = mailgrid_binary(cli.bin)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -107,16 +124,32 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let results = results.canonicalize()?;
     eprintln!("chaos: seed {seed}, results in {}", results.display());
 
-    let mut cluster = Cluster::start(&bin, cli.nodes, cli.partitions, &results.join("cluster"))?;
+    let skewable = faults.contains(&Fault::Clock);
+    let mut cluster = Cluster::start(
+        &bin,
+        cli.nodes,
+        cli.partitions,
+        &results.join("cluster"),
+        skewable,
+        cli.net,
+    )
+    .await?;
     cluster.wait_healthy(Duration::from_secs(120)).await?;
     let users: Vec<String> = (0..cli.users)
         .map(|i| format!("chaos{i}@example.test"))
         .collect();
-    for u in &users {
+    // The IMAP clients share these users' mailboxes; each POP3 client has one of its own.
+    let imap_users: Vec<String> = (0..cli.imap_clients.min(3))
+        .map(|i| format!("chaosbox{i}@example.test"))
+        .collect();
+    let pop_users: Vec<String> = (0..cli.pop_clients)
+        .map(|i| format!("chaospop{i}@example.test"))
+        .collect();
+    for u in users.iter().chain(&imap_users).chain(&pop_users) {
         cluster
             .request(ClientRequest::UserAdd {
                 address: u.clone(),
-                password: "chaos-password".into(),
+                password: PASSWORD.into(),
                 quota: Quota::default(),
             })
             .await
@@ -125,10 +158,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     cluster.refresh_listeners().await;
 
     let started = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as i64;
     let until = started + Duration::from_secs(cli.time);
     let workload = Arc::new(Workload {
         users: users.clone(),
-        smtp: cluster.smtp.clone(),
+        endpoints: cluster.endpoints.clone(),
         started,
         until,
         seed,
@@ -136,11 +172,30 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let clients: Vec<_> = (0..cli.clients)
         .map(|c| tokio::spawn(workload.clone().client(c)))
         .collect();
+    let boxes = Arc::new(boxes::Boxes {
+        imap_users: imap_users.clone(),
+        pop_users: pop_users.clone(),
+        password: PASSWORD.into(),
+        endpoints: cluster.endpoints.clone(),
+        started,
+        until,
+        seed,
+    });
+    let mut box_clients: Vec<_> = (0..cli.imap_clients)
+        .map(|c| tokio::spawn(boxes.clone().imap_client(c)))
+        .collect();
+    box_clients.extend((0..cli.pop_clients).map(|c| tokio::spawn(boxes.clone().pop_client(c))));
     let timeline = nemesis::run(&mut cluster, &faults, seed, started, until).await?;
     let mut attempts: Vec<Attempt> = Vec::new();
     for c in clients {
         attempts.extend(c.await?);
     }
+    let mut box_attempts: Vec<boxes::BoxAttempt> = Vec::new();
+    for c in box_clients {
+        box_attempts.extend(c.await?);
+    }
+    box_attempts.sort_by_key(|a| a.invoked_ms);
+    report::write_jsonl(&results.join("mailbox-history.jsonl"), &box_attempts)?;
     let duration_ms = started.elapsed().as_millis() as u64;
     attempts.sort_by_key(|a| a.invoked_ms);
     report::write_jsonl(&results.join("history.jsonl"), &attempts)?;
@@ -175,18 +230,54 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     let mut state: BTreeMap<String, Vec<Stored>> = BTreeMap::new();
-    for u in &users {
-        let messages = match cluster
-            .request(ClientRequest::Fetch {
-                address: u.clone(),
-                mailbox: "INBOX".into(),
-            })
-            .await?
-        {
-            ClientReply::Messages(m) => m,
-            other => bail!("fetch answered {other:?}"),
-        };
-        let stored_bytes: u64 = messages.iter().map(|m| m.body.len() as u64).sum();
+    let mut found: BTreeMap<String, Vec<Found>> = BTreeMap::new();
+    // When each delivered message was received, by the receiving node's clock.
+    let mut received: BTreeMap<String, i64> = BTreeMap::new();
+    for u in users.iter().chain(&imap_users).chain(&pop_users) {
+        let mut stored_bytes = 0;
+        for mailbox in ["INBOX", boxes::ARCHIVE] {
+            let messages = match cluster
+                .request(ClientRequest::Fetch {
+                    address: u.clone(),
+                    mailbox: mailbox.into(),
+                })
+                .await
+            {
+                Ok(ClientReply::Messages(m)) => m,
+                Ok(other) => bail!("fetch answered {other:?}"),
+                Err(e) if mailbox != "INBOX" && format!("{e:#}").contains("no mailbox") => {
+                    Vec::new()
+                }
+                Err(e) => return Err(e),
+            };
+            stored_bytes += messages.iter().map(|m| m.body.len() as u64).sum::<u64>();
+            if users.contains(u) {
+                if mailbox == "INBOX" {
+                    for m in &messages {
+                        if let Some(at) = received_ms(&m.body) {
+                            received.insert(subject(&m.body), at);
+                        }
+                    }
+                    let stored = messages.iter().map(|m| Stored {
+                        uid_validity: m.uid_validity,
+                        uid: m.uid,
+                        tag: subject(&m.body),
+                    });
+                    state.insert(u.clone(), stored.collect());
+                }
+                continue;
+            }
+            found
+                .entry(u.clone())
+                .or_default()
+                .extend(messages.iter().map(|m| Found {
+                    mailbox: mailbox.to_string(),
+                    uid_validity: m.uid_validity,
+                    uid: m.uid,
+                    tag: subject(&m.body),
+                    flags: m.flags.clone(),
+                }));
+        }
         let account = match cluster.request(ClientRequest::QuotaShow(u.clone())).await? {
             ClientReply::Quota(account) => account,
             other => bail!("quota show answered {other:?}"),
@@ -198,15 +289,6 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 stored_bytes,
             });
         }
-        let stored = messages
-            .iter()
-            .map(|m| Stored {
-                uid_validity: m.uid_validity,
-                uid: m.uid,
-                tag: subject(&m.body),
-            })
-            .collect();
-        state.insert(u.clone(), stored);
     }
     let history: Vec<Delivery> = attempts
         .iter()
@@ -221,8 +303,35 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         })
         .collect();
     violations.extend(check(&history, &state));
+    let ops: Vec<_> = box_attempts.iter().map(|a| a.op.clone()).collect();
+    violations.extend(check_mailboxes(&ops, &found));
 
-    let verdict = report::verdict(&violations, &attempts);
+    let mut verdict = report::verdict(&violations, &attempts);
+    if faults.contains(&Fault::Clock) {
+        let (skewed, largest) = clock_skews(&received, &attempts, started_unix_ms);
+        let clock_faults = timeline.iter().filter(|w| w.fault == Fault::Clock).count();
+        verdict.push_str(&format!(
+            "clock: {skewed} messages stamped by a node whose clock was off (up to {} s), in {clock_faults} clock faults\n",
+            largest / 1000
+        ));
+        if clock_faults > 0 && skewed == 0 {
+            std::fs::write(results.join("verdict.txt"), &verdict)?;
+            bail!(
+                "the clock faults had no visible effect on any node's clock (is {} working?)",
+                cluster::FAKETIME_LIB
+            );
+        }
+    }
+    let count = |o: Outcome| ops.iter().filter(|op| op.outcome == o).count();
+    verdict.insert_str(
+        verdict.find('\n').map_or(0, |i| i + 1),
+        &format!(
+            "mailbox operations (IMAP APPEND/STORE/EXPUNGE/MOVE, POP3 DELE): {} ok, {} failed, {} unknown\n",
+            count(Outcome::Ok),
+            count(Outcome::Fail),
+            count(Outcome::Unknown)
+        ),
+    );
     std::fs::write(results.join("verdict.txt"), &verdict)?;
     std::fs::write(
         results.join("timeline.svg"),
@@ -237,6 +346,68 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         println!("chaos: FAIL (seed {seed}); repeat with:\n  {repeat}");
         Ok(false)
     }
+}
+
+const PASSWORD: &str = "chaos-password";
+
+/// The time (Unix milliseconds) in the first `Received:` header: when the receiving node's
+/// clock said the message arrived.
+fn received_ms(body: &[u8]) -> Option<i64> {
+    let text = String::from_utf8_lossy(body);
+    let mut header = String::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            break;
+        }
+        if line.starts_with("Received:") {
+            header = line.to_string();
+        } else if !header.is_empty() && line.starts_with([' ', '\t']) {
+            header.push_str(line);
+        } else if !header.is_empty() {
+            break;
+        }
+    }
+    let date = header.rsplit(';').next()?.trim();
+    chrono::DateTime::parse_from_rfc2822(date)
+        .ok()
+        .map(|d| d.timestamp_millis())
+}
+
+/// How many acknowledged deliveries were stamped outside the real time of their attempts
+/// (with 2 s of slack for the one-second stamp), and the largest deviation in milliseconds.
+fn clock_skews(
+    received: &BTreeMap<String, i64>,
+    attempts: &[Attempt],
+    started_unix_ms: i64,
+) -> (usize, i64) {
+    let mut spans: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+    for a in attempts {
+        let (from, to) = (
+            started_unix_ms + a.invoked_ms as i64,
+            started_unix_ms + a.completed_ms as i64,
+        );
+        let span = spans.entry(&a.tag).or_insert((from, to));
+        *span = (span.0.min(from), span.1.max(to));
+    }
+    let mut skewed = 0;
+    let mut largest = 0;
+    for (tag, at) in received {
+        let Some(&(from, to)) = spans.get(tag.as_str()) else {
+            continue;
+        };
+        let off = if *at < from - 2000 {
+            from - at
+        } else if *at > to + 2000 {
+            at - to
+        } else {
+            0
+        };
+        if off > 0 {
+            skewed += 1;
+            largest = largest.max(off);
+        }
+    }
+    (skewed, largest)
 }
 
 /// The Subject of a stored message (the workload's tag).

@@ -24,15 +24,26 @@ pub enum Fault {
     Pause,
     /// Every node restarted in turn, one at a time.
     Rolling,
+    /// The nodes cut apart: random halves, an isolated leader, two sides that only a bridge
+    /// node sees, or a ring where each node sees only its neighbours.
+    Partition,
+    /// One node's wall clock jumped forward or back (libfaketime).
+    Clock,
+    /// A node removed from the cluster under load (its disk wiped), and a fresh one joined in
+    /// its place.
+    Membership,
 }
 
 impl Fault {
-    pub const ALL: [(&'static str, Fault); 5] = [
+    pub const ALL: [(&'static str, Fault); 8] = [
         ("kill", Fault::Kill),
         ("kill-leader", Fault::KillLeader),
         ("kill-minority", Fault::KillMinority),
         ("pause", Fault::Pause),
         ("rolling", Fault::Rolling),
+        ("partition", Fault::Partition),
+        ("clock", Fault::Clock),
+        ("membership", Fault::Membership),
     ];
 
     /// Faults from a comma-separated list; unknown names are an error that lists the known.
@@ -46,12 +57,6 @@ impl Fault {
         };
         let mut out = Vec::new();
         for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            if matches!(name, "partition" | "clock" | "membership") {
-                return Err(format!(
-                    "the {name} nemesis is not available in this runner yet; known: {}",
-                    known()
-                ));
-            }
             match Fault::ALL.iter().find(|(n, _)| *n == name) {
                 Some((_, f)) => out.push(*f),
                 None => return Err(format!("unknown nemesis {name:?}; known: {}", known())),
@@ -69,6 +74,8 @@ impl Fault {
 pub struct Window {
     pub fault: Fault,
     pub nodes: Vec<u64>,
+    /// What exactly was done (the partition's shape, the clock offset, the new node).
+    pub detail: String,
     pub start_ms: u64,
     pub end_ms: u64,
 }
@@ -83,8 +90,6 @@ pub async fn run(
 ) -> anyhow::Result<Vec<Window>> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e656d65);
     let ms = || started.elapsed().as_millis() as u64;
-    let ids: Vec<u64> = cluster.nodes.iter().map(|n| n.id).collect();
-    let minority = (ids.len() - 1) / 2;
     let mut timeline = Vec::new();
     // A quiet start, so the history shows the cluster before the first fault.
     tokio::time::sleep(Duration::from_millis(rng.gen_range(2000..4000))).await;
@@ -92,7 +97,10 @@ pub async fn run(
         let fault = *faults.choose(&mut rng).expect("at least one fault");
         let hold = Duration::from_millis(rng.gen_range(2000..6000));
         let start_ms = ms();
+        let ids = cluster.ids();
+        let minority = (ids.len() - 1) / 2;
         let mut nodes = Vec::new();
+        let mut detail = String::new();
         match fault {
             Fault::Kill | Fault::KillLeader | Fault::KillMinority => {
                 nodes = match fault {
@@ -101,13 +109,7 @@ pub async fn run(
                         .choose_multiple(&mut rng, minority.max(1))
                         .copied()
                         .collect(),
-                    _ => {
-                        let group = rng.gen_range(1..=cluster.partitions as u64);
-                        match cluster.leader_of(group).await {
-                            Some(leader) => vec![leader],
-                            None => vec![*ids.choose(&mut rng).expect("nodes")],
-                        }
-                    }
+                    _ => random_leader(cluster, &mut rng).await,
                 };
                 for id in &nodes {
                     cluster.kill(*id);
@@ -138,10 +140,60 @@ pub async fn run(
                     cluster.refresh_listeners().await;
                 }
             }
+            Fault::Partition => {
+                let leader = random_leader(cluster, &mut rng).await;
+                let (shape, pairs) = partition(&ids, &leader, &mut rng);
+                cluster.cut(&pairs)?;
+                nodes = ids.clone();
+                detail = shape;
+                eprintln!("[{:>6} ms] nemesis: partition {detail}", ms());
+                tokio::time::sleep(hold).await;
+                cluster.net.heal()?;
+            }
+            Fault::Clock => {
+                let id = *ids.choose(&mut rng).expect("nodes");
+                let magnitude = if rng.gen_bool(0.5) {
+                    rng.gen_range(5..120)
+                } else {
+                    rng.gen_range(600..3000)
+                };
+                let offset = if rng.gen_bool(0.5) {
+                    magnitude
+                } else {
+                    -magnitude
+                };
+                cluster.set_clock(id, offset)?;
+                nodes = vec![id];
+                detail = format!("node {id} clock {offset:+} s");
+                eprintln!("[{:>6} ms] nemesis: {detail}", ms());
+                tokio::time::sleep(hold).await;
+                cluster.set_clock(id, 0)?;
+            }
+            Fault::Membership => {
+                let id = *ids.choose(&mut rng).expect("nodes");
+                let slot = cluster.slot_of(id).expect("member slot");
+                eprintln!("[{:>6} ms] nemesis: removing node {id}", ms());
+                match cluster.remove(id).await {
+                    Ok(()) => {
+                        tokio::time::sleep(hold).await;
+                        let new = cluster.rejoin(slot)?;
+                        nodes = vec![id, new];
+                        detail = format!("node {id} removed and wiped; node {new} joined");
+                        eprintln!("[{:>6} ms] nemesis: {detail}", ms());
+                    }
+                    // Refused (no meta majority, say): nothing was changed.
+                    Err(e) => {
+                        nodes = vec![id];
+                        detail = format!("removing node {id} failed: {e:#}");
+                        eprintln!("[{:>6} ms] nemesis: {detail}", ms());
+                    }
+                }
+            }
         }
         timeline.push(Window {
             fault,
             nodes,
+            detail,
             start_ms,
             end_ms: ms(),
         });
@@ -153,4 +205,116 @@ pub async fn run(
     }
     cluster.heal()?;
     Ok(timeline)
+}
+
+/// The leader of a random partition (a random node when none is known).
+async fn random_leader(cluster: &Cluster, rng: &mut StdRng) -> Vec<u64> {
+    let group = rng.gen_range(1..=cluster.partitions as u64);
+    let ids = cluster.ids();
+    match cluster.leader_of(group).await {
+        Some(leader) if ids.contains(&leader) => vec![leader],
+        _ => vec![*ids.choose(rng).expect("nodes")],
+    }
+}
+
+/// A partition of `ids` drawn from `rng`: its shape and the node pairs that may not talk.
+pub fn partition(ids: &[u64], leader: &[u64], rng: &mut StdRng) -> (String, Vec<(u64, u64)>) {
+    let mut order = ids.to_vec();
+    order.shuffle(rng);
+    let n = order.len();
+    let shapes: &[&str] = if n >= 4 {
+        &["halves", "leader", "bridge", "ring"]
+    } else {
+        &["halves", "leader", "bridge"]
+    };
+    let across = |a: &[u64], b: &[u64]| {
+        let mut out = Vec::new();
+        for &x in a {
+            for &y in b {
+                out.push((x, y));
+                out.push((y, x));
+            }
+        }
+        out
+    };
+    match *shapes.choose(rng).expect("shapes") {
+        "halves" => {
+            let (small, big) = order.split_at(n / 2);
+            (format!("halves {small:?} | {big:?}"), across(small, big))
+        }
+        "leader" => {
+            let rest: Vec<u64> = order
+                .iter()
+                .copied()
+                .filter(|i| !leader.contains(i))
+                .collect();
+            (
+                format!("isolated leader {leader:?} | {rest:?}"),
+                across(leader, &rest),
+            )
+        }
+        "bridge" => {
+            let bridge = order[0];
+            let (a, b) = order[1..].split_at((n - 1) / 2);
+            (
+                format!("bridge {bridge} between {a:?} and {b:?}"),
+                across(a, b),
+            )
+        }
+        _ => {
+            let mut pairs = Vec::new();
+            for i in 0..n {
+                for j in 0..n {
+                    let d = (i + n - j) % n;
+                    if i != j && d != 1 && d != n - 1 {
+                        pairs.push((order[i], order[j]));
+                    }
+                }
+            }
+            (format!("ring {order:?}"), pairs)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_cut_what_their_shape_says() {
+        // Goal: every shape leaves no majority-side pair cut and cuts both directions.
+        let ids = [1, 2, 3, 4, 5];
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (shape, pairs) = partition(&ids, &[3], &mut rng);
+            let kind = shape.split_whitespace().next().unwrap().to_string();
+            for &(a, b) in &pairs {
+                assert!(pairs.contains(&(b, a)), "{shape}: {a}->{b} one way only");
+                assert_ne!(a, b);
+            }
+            match kind.as_str() {
+                "halves" => assert_eq!(pairs.len(), 2 * 2 * 3, "{shape}"),
+                "isolated" => {
+                    assert_eq!(pairs.len(), 2 * 4, "{shape}");
+                    assert!(pairs.iter().all(|&(a, b)| a == 3 || b == 3));
+                }
+                "bridge" => {
+                    let bridge: u64 = shape.split_whitespace().nth(1).unwrap().parse().unwrap();
+                    assert!(pairs.iter().all(|&(a, b)| a != bridge && b != bridge));
+                    assert_eq!(pairs.len(), 2 * 2 * 2, "{shape}");
+                }
+                "ring" => {
+                    // Each node keeps exactly its two neighbours.
+                    for id in ids {
+                        let cut = pairs.iter().filter(|(a, _)| *a == id).count();
+                        assert_eq!(cut, 2, "{shape}");
+                    }
+                }
+                other => panic!("unknown shape {other}"),
+            }
+            seen.insert(kind);
+        }
+        assert_eq!(seen.len(), 4, "every shape drawn: {seen:?}");
+    }
 }

@@ -65,6 +65,16 @@ pub fn verdict(violations: &[Violation], attempts: &[Attempt]) -> String {
     out
 }
 
+/// A fault window's caption: what was done, to which nodes.
+fn label(win: &Window) -> String {
+    let text = if win.detail.is_empty() {
+        format!("{:?} {:?}", win.fault, win.nodes)
+    } else {
+        format!("{:?}: {}", win.fault, win.detail)
+    };
+    text.replace('&', "&amp;").replace('<', "&lt;")
+}
+
 /// An SVG of acknowledged deliveries per second and their median latency over time, with the
 /// fault windows shaded and named.
 pub fn timeline_svg(attempts: &[Attempt], windows: &[Window], duration_ms: u64) -> String {
@@ -100,11 +110,10 @@ pub fn timeline_svg(attempts: &[Attempt], windows: &[Window], duration_ms: u64) 
         let (x0, x1) = (x(win.start_ms as f64), x(win.end_ms as f64));
         let _ = writeln!(
             svg,
-            r##"<rect x="{x0:.1}" y="{top}" width="{:.1}" height="{plot_h}" fill="#f4b6b6" opacity="0.6"/><text x="{x0:.1}" y="{:.1}" fill="#a00">{:?} {:?}</text>"##,
+            r##"<rect x="{x0:.1}" y="{top}" width="{:.1}" height="{plot_h}" fill="#f4b6b6" opacity="0.6"/><text x="{x0:.1}" y="{:.1}" fill="#a00">{}</text>"##,
             (x1 - x0).max(1.0),
             top - 4.0,
-            win.fault,
-            win.nodes
+            label(win)
         );
     }
     let line = |values: &[f64], max: f64, color: &str| {

@@ -1,11 +1,12 @@
 //! The workload: clients delivering uniquely tagged messages over SMTP to random users, each
 //! connection to a random node (as DNS round robin would pick), every attempt recorded.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chaos::Outcome;
+
+use crate::cluster::{Endpoints, Listeners};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -37,7 +38,7 @@ pub struct Attempt {
 
 pub struct Workload {
     pub users: Vec<String>,
-    pub smtp: Arc<Mutex<BTreeMap<u64, String>>>,
+    pub endpoints: Endpoints,
     pub started: Instant,
     pub until: Instant,
     pub seed: u64,
@@ -76,12 +77,11 @@ impl Workload {
                 }
             }
             for _ in 0..ATTEMPTS {
-                let node = {
-                    let smtp = self.smtp.lock().expect("listeners lock");
-                    let ids: Vec<u64> = smtp.keys().copied().collect();
-                    ids[rng.gen_range(0..ids.len())]
+                let Some((node, listeners)) = pick(&self.endpoints, &mut rng) else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
                 };
-                let addr = self.smtp.lock().expect("listeners lock")[&node].clone();
+                let addr = listeners.smtp;
                 let invoked_ms = self.ms();
                 let (outcomes, detail) = deliver(&addr, &recipients, &message(&tag)).await;
                 // Unknown outcomes are retried with the same bytes, and a node that could not
@@ -108,8 +108,20 @@ impl Workload {
     }
 }
 
+/// A random member and its listeners, as DNS round robin would pick (none while every node
+/// is out of the cluster).
+pub fn pick(endpoints: &Endpoints, rng: &mut StdRng) -> Option<(u64, Listeners)> {
+    let map = endpoints.lock().expect("listeners lock");
+    let ids: Vec<u64> = map.keys().copied().collect();
+    if ids.is_empty() {
+        return None;
+    }
+    let id = ids[rng.gen_range(0..ids.len())];
+    Some((id, map[&id].clone()))
+}
+
 /// One SMTP transaction: each recipient's outcome and the last reply or error.
-async fn deliver(
+pub async fn deliver(
     addr: &str,
     recipients: &[String],
     body: &str,
