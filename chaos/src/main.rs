@@ -70,7 +70,20 @@ struct Cli {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    match run(cli).await {
+    // Interrupted, the run is dropped, which stops the nodes and removes the namespaces.
+    let interrupted = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    let result = tokio::select! {
+        r = run(cli) => r,
+        () = interrupted => Err(anyhow::anyhow!("interrupted; the cluster was stopped")),
+    };
+    match result {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
