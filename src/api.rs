@@ -244,6 +244,10 @@ pub struct ClusterStatus {
     pub cluster: Option<ClusterInfo>,
     pub nodes: Vec<NodeStatus>,
     pub partitions: Vec<PartitionStatus>,
+    /// Each reachable node's own view of every group (state, term, applied index, members):
+    /// what to read when a group has no leader.
+    #[serde(default)]
+    pub views: BTreeMap<u64, Vec<raft::host::GroupStatus>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -265,6 +269,9 @@ pub struct PartitionStatus {
     pub learners: Vec<u64>,
     pub leader: Option<u64>,
     pub term: u64,
+    /// The group is between two voter sets (a membership change under way or left half done).
+    #[serde(default)]
+    pub joint: bool,
     pub healthy: bool,
 }
 

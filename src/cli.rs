@@ -723,6 +723,7 @@ fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
                     "group": p.group, "partition": p.partition, "placement": p.placement, "voters": p.voters,
                     "learners": p.learners, "leader": p.leader, "term": p.term, "healthy": p.healthy,
                 })).collect::<Vec<_>>(),
+                "views": status.views,
             }))?
         );
         return Ok(());

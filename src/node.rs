@@ -365,11 +365,21 @@ impl Node {
                 self.fetch(&normalize_address(&address), &mailbox).await
             }
             ClientRequest::Status => Ok(ClientReply::Status(self.status().await)),
-            ClientRequest::NodeRemove(id) => meta_done(
-                r.meta_write(MetaCommand::RemoveNode(id))
-                    .await
-                    .map_err(err)?,
-            ),
+            ClientRequest::NodeRemove(id) => {
+                // Waits out a settling group (a re-election after a failure, say) for a while.
+                let deadline = tokio::time::Instant::now() + REMOVE_SETTLE_WAIT;
+                while let Err(e) = unsettled(&self.status().await) {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                meta_done(
+                    r.meta_write(MetaCommand::RemoveNode(id))
+                        .await
+                        .map_err(err)?,
+                )
+            }
             ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
             ClientRequest::NodeStats => Ok(ClientReply::NodeStats(NodeStats {
                 node_id: self.file.node_id,
@@ -547,6 +557,7 @@ impl Node {
             .unwrap_or_default();
         let mut node_status = Vec::new();
         let mut views: Vec<Vec<GroupStatus>> = Vec::new();
+        let mut by_node = BTreeMap::new();
         for n in &nodes {
             let view: Option<Vec<GroupStatus>> = if n.id == self.file.node_id {
                 Some(self.host().status())
@@ -560,6 +571,9 @@ impl Node {
                 listeners: n.listeners.clone(),
                 reachable: view.is_some(),
             });
+            if let Some(v) = &view {
+                by_node.insert(n.id, v.clone());
+            }
             views.extend(view);
         }
         let mut partitions = Vec::new();
@@ -603,6 +617,7 @@ impl Node {
                 learners,
                 leader,
                 term,
+                joint: best.is_some_and(|g| g.configs.len() > 1),
                 healthy,
             });
         }
@@ -610,6 +625,7 @@ impl Node {
             cluster,
             nodes: node_status,
             partitions,
+            views: by_node,
         }
     }
 
@@ -636,6 +652,45 @@ impl Node {
         }
         out
     }
+}
+
+/// How long `node remove` waits for the cluster to settle before it refuses.
+const REMOVE_SETTLE_WAIT: Duration = Duration::from_secs(15);
+
+/// Refuses a removal while an earlier membership change is still moving replicas: removing
+/// a second node of a group that has not yet replaced the first could take its majority
+/// away for good. Settled means every partition's voters are its placement (no learner
+/// catching up, no removed node still voting) and the meta group has a leader whose voters
+/// are all members.
+fn unsettled(status: &ClusterStatus) -> Result<(), String> {
+    let members: std::collections::BTreeSet<u64> = status.nodes.iter().map(|n| n.id).collect();
+    for p in &status.partitions {
+        let mut voters = p.voters.clone();
+        voters.sort_unstable();
+        let mut placement = p.placement.clone();
+        placement.sort_unstable();
+        let settled = !p.joint
+            && match p.partition {
+                Some(_) => {
+                    p.leader.is_some()
+                        && voters == placement
+                        && p.learners.is_empty()
+                        && placement.iter().all(|v| members.contains(v))
+                }
+                None => p.leader.is_some() && voters.iter().all(|v| members.contains(v)),
+            };
+        if !settled {
+            let what = match p.partition {
+                Some(n) => format!("partition {n}"),
+                None => "the meta group".to_string(),
+            };
+            return Err(format!(
+                "not removing a node now: {what} is not settled (voters {voters:?}, learners {:?}, placement {placement:?}, leader {:?}); an earlier membership change or failure is still being repaired, and removing another node could leave it without a majority. Retry when `mailgrid status` shows every partition healthy on its placement",
+                p.learners, p.leader
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn meta_done(response: Response) -> ClientResult {
@@ -706,5 +761,62 @@ impl JoinToken {
             .decode(body)
             .map_err(|_| bad())?;
         codec::decode(&bytes).map_err(|_| bad())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{NodeStatus, PartitionStatus};
+
+    fn status(nodes: &[u64], voters: &[u64], learners: &[u64], placement: &[u64]) -> ClusterStatus {
+        let group = |partition: Option<u32>, voters: &[u64], placement: &[u64]| PartitionStatus {
+            partition,
+            group: partition.map_or(0, |p| p as u64 + 1),
+            placement: placement.to_vec(),
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            leader: voters.first().copied(),
+            term: 1,
+            joint: false,
+            healthy: true,
+        };
+        ClusterStatus {
+            cluster: None,
+            nodes: nodes
+                .iter()
+                .map(|&id| NodeStatus {
+                    id,
+                    cluster_addr: String::new(),
+                    listeners: BTreeMap::new(),
+                    reachable: true,
+                })
+                .collect(),
+            partitions: vec![group(None, nodes, nodes), group(Some(0), voters, placement)],
+            views: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_is_removed_only_from_a_settled_cluster() {
+        // Goal: a removal waits for every partition to sit on its placement; the case that
+        // chaos found (a second removal while the first one's replicas were still moving)
+        // is refused.
+        assert!(unsettled(&status(&[1, 2, 3], &[1, 2, 3], &[], &[1, 2, 3])).is_ok());
+        // Node 2 removed, its replacement not yet voting.
+        let moving = status(&[1, 3, 4], &[1, 2, 3], &[4], &[1, 3, 4]);
+        let e = unsettled(&moving).unwrap_err();
+        assert!(e.contains("partition 0 is not settled"), "{e}");
+        // Placement not yet updated for the removal: a voter that is no member.
+        assert!(unsettled(&status(&[1, 3], &[1, 2, 3], &[], &[1, 2, 3])).is_err());
+        // No leader.
+        let mut leaderless = status(&[1, 2, 3], &[1, 2, 3], &[], &[1, 2, 3]);
+        leaderless.partitions[1].leader = None;
+        assert!(unsettled(&leaderless).is_err());
+        // Between two voter sets (a promotion that a dead leader left half done): the group
+        // still needs a majority of the old set, so no node may go.
+        let mut joint = status(&[1, 3, 4], &[1, 3, 4], &[], &[1, 3, 4]);
+        joint.partitions[1].joint = true;
+        assert!(unsettled(&joint).is_err());
     }
 }

@@ -450,8 +450,14 @@ impl Cluster {
                 }
             }
             if tokio::time::Instant::now() > deadline {
+                // What every node thought of every group, for the reader of the failure.
+                let path = self.dir.join("status-at-timeout.json");
+                if let Ok(s) = self.status().await {
+                    let _ = std::fs::write(&path, serde_json::to_string_pretty(&s)?);
+                }
                 bail!(
-                    "the cluster did not become ready within {timeout:?} (see the node logs in {})",
+                    "the cluster did not become ready within {timeout:?} (see the node logs and {} in {})",
+                    path.display(),
                     self.dir.display()
                 );
             }

@@ -96,6 +96,9 @@ pub struct GroupStatus {
     pub last_applied: Option<u64>,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// The voter sets a quorum is needed in: one, or two during a joint (changing) membership.
+    #[serde(default)]
+    pub configs: Vec<Vec<NodeId>>,
     pub healthy: bool,
 }
 
@@ -367,6 +370,11 @@ impl RaftHost {
                     last_applied: m.last_applied.as_ref().map(|l| l.index),
                     voters: membership.voter_ids().collect(),
                     learners: membership.learner_ids().collect(),
+                    configs: membership
+                        .get_joint_config()
+                        .iter()
+                        .map(|c| c.iter().copied().collect())
+                        .collect(),
                     healthy: m.running_state.is_ok(),
                 }
             })
@@ -620,6 +628,16 @@ async fn reconcile_group(
         return Ok(false);
     }
     let membership = m.membership_config.membership().clone();
+    if membership.get_joint_config().len() > 1 {
+        // A change that an earlier leader left half done (it died between the joint and the
+        // final configuration): finish it first. Counted as settled, it would leave the group
+        // needing a majority of the old voters too, and losing one more of them would stop it
+        // for good (chaos found this: a removal after a leader kill mid-promotion).
+        let finish = ChangeMembers::AddVoterIds(BTreeSet::new());
+        return timed(g.raft.change_membership(finish, false))
+            .await
+            .map(|()| false);
+    }
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
     for id in want_voters.iter().chain(want_learners) {
