@@ -11,12 +11,12 @@ use chaos::{Action, MailboxOp, Outcome};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
 
 use crate::cluster::Endpoints;
-use crate::workload::{deliver, message, pick};
+use crate::workload::{deliver, message, pick, read_line};
 
 /// How long one protocol step may take before the operation counts as of unknown outcome.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -90,14 +90,7 @@ async fn write(io: &mut Tls, bytes: &[u8]) -> Result<(), String> {
 }
 
 async fn line(io: &mut Tls) -> Result<String, String> {
-    let mut l = String::new();
-    let n = timeout(STEP_TIMEOUT, io.read_line(&mut l))
-        .await
-        .map_err(|_| "reply timeout".to_string())?
-        .map_err(|e| format!("read: {e}"))?;
-    if n == 0 {
-        return Err("connection closed".into());
-    }
+    let l = read_line(io).await?;
     Ok(l.trim_end_matches(['\r', '\n']).to_string())
 }
 

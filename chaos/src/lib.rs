@@ -270,17 +270,22 @@ pub fn check_mailboxes(ops: &[MailboxOp], state: &BTreeMap<String, Vec<Found>>) 
                 .push(f.uid);
         }
         for ((_, uid_validity), uids) in uids {
-            let unique: BTreeSet<u32> = uids.iter().copied().collect();
-            if uids.windows(2).any(|w| w[0] >= w[1]) || unique.len() != uids.len() {
-                violations.push(Violation::UidOrder {
-                    recipient: user.clone(),
-                    uid_validity,
-                    uids,
-                });
-            }
+            violations.extend(uid_order(user, uid_validity, uids));
         }
     }
     violations
+}
+
+/// A mailbox's UIDs (in listing order) under one UIDVALIDITY must strictly increase.
+fn uid_order(recipient: &str, uid_validity: u32, uids: Vec<u32>) -> Option<Violation> {
+    let unique: BTreeSet<u32> = uids.iter().copied().collect();
+    (uids.windows(2).any(|w| w[0] >= w[1]) || unique.len() != uids.len()).then(|| {
+        Violation::UidOrder {
+            recipient: recipient.to_string(),
+            uid_validity,
+            uids,
+        }
+    })
 }
 
 /// Every violation of the history against the final state. Empty means the run passed.
@@ -332,14 +337,7 @@ pub fn check(history: &[Delivery], state: &BTreeMap<String, Vec<Stored>>) -> Vec
             by_validity.entry(s.uid_validity).or_default().push(s.uid);
         }
         for (uid_validity, uids) in by_validity {
-            let unique: BTreeSet<u32> = uids.iter().copied().collect();
-            if uids.windows(2).any(|w| w[0] >= w[1]) || unique.len() != uids.len() {
-                violations.push(Violation::UidOrder {
-                    recipient: recipient.clone(),
-                    uid_validity,
-                    uids,
-                });
-            }
+            violations.extend(uid_order(recipient, uid_validity, uids));
         }
     }
     violations

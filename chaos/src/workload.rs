@@ -197,6 +197,20 @@ async fn transaction(
     }
 }
 
+/// One line (with its line end) within the step timeout; an error text on timeout, I/O
+/// failure or end of stream.
+pub async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<String, String> {
+    let mut l = String::new();
+    let n = timeout(STEP_TIMEOUT, io.read_line(&mut l))
+        .await
+        .map_err(|_| "reply timeout".to_string())?
+        .map_err(|e| format!("read: {e}"))?;
+    if n == 0 {
+        return Err("connection closed".into());
+    }
+    Ok(l)
+}
+
 /// Sends `line` (if any) and reads a whole reply; `Ok` when its class is `class`, else
 /// `Err("reply ...")` for another class and another text for I/O failures and timeouts.
 async fn expect(
@@ -212,14 +226,7 @@ async fn expect(
     }
     let mut reply = String::new();
     loop {
-        let mut l = String::new();
-        let n = timeout(STEP_TIMEOUT, io.read_line(&mut l))
-            .await
-            .map_err(|_| "reply timeout".to_string())?
-            .map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            return Err("connection closed".into());
-        }
+        let l = read_line(io).await?;
         reply.push_str(&l);
         if l.len() < 4 || l.as_bytes()[3] != b'-' {
             break;
