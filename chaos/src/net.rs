@@ -323,11 +323,13 @@ impl Proxy {
     async fn start(slots: usize) -> anyhow::Result<Proxy> {
         let mut binds = Vec::new();
         let mut fronts = Vec::new();
-        for _ in 0..slots {
-            // The node's own port: free a moment ago, bound again by the node.
-            let probe = std::net::UdpSocket::bind("127.0.0.1:0")?;
-            binds.push(probe.local_addr()?);
-            drop(probe);
+        // Each node binds a loopback address of its own (all of 127/8 is loopback), so no
+        // socket of this process can take its port first, and its datagrams say who sent them.
+        let pid = std::process::id();
+        let net = format!("127.{}.{}", 100 + pid % 100, pid / 100 % 250);
+        for i in 0..slots {
+            let bind: SocketAddr = format!("{net}.{}:{NS_CLUSTER_PORT}", 10 + i).parse()?;
+            binds.push(bind);
             fronts.push(Arc::new(UdpSocket::bind("127.0.0.1:0").await?));
         }
         let blocked = Arc::new(RwLock::new(Blocked::new()));
@@ -397,9 +399,14 @@ async fn relay(
                 let (back, front, blocked) = (s.clone(), front.clone(), blocked.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65_536];
-                    while let Ok(Ok(n)) =
-                        tokio::time::timeout(RELAY_IDLE, back.recv(&mut buf)).await
-                    {
+                    loop {
+                        let n = match tokio::time::timeout(RELAY_IDLE, back.recv(&mut buf)).await {
+                            Err(_) => break,
+                            // Port unreachable while the node is not up yet (or restarting):
+                            // the path stays, and the node answers once it is back.
+                            Ok(Err(_)) => continue,
+                            Ok(Ok(n)) => n,
+                        };
                         let cut = sender.is_some_and(|s| {
                             blocked.read().expect("blocked lock").contains(&(to, s))
                         });
