@@ -131,8 +131,11 @@ impl ClusterCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
+        // Valid from a day back, like the CA: a node whose clock is behind (an NTP step, a
+        // VM resumed) must still accept a peer that joined minutes ago. The chaos clock
+        // nemesis cut nodes off for their whole skew with five minutes.
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::minutes(5);
+        p.not_before = now - time::Duration::days(1);
         p.not_after = now + time::Duration::days(3650);
         let mut serial = [0u8; 16];
         rand::Rng::fill(&mut rand::thread_rng(), &mut serial[..]);
