@@ -501,6 +501,19 @@ impl Cluster {
                     && values.iter().all(|v| v.is_some())
                     && values.windows(2).all(|w| w[0] == w[1]);
                 if agree || tokio::time::Instant::now() > deadline {
+                    if !agree {
+                        // Lagging or diverged? Each node's applied index says which.
+                        if let Ok(status) = self.status().await {
+                            let views: BTreeMap<u64, Vec<_>> = status
+                                .views
+                                .iter()
+                                .map(|(n, v)| (*n, v.iter().filter(|g| g.group == group).collect()))
+                                .collect();
+                            let path = self.dir.join(format!("group{group}-disagreement.json"));
+                            let text = serde_json::json!({ "digests": digests, "views": views });
+                            let _ = std::fs::write(&path, text.to_string());
+                        }
+                    }
                     out.insert(group, digests);
                     break;
                 }
