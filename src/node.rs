@@ -556,8 +556,7 @@ impl Node {
             })
             .unwrap_or_default();
         let mut node_status = Vec::new();
-        let mut views: Vec<Vec<GroupStatus>> = Vec::new();
-        let mut by_node = BTreeMap::new();
+        let mut views: BTreeMap<u64, Vec<GroupStatus>> = BTreeMap::new();
         for n in &nodes {
             let view: Option<Vec<GroupStatus>> = if n.id == self.file.node_id {
                 Some(self.host().status())
@@ -571,22 +570,21 @@ impl Node {
                 listeners: n.listeners.clone(),
                 reachable: view.is_some(),
             });
-            if let Some(v) = &view {
-                by_node.insert(n.id, v.clone());
+            if let Some(v) = view {
+                views.insert(n.id, v);
             }
-            views.extend(view);
         }
         let mut partitions = Vec::new();
         for group in 0..=self.file.partitions as u64 {
             // The freshest leader's view of the group wins.
             let best = views
-                .iter()
+                .values()
                 .filter_map(|v| v.iter().find(|g| g.group == group))
                 .filter(|g| g.state == "Leader")
                 .max_by_key(|g| g.term)
                 .or_else(|| {
                     views
-                        .iter()
+                        .values()
                         .filter_map(|v| v.iter().find(|g| g.group == group))
                         .max_by_key(|g| g.term)
                 });
@@ -625,7 +623,7 @@ impl Node {
             cluster,
             nodes: node_status,
             partitions,
-            views: by_node,
+            views,
         }
     }
 
@@ -685,8 +683,10 @@ fn unsettled(status: &ClusterStatus) -> Result<(), String> {
                 None => "the meta group".to_string(),
             };
             return Err(format!(
-                "not removing a node now: {what} is not settled (voters {voters:?}, learners {:?}, placement {placement:?}, leader {:?}); an earlier membership change or failure is still being repaired, and removing another node could leave it without a majority. Retry when `mailgrid status` shows every partition healthy on its placement",
-                p.learners, p.leader
+                "not removing a node now: {what} is not settled (voters {voters:?}{}, learners {:?}, placement {placement:?}, leader {:?}); an earlier membership change or failure is still being repaired, and removing another node could leave it without a majority. Retry when `mailgrid status` shows every partition healthy on its placement",
+                if p.joint { " in a joint change" } else { "" },
+                p.learners,
+                p.leader
             ));
         }
     }
