@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use storage::meta::{ClusterInfo, ClusterLimits, Domain, NodeRecord, PartitionRecord};
-use storage::partition::{Account, Alias, Mailbox, MessageRecord, Quota, RecipientOutcome, Usage};
+use storage::partition::{
+    Account, Alias, Mailbox, MessageRecord, QueueEntry, QueueId, Quota, RecipientOutcome, Usage,
+};
 use storage::types::{BodyHash, ModSeq, Uid};
 use storage::Command;
 
@@ -83,6 +85,12 @@ pub enum Query {
     Body(BodyHash),
     /// Sum of the usage of a domain's accounts in one partition.
     DomainUsage(String),
+    /// Up to `limit` outbound queue entries after `after`, in id order.
+    Queue {
+        after: Option<QueueId>,
+        limit: usize,
+    },
+    QueueEntry(QueueId),
     Digest,
     Cluster,
     Nodes,
@@ -110,6 +118,8 @@ pub enum QueryResult {
     Domains(Vec<Domain>),
     Limits(ClusterLimits),
     Usage(Usage),
+    Queue(Vec<QueueEntry>),
+    QueueEntry(Option<QueueEntry>),
 }
 
 /// What was expunged from a mailbox after some MODSEQ.
@@ -198,6 +208,25 @@ pub enum ClientRequest {
     Digests(GroupId),
     /// Counters of the node that receives the request.
     NodeStats,
+    /// Every outbound queue entry (without bodies), oldest first.
+    QueueList,
+    /// One entry by its id (hex).
+    QueueShow(String),
+    QueueControl {
+        id: String,
+        action: QueueOp,
+    },
+}
+
+/// What an operator does to a queue entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueOp {
+    /// Try it now (a held entry is released).
+    Retry,
+    /// Drop it without delivering or bouncing.
+    Delete,
+    Hold,
+    Release,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -213,6 +242,7 @@ pub enum ClientReply {
     Status(ClusterStatus),
     Digests(BTreeMap<u64, Option<String>>),
     NodeStats(NodeStats),
+    Queue(Vec<QueueEntry>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

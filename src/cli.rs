@@ -146,6 +146,11 @@ enum AdminCmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// The outbound queue: mail waiting for other domains.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCmd,
+    },
     /// Print every message of a mailbox (JSON lines: uid, uidvalidity, flags, body).
     Fetch {
         address: String,
@@ -159,6 +164,35 @@ enum AdminCmd {
         /// Largest message accepted by any domain without its own limit.
         #[arg(long)]
         message_bytes_max: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QueueCmd {
+    /// Every entry: id, age, sender, recipients still pending, attempts, last error.
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One entry with every recipient's state and last reply (JSON).
+    Show {
+        id: String,
+    },
+    /// Try delivery now (releases a held entry).
+    Retry {
+        id: String,
+    },
+    /// Drop an entry: no delivery, no bounce.
+    Delete {
+        id: String,
+    },
+    /// Stop delivery attempts until released.
+    Hold {
+        id: String,
+    },
+    Release {
+        id: String,
     },
 }
 
@@ -571,8 +605,33 @@ fn password_or_stdin(password: Option<String>) -> anyhow::Result<String> {
     }
 }
 
+fn queue_control(id: String, action: QueueOp) -> ClientRequest {
+    ClientRequest::QueueControl { id, action }
+}
+
+/// One queue entry as `admin queue` prints it in JSON.
+fn queue_entry_json(e: &storage::partition::QueueEntry, now: i64) -> serde_json::Value {
+    serde_json::json!({
+        "id": hex::encode(e.id),
+        "sender": e.sender,
+        "size": e.size,
+        "created": e.created,
+        "age_s": now.saturating_sub(e.created),
+        "next_attempt": e.next_attempt,
+        "attempts": e.attempts,
+        "held": e.held,
+        "last_error": e.last_error,
+        "recipients": e.recipients.iter().map(|r| serde_json::json!({
+            "address": r.address,
+            "state": format!("{:?}", r.state).to_lowercase(),
+            "reply": r.reply,
+        })).collect::<Vec<_>>(),
+    })
+}
+
 async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
     let client = Client::open(&target.data, target.node.as_deref())?;
+    let mut queue_json = false;
     let request = match command {
         AdminCmd::Domain { command } => match command {
             DomainCmd::Add { name } => ClientRequest::DomainAdd(name),
@@ -633,6 +692,20 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Node {
             command: NodeCmd::Remove { id },
         } => ClientRequest::NodeRemove(id),
+        AdminCmd::Queue { command } => match command {
+            QueueCmd::List { json } => {
+                queue_json = json;
+                ClientRequest::QueueList
+            }
+            QueueCmd::Show { id } => {
+                queue_json = true;
+                ClientRequest::QueueShow(id)
+            }
+            QueueCmd::Retry { id } => queue_control(id, QueueOp::Retry),
+            QueueCmd::Delete { id } => queue_control(id, QueueOp::Delete),
+            QueueCmd::Hold { id } => queue_control(id, QueueOp::Hold),
+            QueueCmd::Release { id } => queue_control(id, QueueOp::Release),
+        },
         AdminCmd::Fetch { address, mailbox } => ClientRequest::Fetch { address, mailbox },
         AdminCmd::Digest { group } => ClientRequest::Digests(group),
         AdminCmd::Limits { message_bytes_max } => {
@@ -707,6 +780,40 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
             }
         }
         ClientReply::Digests(d) => println!("{}", serde_json::to_string(&d)?),
+        ClientReply::Queue(entries) => {
+            let now = crate::mail::now();
+            if !queue_json {
+                println!("id\tage\tsize\tattempts\tsender\tpending\tstate\tlast error");
+            }
+            for e in &entries {
+                if queue_json {
+                    println!("{}", queue_entry_json(e, now));
+                    continue;
+                }
+                let pending: Vec<&str> = e.pending().map(|r| r.address.as_str()).collect();
+                let state = if e.held {
+                    "held"
+                } else if e.is_final() {
+                    "bouncing"
+                } else {
+                    "queued"
+                };
+                println!(
+                    "{}\t{}s\t{}\t{}\t<{}>\t{}\t{}\t{}",
+                    hex::encode(e.id),
+                    now.saturating_sub(e.created),
+                    e.size,
+                    e.attempts,
+                    e.sender,
+                    pending.join(","),
+                    state,
+                    e.last_error.as_deref().unwrap_or("-"),
+                );
+            }
+            if !queue_json {
+                println!("{} entries", entries.len());
+            }
+        }
         other => bail!("unexpected answer {other:?}"),
     }
     Ok(())

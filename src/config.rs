@@ -19,6 +19,10 @@
 //! failures_per_ip_max = 10
 //! [raft]
 //! heartbeat_ms = 250
+//! [outbound]                             # mail to other domains
+//! resolver = "127.0.0.1:53"              # absent: /etc/resolv.conf
+//! retry_min_s = 300                      # first retry; doubles up to retry_max_s
+//! lifetime_s = 432000                    # give up and bounce after 5 days
 //! ```
 
 use std::net::SocketAddr;
@@ -43,6 +47,50 @@ pub struct ServeConfig {
     pub pop3: Pop3Config,
     pub imap: ImapConfig,
     pub auth: AuthLimits,
+    pub outbound: OutboundConfig,
+}
+
+/// Delivery of queued mail to other domains (like Postfix's `smtp` client settings).
+#[derive(Clone, Debug)]
+pub struct OutboundConfig {
+    /// DNS server for MX and address lookups; `None` uses the system's (/etc/resolv.conf).
+    pub resolver: Option<SocketAddr>,
+    /// TCP port of remote mail exchangers (25; other values are for tests).
+    pub port: u16,
+    /// Wait before the first retry; each further retry waits twice as long, up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Age at which undelivered recipients are given up on and bounced.
+    pub lifetime: Duration,
+    pub connect_timeout: Duration,
+    /// Longest wait for any one reply (the greeting, EHLO, each command, the end of DATA).
+    pub reply_timeout: Duration,
+    /// Messages being delivered at once by this node, and to any one destination domain.
+    pub concurrency_max: usize,
+    pub per_destination_max: usize,
+    /// Use STARTTLS when the remote server offers it (without checking its certificate, as
+    /// opportunistic TLS does).
+    pub starttls: bool,
+    /// How often a partition leader looks for due queue entries.
+    pub poll: Duration,
+}
+
+impl Default for OutboundConfig {
+    fn default() -> OutboundConfig {
+        OutboundConfig {
+            resolver: None,
+            port: 25,
+            retry_min: Duration::from_secs(300),
+            retry_max: Duration::from_secs(4_000),
+            lifetime: Duration::from_secs(5 * 24 * 3600),
+            connect_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(300),
+            concurrency_max: 32,
+            per_destination_max: 4,
+            starttls: true,
+            poll: Duration::from_secs(1),
+        }
+    }
 }
 
 /// Client-facing listeners; `None` is off.
@@ -191,6 +239,24 @@ struct File {
     imap: ImapSection,
     #[serde(default)]
     auth: AuthSection,
+    #[serde(default)]
+    outbound: OutboundSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundSection {
+    resolver: Option<String>,
+    port: Option<u16>,
+    retry_min_s: Option<u64>,
+    retry_max_s: Option<u64>,
+    lifetime_s: Option<u64>,
+    connect_timeout_s: Option<u64>,
+    reply_timeout_s: Option<u64>,
+    concurrency_max: Option<usize>,
+    per_destination_max: Option<usize>,
+    starttls: Option<bool>,
+    poll_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -412,6 +478,7 @@ impl ServeConfig {
         if auth.failures_per_ip_max == 0 || auth.failures_per_account_max == 0 {
             bail!("auth failure limits must be at least 1");
         }
+        let outbound = outbound(file.outbound)?;
         Ok(ServeConfig {
             node,
             hostname,
@@ -421,8 +488,55 @@ impl ServeConfig {
             pop3,
             imap,
             auth,
+            outbound,
         })
     }
+}
+
+fn outbound(o: OutboundSection) -> anyhow::Result<OutboundConfig> {
+    let d = OutboundConfig::default();
+    let secs = |v: Option<u64>, d: Duration| v.map(Duration::from_secs).unwrap_or(d);
+    let resolver = match o.resolver {
+        None => None,
+        Some(text) => Some(
+            text.parse::<SocketAddr>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "outbound.resolver: {text:?} is not an address like 127.0.0.1:53"
+                    )
+                })?,
+        ),
+    };
+    let c = OutboundConfig {
+        resolver,
+        port: o.port.unwrap_or(d.port),
+        retry_min: secs(o.retry_min_s, d.retry_min),
+        retry_max: secs(o.retry_max_s, d.retry_max),
+        lifetime: secs(o.lifetime_s, d.lifetime),
+        connect_timeout: secs(o.connect_timeout_s, d.connect_timeout),
+        reply_timeout: secs(o.reply_timeout_s, d.reply_timeout),
+        concurrency_max: o.concurrency_max.unwrap_or(d.concurrency_max),
+        per_destination_max: o.per_destination_max.unwrap_or(d.per_destination_max),
+        starttls: o.starttls.unwrap_or(d.starttls),
+        poll: o.poll_ms.map(Duration::from_millis).unwrap_or(d.poll),
+    };
+    if c.port == 0 {
+        bail!("outbound.port must not be 0");
+    }
+    if c.retry_min.is_zero() || c.retry_max < c.retry_min {
+        bail!("outbound.retry_min_s must be at least 1 and at most outbound.retry_max_s");
+    }
+    if c.lifetime.is_zero() || c.connect_timeout.is_zero() || c.reply_timeout.is_zero() {
+        bail!("outbound.lifetime_s and the outbound timeouts must be at least 1");
+    }
+    if c.concurrency_max == 0 || c.per_destination_max == 0 {
+        bail!("outbound.concurrency_max and outbound.per_destination_max must be at least 1");
+    }
+    if c.poll < Duration::from_millis(50) || c.poll > Duration::from_secs(60) {
+        bail!("outbound.poll_ms must be between 50 and 60000");
+    }
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -447,5 +561,26 @@ mod tests {
         let bad: File = toml::from_str("[listen]\nsmtp = \"port 25\"\n").unwrap();
         let err = ServeConfig::from_file(bad).unwrap_err().to_string();
         assert!(err.contains("listen.smtp"), "{err}");
+        let f: File =
+            toml::from_str("[outbound]\nresolver = \"10.0.0.53\"\nretry_min_s = 1\n").unwrap();
+        let c = ServeConfig::from_file(f).unwrap();
+        assert_eq!(c.outbound.resolver, Some("10.0.0.53:53".parse().unwrap()));
+        assert_eq!(c.outbound.retry_min, Duration::from_secs(1));
+        for (bad, key) in [
+            (
+                "[outbound]\nresolver = \"dns.example\"\n",
+                "outbound.resolver",
+            ),
+            (
+                "[outbound]\nretry_min_s = 900\nretry_max_s = 60\n",
+                "outbound.retry_min_s",
+            ),
+            ("[outbound]\nport = 0\n", "outbound.port"),
+        ] {
+            let err = ServeConfig::from_file(toml::from_str(bad).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 }

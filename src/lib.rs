@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod client_tls;
 pub mod config;
 pub mod datadir;
 pub mod dev;
@@ -13,6 +14,7 @@ pub mod lines;
 pub mod mail;
 pub mod net;
 pub mod node;
+pub mod outbound;
 pub mod pop3;
 pub mod query;
 pub mod router;

@@ -13,7 +13,7 @@ use raft::transport::{Peer, Transport};
 use raft::{partition_group, META_GROUP};
 use storage::codec;
 use storage::meta::{MetaCommand, MetaResponse, NodeRecord};
-use storage::partition::{MailError, PartitionCommand, PartitionResponse};
+use storage::partition::{MailError, PartitionCommand, PartitionResponse, QueueAction, QueueId};
 use storage::types::{is_valid_address, normalize_address, Uid};
 use storage::{Command, Response};
 
@@ -386,7 +386,76 @@ impl Node {
                 calls_served: self.host().transport().calls_served(),
                 syncs: self.host().syncs(),
             })),
+            ClientRequest::QueueList => self.queue_list().await,
+            ClientRequest::QueueShow(id) => {
+                let id = queue_id(&id)?;
+                let group = crate::outbound::queue_group(&id, self.file.partitions);
+                match r.read(group, Query::QueueEntry(id)).await.map_err(err)? {
+                    QueryResult::QueueEntry(Some(e)) => Ok(ClientReply::Queue(vec![e])),
+                    QueryResult::QueueEntry(None) => {
+                        Err(format!("no queue entry {}", hex::encode(id)))
+                    }
+                    other => Err(format!("unexpected {other:?}")),
+                }
+            }
+            ClientRequest::QueueControl { id, action } => {
+                let id = queue_id(&id)?;
+                let group = crate::outbound::queue_group(&id, self.file.partitions);
+                let cmd = match action {
+                    QueueOp::Delete => PartitionCommand::QueueRemove { id },
+                    QueueOp::Hold => PartitionCommand::QueueControl {
+                        id,
+                        action: QueueAction::Hold,
+                    },
+                    QueueOp::Release => PartitionCommand::QueueControl {
+                        id,
+                        action: QueueAction::Release,
+                    },
+                    QueueOp::Retry => PartitionCommand::QueueControl {
+                        id,
+                        action: QueueAction::RetryAt(mail::now()),
+                    },
+                };
+                match r.write(group, Command::Partition(cmd)).await.map_err(err)? {
+                    Response::Partition(PartitionResponse::Refused(MailError::NoSuchEntry)) => {
+                        Err(format!("no queue entry {}", hex::encode(id)))
+                    }
+                    other => partition_done(other),
+                }
+            }
         }
+    }
+
+    /// Every queue entry of every partition, oldest first.
+    async fn queue_list(&self) -> ClientResult {
+        let mut all = Vec::new();
+        for p in 0..self.file.partitions {
+            let group = partition_group(p);
+            let mut after = None;
+            loop {
+                let query = Query::Queue {
+                    after,
+                    limit: crate::query::QUEUE_READ_MAX,
+                };
+                let page = match self
+                    .router
+                    .read(group, query)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    QueryResult::Queue(page) => page,
+                    other => return Err(format!("unexpected {other:?}")),
+                };
+                let full = page.len() == crate::query::QUEUE_READ_MAX;
+                after = page.last().map(|e| e.id);
+                all.extend(page);
+                if !full {
+                    break;
+                }
+            }
+        }
+        all.sort_by_key(|e| (e.created, e.id));
+        Ok(ClientReply::Queue(all))
     }
 
     /// Proposes a partition command to the partition of `address`.
@@ -699,6 +768,16 @@ fn meta_done(response: Response) -> ClientResult {
         Response::Meta(MetaResponse::Refused(e)) => Err(e.to_string()),
         other => Err(format!("unexpected {other:?}")),
     }
+}
+
+/// A queue id as operators type it: 32 hex digits.
+fn queue_id(text: &str) -> Result<QueueId, String> {
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|b| QueueId::try_from(b.as_slice()).ok())
+        .ok_or_else(|| {
+            format!("{text:?} is not a queue id (32 hex digits, as `admin queue list` shows)")
+        })
 }
 
 fn partition_done(response: Response) -> ClientResult {

@@ -8,6 +8,8 @@ use crate::api::{Lookup, MailboxChanges, Query, QueryResult, Vanished};
 
 /// Most messages one read returns.
 pub const MESSAGES_PER_READ_MAX: usize = 10_000;
+/// Most queue entries one read returns.
+pub const QUEUE_READ_MAX: usize = 1_000;
 
 pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, StorageError> {
     if let Query::Digest = query {
@@ -97,6 +99,10 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                 None => None,
             }),
             Query::Body(hash) => QueryResult::Body(p.body(*hash)?),
+            Query::Queue { after, limit } => {
+                QueryResult::Queue(p.queue(after.as_ref(), (*limit).min(QUEUE_READ_MAX))?)
+            }
+            Query::QueueEntry(id) => QueryResult::QueueEntry(p.queue_entry(id)?),
             Query::DomainUsage(domain) => {
                 let mut usage = Usage::default();
                 for a in p.accounts(Some(domain))? {

@@ -222,7 +222,10 @@ impl Router {
     /// key makes a repeat a no-op); other commands report such a failure to the caller.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
         use storage::partition::PartitionCommand as P;
-        let idempotent = matches!(cmd, Command::Partition(P::Deliver { .. } | P::Once { .. }));
+        let idempotent = matches!(
+            cmd,
+            Command::Partition(P::Deliver { .. } | P::Once { .. } | P::Enqueue { .. })
+        );
         let request = ServiceRequest::PeerWrite {
             group,
             cmd: cmd.clone(),

@@ -77,6 +77,12 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }
+    crate::outbound::Outbound::new(
+        node.clone(),
+        config.outbound.clone(),
+        config.hostname.clone(),
+    )?
+    .start();
     use std::io::Write;
     std::io::stdout().flush()?;
     tokio::spawn(publish_listeners(node.clone(), listeners));

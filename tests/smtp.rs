@@ -40,7 +40,8 @@ fn count_containing(c: &Cluster, user: &str, tag: &str) -> usize {
 #[test]
 fn mx_submission_and_submissions_deliver_and_refuse_per_the_rfcs() {
     // Goal: every node accepts mail for every user on 25, submission needs TLS then AUTH and
-    // an owned sender, aliases expand, unknown users and relaying are refused, and what was
+    // an owned sender, aliases expand, unknown users and unauthenticated relaying are refused
+    // (authenticated users relay through the queue), and what was
     // acknowledged is stored (with trace headers) in the right mailboxes.
     let _g = serial();
     let c = Cluster::start_with(3, PARTITIONS, 5000, 4, SMTP_CONFIG);

@@ -22,6 +22,7 @@ use super::{ListenerKind, Smtp};
 use crate::lines::{read_line, trim_eol, Line};
 use crate::mail;
 use crate::net::{upgrade_to_tls, Stream};
+use crate::outbound;
 use crate::sasl::{decode_base64_text, decode_plain};
 use crate::throttle::Verdict;
 
@@ -50,6 +51,8 @@ struct Transaction {
     accepted_rcpts: usize,
     /// Accounts those resolve to.
     accounts: BTreeSet<String>,
+    /// Recipients in other domains (only for authenticated senders), for the outbound queue.
+    remote: Vec<String>,
     /// BDAT chunks so far, and whether they went over the limit.
     bdat: Option<Vec<u8>>,
     bdat_size: u64,
@@ -553,11 +556,15 @@ impl Session {
                 ))
             }
             RcptVerdict::OverQuota(why) => Reply::new(452, "4.2.2", why),
-            RcptVerdict::Remote if self.auth.is_some() => Reply::new(
-                451,
-                "4.4.0",
-                "Outbound relay is not enabled yet on this cluster; try again later",
-            ),
+            RcptVerdict::Remote if self.auth.is_some() => {
+                let tx = self.tx.as_mut().expect("transaction checked above");
+                tx.accepted_rcpts += 1;
+                if !tx.recipients.contains(&address) {
+                    tx.recipients.push(address.clone());
+                    tx.remote.push(address);
+                }
+                Reply::new(250, "2.1.5", "Ok")
+            }
             RcptVerdict::Remote => {
                 Reply::new(554, "5.7.1", format!("<{address}>: relay access denied"))
             }
@@ -725,9 +732,32 @@ impl Session {
             recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].as_str()),
             date: time::OffsetDateTime::now_utc(),
         };
+        let mut message = trace.header().into_bytes();
+        message.extend_from_slice(&data);
+        if !tx.remote.is_empty() {
+            // Queued before anything is stored locally: a failure here leaves nothing done
+            // that a retry would not repeat exactly (both are keyed by the message).
+            let now = mail::now();
+            let queued = outbound::enqueue(
+                &self.smtp.node.router,
+                &tx.from,
+                &tx.remote,
+                &message,
+                &key,
+                now,
+            )
+            .await;
+            if let Err(e) = queued {
+                tracing::info!("message {id} not queued: {e}");
+                let text = "Temporary failure: the message could not be queued, try again later";
+                return Reply::new(451, "4.3.0", text);
+            }
+            if tx.accounts.is_empty() {
+                return Reply::new(250, "2.0.0", format!("Ok: queued as {id}"));
+            }
+        }
         let mut body = format!("Return-Path: <{}>\r\n", tx.from).into_bytes();
-        body.extend_from_slice(trace.header().as_bytes());
-        body.extend_from_slice(&data);
+        body.extend_from_slice(&message);
         let size = body.len() as u64;
         let accounts: Vec<String> = tx.accounts.into_iter().collect();
         for account in &accounts {

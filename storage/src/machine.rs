@@ -339,7 +339,11 @@ impl std::fmt::Display for Command {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::partition::{FlagOp, MailError, Quota, RecipientOutcome};
+    use crate::partition::{
+        FlagOp, MailError, QueueAction, QueueEntry, QueueRecipient, Quota, RecipientOutcome,
+        RecipientState,
+    };
+    use crate::types::BodyHash;
     use crate::types::{ModSeq, Uid};
 
     fn partition(dir: &Path) -> (Store, GroupMachine) {
@@ -826,5 +830,170 @@ mod tests {
         let (_store, m) = partition(dir.path());
         assert_eq!(m.digest().unwrap(), digest);
         assert_eq!(m.raft_state().unwrap(), Some(2u64.to_be_bytes().to_vec()));
+    }
+
+    fn queued(id: u8, sender: &str, to: &[&str], at: i64) -> QueueEntry {
+        QueueEntry {
+            id: [id; 16],
+            sender: sender.into(),
+            recipients: to
+                .iter()
+                .map(|a| QueueRecipient {
+                    address: a.to_string(),
+                    state: RecipientState::Pending,
+                    reply: None,
+                })
+                .collect(),
+            body: BodyHash([0; 32]),
+            size: 0,
+            created: at,
+            next_attempt: at,
+            attempts: 0,
+            held: false,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn queue_entries_live_until_every_recipient_is_settled_and_reported() {
+        // Goal: an entry is stored once per id with its body, is due by time, takes each
+        // attempt's outcomes per recipient, stays (for the bounce) while a failure is
+        // unreported, and leaves no body behind once removed; held entries are never due.
+        use crate::partition::queue::AttemptOutcome as O;
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        let empty = m.digest().unwrap();
+        let entry = queued(7, "a@x.test", &["r1@far.test", "r2@far.test"], 100);
+        let enqueue = || PartitionCommand::Enqueue {
+            entry: entry.clone(),
+            body: b"outbound body".to_vec(),
+        };
+        assert_eq!(apply(&m, 1, enqueue()), PartitionResponse::Done);
+        let once = m.digest().unwrap();
+        assert_eq!(apply(&m, 2, enqueue()), PartitionResponse::Done);
+        assert_eq!(
+            m.digest().unwrap(),
+            once,
+            "a repeated enqueue changed state"
+        );
+        m.read_partition(|p| {
+            assert!(p.queue_due(99, 10).unwrap().is_empty());
+            assert_eq!(p.queue_due(100, 10).unwrap(), vec![[7; 16]]);
+            let stored = p.queue_entry(&[7; 16]).unwrap().unwrap();
+            assert_eq!(p.body(stored.body).unwrap().unwrap(), b"outbound body");
+        });
+        let attempt = |outcomes: Vec<(&str, O)>, next| PartitionCommand::QueueAttempted {
+            id: [7; 16],
+            outcomes: outcomes
+                .into_iter()
+                .map(|(a, o)| (a.to_string(), o))
+                .collect(),
+            error: None,
+            next_attempt: next,
+        };
+        apply(
+            &m,
+            3,
+            attempt(
+                vec![
+                    ("r1@far.test", O::Delivered("250 ok".into())),
+                    ("r2@far.test", O::Deferred("451 later".into())),
+                ],
+                400,
+            ),
+        );
+        m.read_partition(|p| {
+            assert!(
+                p.queue_due(399, 10).unwrap().is_empty(),
+                "old due time kept"
+            );
+            assert_eq!(p.queue_due(400, 10).unwrap(), vec![[7; 16]]);
+            let e = p.queue_entry(&[7; 16]).unwrap().unwrap();
+            assert_eq!(e.attempts, 1);
+            assert_eq!(e.pending().count(), 1);
+        });
+        let hold = PartitionCommand::QueueControl {
+            id: [7; 16],
+            action: QueueAction::Hold,
+        };
+        apply(&m, 4, hold);
+        m.read_partition(|p| assert!(p.queue_due(i64::MAX, 10).unwrap().is_empty()));
+        let retry = PartitionCommand::QueueControl {
+            id: [7; 16],
+            action: QueueAction::RetryAt(500),
+        };
+        apply(&m, 5, retry);
+        m.read_partition(|p| assert_eq!(p.queue_due(500, 10).unwrap(), vec![[7; 16]]));
+        // A late outcome for the delivered recipient does not undo it; the failure stays
+        // until the bounce is sent.
+        apply(
+            &m,
+            6,
+            attempt(
+                vec![
+                    ("r1@far.test", O::Failed("550 late".into())),
+                    ("r2@far.test", O::Failed("550 no such user".into())),
+                ],
+                600,
+            ),
+        );
+        m.read_partition(|p| {
+            let e = p.queue_entry(&[7; 16]).unwrap().unwrap();
+            assert!(e.is_final());
+            let failed: Vec<_> = e.failed().map(|r| r.address.as_str()).collect();
+            assert_eq!(failed, ["r2@far.test"]);
+        });
+        let remove = PartitionCommand::QueueRemove { id: [7; 16] };
+        assert_eq!(apply(&m, 7, remove.clone()), PartitionResponse::Done);
+        assert_eq!(
+            apply(&m, 8, remove),
+            PartitionResponse::Refused(MailError::NoSuchEntry)
+        );
+        m.read_partition(|p| {
+            assert_eq!(p.queue_len(), 0);
+            assert_eq!(p.body_count().unwrap(), 0);
+        });
+        assert_eq!(
+            m.digest().unwrap(),
+            empty,
+            "the removed entry left something behind"
+        );
+    }
+
+    #[test]
+    fn a_bounce_or_a_fully_delivered_entry_leaves_the_queue_at_once() {
+        // Goal: nothing waits for a report nobody gets: a null-sender entry whose recipient
+        // failed, and an entry whose recipients were all delivered, are removed by the attempt.
+        use crate::partition::queue::AttemptOutcome as O;
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(dir.path());
+        for (i, (sender, outcome)) in [
+            ("", O::Failed("550 gone".into())),
+            ("a@x.test", O::Delivered("250 ok".into())),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = [i as u8; 16];
+            let entry = queued(i as u8, sender, &["r@far.test"], 100);
+            let index = 10 * i as u64;
+            apply(
+                &m,
+                index + 1,
+                PartitionCommand::Enqueue {
+                    entry,
+                    body: vec![b'x'; 10 + i],
+                },
+            );
+            let cmd = PartitionCommand::QueueAttempted {
+                id,
+                outcomes: vec![("r@far.test".into(), outcome)],
+                error: None,
+                next_attempt: 200,
+            };
+            apply(&m, index + 2, cmd);
+            m.read_partition(|p| assert_eq!(p.queue_entry(&id).unwrap(), None));
+        }
+        m.read_partition(|p| assert_eq!(p.body_count().unwrap(), 0));
     }
 }

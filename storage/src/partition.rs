@@ -12,6 +12,13 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use crate::types::*;
 use crate::{chunk, codec, StorageError};
 
+pub mod queue;
+
+pub use queue::{
+    AttemptOutcome, QueueAction, QueueEntry, QueueId, QueueRecipient, RecipientState,
+    QUEUE_RECIPIENTS_MAX,
+};
+
 /// Mailboxes every new account gets, with their RFC 6154 special-use attribute.
 pub const DEFAULT_MAILBOXES: [(&str, Option<&str>); 6] = [
     ("INBOX", None),
@@ -234,6 +241,26 @@ pub enum PartitionCommand {
         now: UnixSeconds,
         command: Box<PartitionCommand>,
     },
+    /// Queues a message for remote recipients (a repeat of the id changes nothing).
+    Enqueue {
+        entry: QueueEntry,
+        body: Vec<u8>,
+    },
+    /// The outcome of one delivery attempt of a queue entry, and when to try again.
+    QueueAttempted {
+        id: QueueId,
+        outcomes: Vec<(String, AttemptOutcome)>,
+        error: Option<String>,
+        next_attempt: UnixSeconds,
+    },
+    /// Drops a queue entry: done and reported, or deleted by the operator.
+    QueueRemove {
+        id: QueueId,
+    },
+    QueueControl {
+        id: QueueId,
+        action: QueueAction,
+    },
 }
 
 /// Why a command had no effect. These are expected outcomes, not failures of the system.
@@ -263,6 +290,8 @@ pub enum MailError {
     NotAllowed,
     #[error("maildrop is in use by another session")]
     InUse,
+    #[error("no such queue entry")]
+    NoSuchEntry,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -728,6 +757,15 @@ pub(crate) fn apply(txn: &mut Txn<'_>, cmd: &PartitionCommand) -> Outcome {
             uids,
             remove_source,
         } => copy(txn, address, from, to, uids, *remove_source),
+        C::Enqueue { entry, body } => queue::enqueue(txn, entry, body),
+        C::QueueAttempted {
+            id,
+            outcomes,
+            error,
+            next_attempt,
+        } => queue::attempted(txn, id, outcomes, error.as_deref(), *next_attempt),
+        C::QueueRemove { id } => queue::remove(txn, id),
+        C::QueueControl { id, action } => queue::control(txn, id, *action),
     }
 }
 

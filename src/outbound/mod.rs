@@ -1,0 +1,584 @@
+//! Outbound mail: the replicated queue's producers and its delivery workers.
+//!
+//! Submission turns remote recipients into queue entries committed in the partition their id
+//! hashes to ([`enqueue`]) before it answers 250. Every node runs an [`Outbound`] worker that
+//! looks, in the partitions it leads, for entries that are due, and delivers them: MX lookup,
+//! one SMTP transaction per destination domain, and a `QueueAttempted` proposal with each
+//! recipient's outcome. When leadership moves, the new leader's worker finds the same entries;
+//! an attempt that was in flight on the old leader may be repeated (at least once toward the
+//! remote MX), but an entry is never dropped before its outcome is committed.
+//!
+//! Recipients that fail for good (5xx, or still undelivered when the entry expires) are
+//! reported to the sender in one DSN per entry; the DSN's delivery key is derived from the
+//! entry's id, so a report repeated after a crash is stored once.
+
+pub mod client;
+pub mod dns;
+pub mod dsn;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use raft::{partition_group, GroupId};
+use storage::partition::{
+    AttemptOutcome, PartitionCommand, PartitionResponse, QueueEntry, QueueId, QueueRecipient,
+    RecipientState, QUEUE_RECIPIENTS_MAX,
+};
+use storage::types::{domain_of, UnixSeconds};
+use storage::{Command, Response};
+use tokio::sync::Semaphore;
+
+use crate::config::OutboundConfig;
+use crate::mail::{self, MailServiceError, MessageKey, Resolved};
+use crate::node::Node;
+use crate::router::Router;
+use client::{ClientError, Connection, Settings, Transaction};
+use dns::{Dns, RouteError};
+
+/// Most due entries one partition hands its worker per look.
+const DUE_BATCH: usize = 64;
+
+/// The partition group a queue entry lives in.
+pub fn queue_group(id: &QueueId, partitions: u32) -> GroupId {
+    let n = u32::from_be_bytes(id[..4].try_into().expect("16-byte id"));
+    partition_group(n % partitions)
+}
+
+/// Queues `body` from `sender` for the remote `recipients`, in entries of at most
+/// [`QUEUE_RECIPIENTS_MAX`] recipients; returns once every entry is committed. The ids come
+/// from `key` and the recipients, so a retried submission queues nothing twice.
+pub async fn enqueue(
+    router: &Router,
+    sender: &str,
+    recipients: &[String],
+    body: &[u8],
+    key: &MessageKey,
+    now: UnixSeconds,
+) -> Result<Vec<QueueId>, MailServiceError> {
+    let mut sorted = recipients.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let partitions = router.host().config().partitions;
+    let writes = sorted.chunks(QUEUE_RECIPIENTS_MAX).map(|chunk| {
+        let mut parts: Vec<&[u8]> = vec![b"queue", key];
+        parts.extend(chunk.iter().map(|r| r.as_bytes()));
+        let hash = mail::message_key(&parts);
+        let id: QueueId = hash[..16].try_into().expect("16 bytes");
+        let entry = QueueEntry {
+            id,
+            sender: sender.to_string(),
+            recipients: chunk
+                .iter()
+                .map(|r| QueueRecipient {
+                    address: r.clone(),
+                    state: RecipientState::Pending,
+                    reply: None,
+                })
+                .collect(),
+            body: storage::types::BodyHash([0; 32]),
+            size: body.len() as u64,
+            created: now,
+            next_attempt: now,
+            attempts: 0,
+            held: false,
+            last_error: None,
+        };
+        let cmd = PartitionCommand::Enqueue {
+            entry,
+            body: body.to_vec(),
+        };
+        async move {
+            let group = queue_group(&id, partitions);
+            match router.write(group, Command::Partition(cmd)).await? {
+                Response::Partition(PartitionResponse::Done) => Ok(id),
+                other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    });
+    join_all(writes).await.into_iter().collect()
+}
+
+/// The delivery worker of one node.
+pub struct Outbound {
+    node: Arc<Node>,
+    config: OutboundConfig,
+    hostname: String,
+    dns: Dns,
+    inflight: Mutex<HashSet<QueueId>>,
+    slots: Arc<Semaphore>,
+    destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("hostname", &self.hostname)
+            .finish()
+    }
+}
+
+/// What delivery to one domain found, per recipient, and what went wrong on the way.
+struct DomainResult {
+    outcomes: Vec<(String, AttemptOutcome)>,
+    error: Option<String>,
+}
+
+impl DomainResult {
+    fn all(recipients: &[String], outcome: impl Fn() -> AttemptOutcome, error: &str) -> Self {
+        DomainResult {
+            outcomes: recipients.iter().map(|r| (r.clone(), outcome())).collect(),
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// Each recipient's outcome from the replies of one transaction.
+fn outcomes_of(recipients: &[String], tx: &Transaction) -> Vec<(String, AttemptOutcome)> {
+    recipients
+        .iter()
+        .zip(&tx.rcpt)
+        .map(|(r, rcpt)| {
+            let reply = match (&tx.data, rcpt.is_positive()) {
+                (Some(data), true) => data,
+                (None, true) => {
+                    // Accepted at RCPT but no message went: cannot happen with a sane
+                    // server; try again later.
+                    return (
+                        r.clone(),
+                        AttemptOutcome::Deferred(format!("{rcpt}; no DATA")),
+                    );
+                }
+                (_, false) => rcpt,
+            };
+            let text = reply.to_string();
+            let outcome = if reply.is_positive() {
+                AttemptOutcome::Delivered(text)
+            } else if reply.is_permanent() {
+                AttemptOutcome::Failed(text)
+            } else {
+                AttemptOutcome::Deferred(text)
+            };
+            (r.clone(), outcome)
+        })
+        .collect()
+}
+
+impl Outbound {
+    pub fn new(
+        node: Arc<Node>,
+        config: OutboundConfig,
+        hostname: String,
+    ) -> anyhow::Result<Arc<Outbound>> {
+        let dns = Dns::new(config.resolver)?;
+        Ok(Arc::new(Outbound {
+            node,
+            slots: Arc::new(Semaphore::new(config.concurrency_max)),
+            config,
+            hostname,
+            dns,
+            inflight: Mutex::new(HashSet::new()),
+            destinations: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Runs the worker until the process ends.
+    pub fn start(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                me.look();
+                tokio::time::sleep(me.config.poll).await;
+            }
+        });
+    }
+
+    /// Starts an attempt for every due entry in the partitions this node leads.
+    fn look(self: &Arc<Self>) {
+        let host = self.node.host();
+        let now = mail::now();
+        for p in 0..host.config().partitions {
+            let group = partition_group(p);
+            if host.leader_of(group).map(|(id, _)| id) != Some(host.id()) {
+                continue;
+            }
+            let Ok(machine) = host.local_machine(group) else {
+                continue;
+            };
+            let due = match machine.read_partition(|v| v.queue_due(now, DUE_BATCH)) {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!("queue of group {group} unreadable: {e}");
+                    continue;
+                }
+            };
+            for id in due {
+                if !self.inflight.lock().expect("inflight lock").insert(id) {
+                    continue;
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let slot = me.slots.clone().acquire_owned().await;
+                    if slot.is_ok() {
+                        me.attempt(group, id).await;
+                    }
+                    me.inflight.lock().expect("inflight lock").remove(&id);
+                });
+            }
+        }
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX);
+        self.config
+            .retry_min
+            .saturating_mul(factor)
+            .min(self.config.retry_max)
+    }
+
+    async fn attempt(&self, group: GroupId, id: QueueId) {
+        let Ok(machine) = self.node.host().local_machine(group) else {
+            return;
+        };
+        let read = machine.read_partition(|v| {
+            let Some(entry) = v.queue_entry(&id)? else {
+                return Ok(None);
+            };
+            let body = v.body(entry.body)?;
+            Ok::<_, storage::StorageError>(Some((entry, body)))
+        });
+        let (entry, body) = match read {
+            Ok(Some((entry, Some(body)))) => (entry, body),
+            Ok(Some((entry, None))) => {
+                tracing::error!("queue entry {} has no body", hex::encode(entry.id));
+                return;
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("queue entry {} unreadable: {e}", hex::encode(id));
+                return;
+            }
+        };
+        if entry.held {
+            return;
+        }
+        let now = mail::now();
+        if entry.is_final() {
+            self.report(group, &entry, &body, now).await;
+            return;
+        }
+        let expired = now.saturating_sub(entry.created) >= self.config.lifetime.as_secs() as i64;
+        let (outcomes, error) = if expired {
+            let outcomes = entry
+                .pending()
+                .map(|r| {
+                    let last = r
+                        .reply
+                        .as_deref()
+                        .or(entry.last_error.as_deref())
+                        .unwrap_or("no attempt succeeded");
+                    let why = format!(
+                        "gave up after {} attempts over {} s: {last}",
+                        entry.attempts,
+                        self.config.lifetime.as_secs()
+                    );
+                    (r.address.clone(), AttemptOutcome::Failed(why))
+                })
+                .collect();
+            (outcomes, Some("expired".to_string()))
+        } else {
+            self.deliver(&entry, &body).await
+        };
+        let next = now.saturating_add(self.backoff(entry.attempts).as_secs() as i64);
+        let cmd = PartitionCommand::QueueAttempted {
+            id,
+            outcomes,
+            error,
+            next_attempt: next,
+        };
+        if let Err(e) = self.node.router.write(group, Command::Partition(cmd)).await {
+            // The entry stays due; this node or the next leader tries it again.
+            tracing::info!(
+                "outcome of queue entry {} not recorded: {e}",
+                hex::encode(id)
+            );
+        }
+    }
+
+    /// One attempt at every pending recipient, domain by domain in parallel.
+    async fn deliver(
+        &self,
+        entry: &QueueEntry,
+        body: &[u8],
+    ) -> (Vec<(String, AttemptOutcome)>, Option<String>) {
+        let mut by_domain: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in entry.pending() {
+            by_domain
+                .entry(domain_of(&r.address).to_ascii_lowercase())
+                .or_default()
+                .push(r.address.clone());
+        }
+        let results = join_all(
+            by_domain
+                .iter()
+                .map(|(domain, rcpts)| self.deliver_domain(domain, &entry.sender, rcpts, body)),
+        )
+        .await;
+        let mut outcomes = Vec::new();
+        let mut errors = Vec::new();
+        for r in results {
+            outcomes.extend(r.outcomes);
+            errors.extend(r.error);
+        }
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
+        (outcomes, error)
+    }
+
+    fn destination(&self, domain: &str) -> Arc<Semaphore> {
+        let mut map = self.destinations.lock().expect("destinations lock");
+        if map.len() > 10_000 {
+            // Forget idle destinations (nobody holds their permits).
+            map.retain(|_, s| s.available_permits() < self.config.per_destination_max);
+        }
+        map.entry(domain.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_destination_max)))
+            .clone()
+    }
+
+    async fn deliver_domain(
+        &self,
+        domain: &str,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> DomainResult {
+        let Ok(_permit) = self.destination(domain).acquire_owned().await else {
+            return DomainResult::all(
+                rcpts,
+                || AttemptOutcome::Deferred("shutting down".into()),
+                "shutting down",
+            );
+        };
+        let routes = match self.dns.routes(domain).await {
+            Ok(routes) => routes,
+            Err(RouteError::Permanent(why)) => {
+                return DomainResult::all(
+                    rcpts,
+                    || AttemptOutcome::Failed(format!("550 5.1.2 {why}")),
+                    &why,
+                )
+            }
+            Err(RouteError::Temporary(why)) => {
+                return DomainResult::all(
+                    rcpts,
+                    || AttemptOutcome::Deferred(format!("451 4.4.3 {why}")),
+                    &why,
+                )
+            }
+        };
+        let mut errors = Vec::new();
+        for route in &routes {
+            for ip in &route.addrs {
+                let addr = SocketAddr::new(*ip, self.config.port);
+                let conn = match self.connect(addr, &route.host).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Greeting refused, no answer, garbage: the next exchanger may do.
+                        errors.push(format!("{} [{addr}]: {e}", route.host));
+                        continue;
+                    }
+                };
+                return self.transact(conn, &route.host, sender, rcpts, body).await;
+            }
+        }
+        let why = errors.join("; ");
+        DomainResult::all(
+            rcpts,
+            || AttemptOutcome::Deferred(format!("451 4.4.1 {why}")),
+            &why,
+        )
+    }
+
+    async fn connect(&self, addr: SocketAddr, host: &str) -> Result<Connection, ClientError> {
+        let mut settings = Settings {
+            helo: self.hostname.clone(),
+            connect_timeout: self.config.connect_timeout,
+            reply_timeout: self.config.reply_timeout,
+            starttls: self.config.starttls,
+        };
+        match Connection::open(addr, host, &settings).await {
+            // Opportunistic TLS: a server whose TLS is broken still gets its mail in plain
+            // text, as it would from Postfix with `smtp_tls_security_level = may`.
+            Err(ClientError::Tls(why)) if settings.starttls => {
+                tracing::info!("{host} [{addr}]: {why}; retrying without TLS");
+                settings.starttls = false;
+                Connection::open(addr, host, &settings).await
+            }
+            other => other,
+        }
+    }
+
+    async fn transact(
+        &self,
+        mut conn: Connection,
+        host: &str,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> DomainResult {
+        let result = conn.transaction(sender, rcpts, body).await;
+        let result = match result {
+            Ok(tx) => DomainResult {
+                outcomes: outcomes_of(rcpts, &tx),
+                error: None,
+            },
+            Err(ClientError::Refused(reply)) => {
+                let text = reply.to_string();
+                let why = format!("{host} said: {text}");
+                if reply.is_permanent() {
+                    DomainResult::all(rcpts, || AttemptOutcome::Failed(text.clone()), &why)
+                } else {
+                    DomainResult::all(rcpts, || AttemptOutcome::Deferred(text.clone()), &why)
+                }
+            }
+            Err(e) => {
+                // The connection broke mid-transaction: whether the server kept the message
+                // is unknown, so it is sent again later (at least once).
+                let why = format!("{host}: {e}");
+                return DomainResult::all(
+                    rcpts,
+                    || AttemptOutcome::Deferred(format!("451 4.4.2 {why}")),
+                    &why,
+                );
+            }
+        };
+        conn.quit().await;
+        result
+    }
+
+    /// Tells the sender about failed recipients (once), then drops the entry.
+    async fn report(&self, group: GroupId, entry: &QueueEntry, body: &[u8], now: UnixSeconds) {
+        if !entry.sender.is_empty() && entry.failed().next().is_some() {
+            let date = time::OffsetDateTime::from_unix_timestamp(now)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let dsn = dsn::bounce(entry, body, &self.hostname, date);
+            if let Err(e) = self.send_bounce(entry, &dsn, now).await {
+                tracing::info!(
+                    "bounce for queue entry {} not sent: {e}",
+                    hex::encode(entry.id)
+                );
+                let cmd = PartitionCommand::QueueAttempted {
+                    id: entry.id,
+                    outcomes: Vec::new(),
+                    error: Some(format!("bounce not sent: {e}")),
+                    next_attempt: now.saturating_add(self.config.retry_min.as_secs() as i64),
+                };
+                let _ = self.node.router.write(group, Command::Partition(cmd)).await;
+                return;
+            }
+        }
+        let cmd = PartitionCommand::QueueRemove { id: entry.id };
+        match self.node.router.write(group, Command::Partition(cmd)).await {
+            Ok(_) => {}
+            Err(e) => tracing::info!("queue entry {} not removed: {e}", hex::encode(entry.id)),
+        }
+    }
+
+    /// Delivers a bounce to the sender's mailbox here, or queues it (with a null sender, so
+    /// it is never bounced itself) when the sender is elsewhere.
+    async fn send_bounce(
+        &self,
+        entry: &QueueEntry,
+        dsn: &[u8],
+        now: UnixSeconds,
+    ) -> Result<(), MailServiceError> {
+        let key = mail::message_key(&[b"dsn", &entry.id]);
+        let router = &self.node.router;
+        let domain = domain_of(&entry.sender).to_ascii_lowercase();
+        let local = self
+            .node
+            .host()
+            .meta()
+            .read_meta(|m| m.domain(&domain))
+            .ok()
+            .flatten()
+            .is_some();
+        if !local {
+            enqueue(
+                router,
+                "",
+                std::slice::from_ref(&entry.sender),
+                dsn,
+                &key,
+                now,
+            )
+            .await?;
+            return Ok(());
+        }
+        match mail::resolve(router, &entry.sender).await? {
+            Resolved::Accounts(accounts) => {
+                let mut body = b"Return-Path: <>\r\n".to_vec();
+                body.extend_from_slice(dsn);
+                let names: Vec<String> = accounts.into_iter().map(|a| a.address).collect();
+                mail::deliver(router, &names, &body, &key).await?;
+            }
+            Resolved::Unknown => {
+                tracing::info!(
+                    "bounce for queue entry {} dropped: sender {} no longer exists",
+                    hex::encode(entry.id),
+                    entry.sender
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use client::Reply;
+
+    fn reply(code: u16) -> Reply {
+        Reply {
+            code,
+            text: "x".into(),
+        }
+    }
+
+    #[test]
+    fn each_recipient_takes_the_class_of_its_own_reply() {
+        // Goal: a refused RCPT decides that recipient alone; accepted ones take the reply to
+        // the message; 5xx fails, 4xx defers, 2xx delivers.
+        let rcpts: Vec<String> = ["a@x", "b@x", "c@x"].map(String::from).to_vec();
+        let tx = Transaction {
+            rcpt: vec![reply(250), reply(550), reply(451)],
+            data: Some(reply(250)),
+        };
+        let got = outcomes_of(&rcpts, &tx);
+        assert!(matches!(got[0].1, AttemptOutcome::Delivered(_)));
+        assert!(matches!(got[1].1, AttemptOutcome::Failed(_)));
+        assert!(matches!(got[2].1, AttemptOutcome::Deferred(_)));
+        let tx = Transaction {
+            rcpt: vec![reply(250), reply(250), reply(250)],
+            data: Some(reply(554)),
+        };
+        assert!(outcomes_of(&rcpts, &tx)
+            .iter()
+            .all(|(_, o)| matches!(o, AttemptOutcome::Failed(_))));
+    }
+
+    #[test]
+    fn queue_ids_spread_over_partitions() {
+        // Goal: entries land in every partition, not one hot spot.
+        let groups: HashSet<GroupId> = (0u32..2000)
+            .map(|i| {
+                let h = blake3::hash(&i.to_le_bytes());
+                queue_group(&h.as_bytes()[..16].try_into().unwrap(), 16)
+            })
+            .collect();
+        assert_eq!(groups.len(), 16);
+    }
+}

@@ -1,0 +1,416 @@
+//! Outbound mail end to end with real parts: mail submitted for other domains is queued in the
+//! cluster and delivered by the partition leaders to a real receiving MTA (aiosmtpd, in
+//! tests/smtp_sink.py), found through a real DNS server (dnsmasq) answering MX and A records.
+//! Bounces arrive in the sender's INBOX; the queue survives the death of its leader.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PARTITIONS: u32 = 4;
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A child process killed when the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The system's Python, where Debian's python3-aiosmtpd is installed (a `python3` earlier on
+/// the PATH, pyenv's say, does not see Debian's modules).
+fn system_python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// What the test needs that may be missing on this machine, or `None` when all is there.
+fn missing_tools() -> Option<String> {
+    let dnsmasq = Path::new("/usr/sbin/dnsmasq").exists();
+    let aiosmtpd = Command::new(system_python())
+        .args(["-c", "import aiosmtpd"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let swaks = Command::new("swaks").arg("--version").output().is_ok();
+    let missing: Vec<&str> = [
+        (!dnsmasq).then_some("dnsmasq (dnsmasq-base)"),
+        (!aiosmtpd).then_some("python3-aiosmtpd"),
+        (!swaks).then_some("swaks"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+/// The receiving MTA: returns it and the port it listens on.
+fn sink(out: &Path, args: &[&str]) -> (Reaped, u16) {
+    let script = format!("{}/tests/smtp_sink.py", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new(system_python())
+        .arg(&script)
+        .arg(out)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .strip_prefix("port ")
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("sink did not start: {line:?}"));
+    (Reaped(child), port)
+}
+
+/// dnsmasq answering for the test domains only:
+/// far.test MX mx.far.test (127.0.0.1); nomx.test has an A record and no MX;
+/// dead.test MX a host whose address refuses connections; every other *.test name is NXDOMAIN.
+fn dns() -> (Reaped, u16) {
+    for _ in 0..20 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new("/usr/sbin/dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--no-poll",
+                "--pid-file=",
+                "--user=root",
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                &format!("--port={port}"),
+                "--local=/test/",
+                "--mx-host=far.test,mx.far.test,10",
+                "--host-record=mx.far.test,127.0.0.1",
+                "--host-record=nomx.test,127.0.0.1",
+                "--mx-host=dead.test,mx.dead.test,10",
+                "--host-record=mx.dead.test,127.0.0.3",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dnsmasq runs");
+        std::thread::sleep(Duration::from_millis(300));
+        match child.try_wait().unwrap() {
+            None => return (Reaped(child), port),
+            // The port was taken between our probe and dnsmasq's bind: try another.
+            Some(_) => continue,
+        }
+    }
+    panic!("dnsmasq would not start");
+}
+
+fn events(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Messages the sink accepted for `rcpt`.
+fn received(out: &Path, rcpt: &str) -> Vec<serde_json::Value> {
+    events(out)
+        .into_iter()
+        .filter(|e| {
+            e["event"] == "message" && e["rcpt_tos"].as_array().unwrap().iter().any(|r| r == rcpt)
+        })
+        .collect()
+}
+
+fn config(resolver: u16, port: u16, extra: &str) -> String {
+    format!(
+        "[outbound]\nresolver = \"127.0.0.1:{resolver}\"\nport = {port}\nretry_min_s = 1\nretry_max_s = 2\npoll_ms = 200\nconnect_timeout_s = 2\nreply_timeout_s = 20\n{extra}"
+    )
+}
+
+/// Submits over 587 with STARTTLS and AUTH, as a mail client does.
+fn submit(c: &Cluster, node: u64, from: &str, to: &[&str], subject: &str) -> String {
+    let server = c.listener(node, "submission");
+    let to = to.join(",");
+    let out = Command::new("swaks")
+        .args([
+            "--server",
+            &server,
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            from,
+            "--auth-password",
+            "pw",
+            "--from",
+            from,
+            "--to",
+            &to,
+            "--header",
+            &format!("Subject: {subject}"),
+            "--body",
+            "outbound test body",
+        ])
+        .output()
+        .expect("swaks runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "swaks failed:\n{text}");
+    text
+}
+
+fn queue(c: &Cluster) -> Vec<serde_json::Value> {
+    c.admin(&["queue", "list", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn dsns(c: &Cluster, user: &str) -> Vec<String> {
+    c.fetch(c.any(), user)
+        .into_iter()
+        .map(|(_, b)| b)
+        .filter(|b| b.contains("multipart/report"))
+        .collect()
+}
+
+fn tempdir_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+#[test]
+fn remote_mail_is_delivered_retried_and_bounced_once() {
+    // Goal: one submission to five remote recipients: the MX-routed, the A-routed (no MX) and
+    // the greylisted (two 451s, then accepted) recipients receive it once each; the refused
+    // (550), the nonexistent domain and the unreachable one (given up on at expiry) come back
+    // to the sender as exactly one DSN naming those three; the queue ends empty.
+    if let Some(missing) = missing_tools() {
+        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempdir_file(&dir, "sink.jsonl");
+    let (cert, key) = (dir.path().join("sink.crt"), dir.path().join("sink.key"));
+    let pair = rcgen::generate_simple_self_signed(vec!["mx.far.test".to_string()]).unwrap();
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+    let (_sink, port) = sink(
+        &out,
+        &["--defer-times", "2", "--tls", path(&cert), path(&key)],
+    );
+    let (_dns, resolver) = dns();
+    let c = Cluster::start_with(
+        3,
+        PARTITIONS,
+        5000,
+        1,
+        &config(resolver, port, "lifetime_s = 12\n"),
+    );
+    let transcript = submit(
+        &c,
+        2,
+        "user0@example.test",
+        &[
+            "a@far.test",
+            "x@nomx.test",
+            "defer@far.test",
+            "bounce@far.test",
+            "y@nowhere.test",
+            "z@dead.test",
+        ],
+        "outbound-1",
+    );
+    assert!(
+        transcript.contains("250 2.0.0 Ok: queued as"),
+        "{transcript}"
+    );
+    for rcpt in ["a@far.test", "x@nomx.test", "defer@far.test"] {
+        eventually(Duration::from_secs(60), &format!("{rcpt} receives"), || {
+            (!received(&out, rcpt).is_empty()).then_some(())
+        });
+    }
+    eventually(Duration::from_secs(90), "the queue drains", || {
+        queue(&c).is_empty().then_some(())
+    });
+    for rcpt in ["a@far.test", "x@nomx.test", "defer@far.test"] {
+        let got = received(&out, rcpt);
+        assert_eq!(got.len(), 1, "{rcpt}: {got:?}");
+        let data = got[0]["data"].as_str().unwrap();
+        assert!(data.contains("Subject: outbound-1"), "{data}");
+        assert!(
+            data.contains("by mx.example.test"),
+            "our Received: header: {data}"
+        );
+        assert!(
+            !data.contains("Return-Path"),
+            "Return-Path is the final MTA's: {data}"
+        );
+        assert_eq!(got[0]["mail_from"], "user0@example.test");
+        assert_eq!(got[0]["tls"], true, "opportunistic STARTTLS was not used");
+    }
+    let defers = events(&out)
+        .iter()
+        .filter(|e| e["event"] == "rcpt" && e["address"] == "defer@far.test")
+        .count();
+    assert_eq!(defers, 3, "two deferrals then the accepted attempt");
+    let bounces = dsns(&c, "user0@example.test");
+    assert_eq!(bounces.len(), 1, "{bounces:?}");
+    let dsn = &bounces[0];
+    for failed in ["bounce@far.test", "y@nowhere.test", "z@dead.test"] {
+        assert!(
+            dsn.contains(&format!("Final-Recipient: rfc822; {failed}")),
+            "{dsn}"
+        );
+    }
+    assert!(dsn.contains("Status: 5.1.1"), "{dsn}");
+    assert!(dsn.contains("Return-Path: <>"), "{dsn}");
+    assert!(
+        !dsn.contains("Final-Recipient: rfc822; a@far.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("Subject: outbound-1"), "{dsn}");
+}
+
+#[test]
+fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
+    // Goal: (1) killing the leader of the partition holding a queue entry while its delivery
+    // is in flight loses nothing: the new leader delivers it (at least once) and the queue
+    // drains with no bounce; (2) `admin queue` lists, holds, retries and deletes entries,
+    // and a deleted entry is neither delivered nor bounced.
+    if let Some(missing) = missing_tools() {
+        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempdir_file(&dir, "sink.jsonl");
+    let (_sink, port) = sink(&out, &["--slow-seconds", "4"]);
+    let (_dns, resolver) = dns();
+    let mut c = Cluster::start_with(3, PARTITIONS, 5000, 1, &config(resolver, port, ""));
+    submit(
+        &c,
+        1,
+        "user0@example.test",
+        &["slow@far.test"],
+        "outbound-2",
+    );
+    eventually(Duration::from_secs(30), "delivery starts", || {
+        events(&out)
+            .iter()
+            .any(|e| e["event"] == "begin")
+            .then_some(())
+    });
+    let entry = queue(&c)
+        .pop()
+        .expect("the entry is queued while in flight");
+    let id = entry["id"].as_str().unwrap().to_string();
+    let raw = hex_prefix(&id);
+    let group = (raw % PARTITIONS) as u64 + 1;
+    let status = c.wait_healthy(3);
+    let leader = status["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == group)
+        .unwrap()["leader"]
+        .as_u64()
+        .unwrap();
+    c.node(leader).kill9();
+    eventually(Duration::from_secs(60), "the new leader delivers", || {
+        (received(&out, "slow@far.test").len() >= 2).then_some(())
+    });
+    eventually(Duration::from_secs(30), "the queue drains", || {
+        queue(&c).is_empty().then_some(())
+    });
+    assert!(dsns(&c, "user0@example.test").is_empty());
+    c.restart(leader);
+
+    // The operator's commands, on an entry that cannot be delivered (its MX refuses
+    // connections, so it is retried until it expires).
+    submit(
+        &c,
+        2,
+        "user0@example.test",
+        &["held@dead.test"],
+        "outbound-3",
+    );
+    let entry = eventually(Duration::from_secs(30), "an attempt is made", || {
+        queue(&c)
+            .into_iter()
+            .find(|e| e["attempts"].as_u64() >= Some(1))
+    });
+    let id = entry["id"].as_str().unwrap().to_string();
+    assert_eq!(entry["recipients"][0]["state"], "pending");
+    assert!(
+        entry["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("mx.dead.test"),
+        "{entry}"
+    );
+    c.admin(&["queue", "hold", &id]);
+    let held = queue(&c).pop().unwrap();
+    assert_eq!(held["held"], true);
+    let attempts = held["attempts"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        queue(&c).pop().unwrap()["attempts"].as_u64().unwrap(),
+        attempts,
+        "a held entry was attempted"
+    );
+    c.admin(&["queue", "retry", &id]);
+    eventually(
+        Duration::from_secs(30),
+        "retry releases and attempts",
+        || {
+            let e = queue(&c).pop()?;
+            (e["held"] == false && e["attempts"].as_u64()? > attempts).then_some(())
+        },
+    );
+    let shown = c.admin(&["queue", "show", &id]);
+    assert!(shown.contains("held@dead.test"), "{shown}");
+    c.admin(&["queue", "delete", &id]);
+    assert!(queue(&c).is_empty());
+    let gone = run(&["admin", "--data", c.any(), "queue", "delete", &id], None);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no queue entry"));
+    let bad = run(&["admin", "--data", c.any(), "queue", "hold", "xyz"], None);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a queue id"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        dsns(&c, "user0@example.test").is_empty(),
+        "a deleted entry bounced"
+    );
+}
+
+/// The partition number a queue id hashes to (before the modulo).
+fn hex_prefix(id: &str) -> u32 {
+    u32::from_str_radix(&id[..8], 16).unwrap()
+}
