@@ -91,6 +91,8 @@ pub enum Query {
         limit: usize,
     },
     QueueEntry(QueueId),
+    /// A domain's DKIM key (meta).
+    Dkim(String),
     Digest,
     Cluster,
     Nodes,
@@ -120,6 +122,7 @@ pub enum QueryResult {
     Usage(Usage),
     Queue(Vec<QueueEntry>),
     QueueEntry(Option<QueueEntry>),
+    Dkim(Option<storage::meta::DkimKey>),
 }
 
 /// What was expunged from a mailbox after some MODSEQ.
@@ -216,6 +219,14 @@ pub enum ClientRequest {
         id: String,
         action: QueueOp,
     },
+    /// Makes (or replaces) a domain's DKIM key; answers the DNS record to publish.
+    DkimGenerate {
+        domain: String,
+        selector: String,
+        algorithm: String,
+    },
+    DkimShow(String),
+    DkimRemove(String),
 }
 
 /// What an operator does to a queue entry.
@@ -243,6 +254,8 @@ pub enum ClientReply {
     Digests(BTreeMap<u64, Option<String>>),
     NodeStats(NodeStats),
     Queue(Vec<QueueEntry>),
+    /// A DNS record to publish, in zone-file form.
+    Record(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]

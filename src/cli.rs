@@ -146,6 +146,11 @@ enum AdminCmd {
         #[command(subcommand)]
         command: NodeCmd,
     },
+    /// DKIM signing keys of our domains (outbound mail from a domain with a key is signed).
+    Dkim {
+        #[command(subcommand)]
+        command: DkimCmd,
+    },
     /// The outbound queue: mail waiting for other domains.
     Queue {
         #[command(subcommand)]
@@ -165,6 +170,23 @@ enum AdminCmd {
         #[arg(long)]
         message_bytes_max: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DkimCmd {
+    /// Make a new key (replacing any old one) and print the DNS TXT record to publish.
+    Generate {
+        domain: String,
+        #[arg(long, default_value = "mailgrid")]
+        selector: String,
+        /// rsa (2048 bits, understood everywhere) or ed25519 (RFC 8463).
+        #[arg(long, default_value = "rsa")]
+        algorithm: String,
+    },
+    /// Print the DNS TXT record of the domain's key.
+    Show { domain: String },
+    /// Stop signing the domain's mail.
+    Remove { domain: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -692,6 +714,19 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Node {
             command: NodeCmd::Remove { id },
         } => ClientRequest::NodeRemove(id),
+        AdminCmd::Dkim { command } => match command {
+            DkimCmd::Generate {
+                domain,
+                selector,
+                algorithm,
+            } => ClientRequest::DkimGenerate {
+                domain,
+                selector,
+                algorithm,
+            },
+            DkimCmd::Show { domain } => ClientRequest::DkimShow(domain),
+            DkimCmd::Remove { domain } => ClientRequest::DkimRemove(domain),
+        },
         AdminCmd::Queue { command } => match command {
             QueueCmd::List { json } => {
                 queue_json = json;
@@ -780,6 +815,7 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
             }
         }
         ClientReply::Digests(d) => println!("{}", serde_json::to_string(&d)?),
+        ClientReply::Record(record) => println!("{record}"),
         ClientReply::Queue(entries) => {
             let now = crate::mail::now();
             if !queue_json {

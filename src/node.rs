@@ -387,6 +387,44 @@ impl Node {
                 syncs: self.host().syncs(),
             })),
             ClientRequest::QueueList => self.queue_list().await,
+            ClientRequest::DkimGenerate {
+                domain,
+                selector,
+                algorithm,
+            } => {
+                let domain = domain.to_ascii_lowercase();
+                let key = tokio::task::spawn_blocking(move || {
+                    crate::outbound::dkim::generate(&selector, &algorithm, mail::now())
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                let record = crate::outbound::dkim::txt_record(&domain, &key);
+                let cmd = MetaCommand::SetDkim {
+                    domain,
+                    key: Some(key),
+                };
+                meta_done(r.meta_write(cmd).await.map_err(err)?)?;
+                Ok(ClientReply::Record(record))
+            }
+            ClientRequest::DkimShow(domain) => {
+                let domain = domain.to_ascii_lowercase();
+                match r.read(META_GROUP, Query::Dkim(domain.clone())).await.map_err(err)? {
+                    QueryResult::Dkim(Some(key)) => Ok(ClientReply::Record(
+                        crate::outbound::dkim::txt_record(&domain, &key),
+                    )),
+                    QueryResult::Dkim(None) => Err(format!(
+                        "{domain} has no DKIM key (make one with `mailgrid admin dkim generate {domain}`)"
+                    )),
+                    other => Err(format!("unexpected {other:?}")),
+                }
+            }
+            ClientRequest::DkimRemove(domain) => {
+                let cmd = MetaCommand::SetDkim {
+                    domain: domain.to_ascii_lowercase(),
+                    key: None,
+                };
+                meta_done(r.meta_write(cmd).await.map_err(err)?)
+            }
             ClientRequest::QueueShow(id) => {
                 let id = queue_id(&id)?;
                 let group = crate::outbound::queue_group(&id, self.file.partitions);

@@ -23,6 +23,7 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                 Query::Partitions => QueryResult::Partitions(m.partitions()?),
                 Query::Domains => QueryResult::Domains(m.domains()?),
                 Query::Limits => QueryResult::Limits(m.limits()?),
+                Query::Dkim(domain) => QueryResult::Dkim(m.dkim(domain)?),
                 other => {
                     return Err(StorageError::Corrupt(format!(
                         "{other:?} is not a meta query"

@@ -1,7 +1,8 @@
 //! Outbound mail end to end with real parts: mail submitted for other domains is queued in the
 //! cluster and delivered by the partition leaders to a real receiving MTA (aiosmtpd, in
 //! tests/smtp_sink.py), found through a real DNS server (dnsmasq) answering MX and A records.
-//! Bounces arrive in the sender's INBOX; the queue survives the death of its leader.
+//! Bounces arrive in the sender's INBOX; the queue survives the death of its leader; DKIM
+//! signatures verify with dkimpy (tests/dkim_verify.py).
 
 mod common;
 
@@ -50,10 +51,16 @@ fn missing_tools() -> Option<String> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     let swaks = Command::new("swaks").arg("--version").output().is_ok();
+    let dkimpy = Command::new(system_python())
+        .args(["-c", "import dkim"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     let missing: Vec<&str> = [
         (!dnsmasq).then_some("dnsmasq (dnsmasq-base)"),
         (!aiosmtpd).then_some("python3-aiosmtpd"),
         (!swaks).then_some("swaks"),
+        (!dkimpy).then_some("python3-dkim"),
     ]
     .into_iter()
     .flatten()
@@ -233,6 +240,12 @@ fn remote_mail_is_delivered_retried_and_bounced_once() {
         1,
         &config(resolver, port, "lifetime_s = 12\n"),
     );
+    let record = c.admin(&["dkim", "generate", "example.test", "--selector", "mg1"]);
+    assert!(
+        record.starts_with("mg1._domainkey.example.test. IN TXT"),
+        "{record}"
+    );
+    assert_eq!(c.admin(&["dkim", "show", "example.test"]), record);
     let transcript = submit(
         &c,
         2,
@@ -275,6 +288,32 @@ fn remote_mail_is_delivered_retried_and_bounced_once() {
         assert_eq!(got[0]["mail_from"], "user0@example.test");
         assert_eq!(got[0]["tls"], true, "opportunistic STARTTLS was not used");
     }
+    // The signature made at submission verifies with an independent implementation.
+    let signed = received(&out, "a@far.test")[0]["data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(signed.starts_with("DKIM-Signature:"), "{signed}");
+    let file = dir.path().join("signed.eml");
+    std::fs::write(&file, &signed).unwrap();
+    let script = format!("{}/tests/dkim_verify.py", env!("CARGO_MANIFEST_DIR"));
+    let verified = Command::new(system_python())
+        .args([&script, path(&file), record.trim()])
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success(),
+        "dkimpy: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    // A changed body no longer verifies (the check can fail).
+    std::fs::write(&file, signed.replace("outbound test body", "forged body")).unwrap();
+    let forged = Command::new(system_python())
+        .args([&script, path(&file), record.trim()])
+        .output()
+        .unwrap();
+    assert!(!forged.status.success(), "a forged body verified");
     let defers = events(&out)
         .iter()
         .filter(|e| e["event"] == "rcpt" && e["address"] == "defer@far.test")

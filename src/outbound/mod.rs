@@ -13,6 +13,7 @@
 //! entry's id, so a report repeated after a crash is stored once.
 
 pub mod client;
+pub mod dkim;
 pub mod dns;
 pub mod dsn;
 

@@ -735,19 +735,36 @@ impl Session {
         let mut message = trace.header().into_bytes();
         message.extend_from_slice(&data);
         if !tx.remote.is_empty() {
+            let signed = match self.dkim_signature(&tx.from, &message) {
+                Ok(header) => header,
+                Err(e) => {
+                    tracing::warn!("message {id} not signed: {e}");
+                    let text =
+                        "Temporary failure: the message could not be signed, try again later";
+                    return Reply::new(451, "4.3.0", text);
+                }
+            };
+            let signed_message;
+            let queued: &[u8] = match signed {
+                Some(header) => {
+                    signed_message = [header.as_bytes(), &message].concat();
+                    &signed_message
+                }
+                None => &message,
+            };
             // Queued before anything is stored locally: a failure here leaves nothing done
             // that a retry would not repeat exactly (both are keyed by the message).
             let now = mail::now();
-            let queued = outbound::enqueue(
+            let result = outbound::enqueue(
                 &self.smtp.node.router,
                 &tx.from,
                 &tx.remote,
-                &message,
+                queued,
                 &key,
                 now,
             )
             .await;
-            if let Err(e) = queued {
+            if let Err(e) = result {
                 tracing::info!("message {id} not queued: {e}");
                 let text = "Temporary failure: the message could not be queued, try again later";
                 return Reply::new(451, "4.3.0", text);
@@ -809,6 +826,25 @@ impl Session {
             "4.2.2",
             "Some recipients could not take the message now; try again later",
         )
+    }
+
+    /// The DKIM-Signature header for mail from `sender`, when its domain has a key.
+    fn dkim_signature(&self, sender: &str, message: &[u8]) -> Result<Option<String>, String> {
+        if sender.is_empty() {
+            return Ok(None);
+        }
+        let domain = domain_of(sender).to_ascii_lowercase();
+        let key = self
+            .smtp
+            .node
+            .host()
+            .meta()
+            .read_meta(|m| m.dkim(&domain))
+            .map_err(|e| e.to_string())?;
+        match key {
+            Some(key) => outbound::dkim::sign(&key, &domain, message).map(Some),
+            None => Ok(None),
+        }
     }
 
     async fn vrfy(&mut self, value: String) -> Flow {
