@@ -64,3 +64,29 @@ pub fn unverified_connector() -> tokio_rustls::TlsConnector {
         .with_no_client_auth();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
+
+/// A connector that accepts only certificates chaining to the PEM roots in `ca_file` (a
+/// smarthost's corporate CA, or /etc/ssl/certs/ca-certificates.crt).
+pub fn verified_connector(ca_file: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use anyhow::Context;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+        .with_context(|| format!("cannot read {}", ca_file.display()))?
+    {
+        let cert = cert.with_context(|| format!("{} is not PEM", ca_file.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("a certificate in {} is unusable", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("{} holds no certificate", ca_file.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}

@@ -23,6 +23,10 @@
 //! resolver = "127.0.0.1:53"              # absent: /etc/resolv.conf
 //! retry_min_s = 300                      # first retry; doubles up to retry_max_s
 //! lifetime_s = 432000                    # give up and bounce after 5 days
+//! [outbound.relay]                       # smarthost for every remote domain
+//! host = "smtp.corp.example"
+//! user = "mailgrid"
+//! password = "secret"
 //! ```
 
 use std::net::SocketAddr;
@@ -73,6 +77,33 @@ pub struct OutboundConfig {
     pub starttls: bool,
     /// How often a partition leader looks for due queue entries.
     pub poll: Duration,
+    /// A smarthost for every remote domain instead of MX delivery...
+    pub relay: Option<Relay>,
+    /// ...or for some domains only (these take precedence).
+    pub domain_relays: std::collections::BTreeMap<String, Relay>,
+}
+
+/// How the connection to a smarthost is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RelayTls {
+    /// STARTTLS, required: a relay that does not offer it gets nothing.
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// Plain text (a relay on a trusted network).
+    None,
+}
+
+/// A relay host (smarthost), as enterprises behind a mail gateway use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Relay {
+    pub host: String,
+    pub port: u16,
+    pub tls: RelayTls,
+    /// AUTH PLAIN credentials (only over TLS).
+    pub auth: Option<(String, String)>,
+    /// PEM roots the relay's certificate must chain to; `None` accepts any certificate.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for OutboundConfig {
@@ -89,6 +120,8 @@ impl Default for OutboundConfig {
             per_destination_max: 4,
             starttls: true,
             poll: Duration::from_secs(1),
+            relay: None,
+            domain_relays: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -257,6 +290,59 @@ struct OutboundSection {
     per_destination_max: Option<usize>,
     starttls: Option<bool>,
     poll_ms: Option<u64>,
+    relay: Option<RelaySection>,
+    #[serde(default)]
+    domain_relays: std::collections::BTreeMap<String, RelaySection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelaySection {
+    host: String,
+    port: Option<u16>,
+    tls: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+fn relay(name: &str, r: RelaySection) -> anyhow::Result<Relay> {
+    let tls = match r.tls.as_deref().unwrap_or("starttls") {
+        "starttls" => RelayTls::StartTls,
+        "implicit" => RelayTls::Implicit,
+        "none" => RelayTls::None,
+        other => bail!("{name}.tls: {other:?} is not starttls, implicit or none"),
+    };
+    if r.host.is_empty() || r.host.bytes().any(|b| b.is_ascii_whitespace() || b == b':') {
+        bail!(
+            "{name}.host: {:?} is not a host name or address (give the port as port)",
+            r.host
+        );
+    }
+    let auth = match (r.user, r.password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        _ => bail!("{name}: give both user and password, or neither"),
+    };
+    if auth.is_some() && tls == RelayTls::None {
+        bail!("{name}: a password is never sent without TLS (set tls to starttls or implicit)");
+    }
+    if let Some(ca) = &r.ca_file {
+        if !ca.exists() {
+            bail!("{name}.ca_file: {} does not exist", ca.display());
+        }
+    }
+    let port = r.port.unwrap_or(match tls {
+        RelayTls::Implicit => 465,
+        _ => 587,
+    });
+    Ok(Relay {
+        host: r.host,
+        port,
+        tls,
+        auth,
+        ca_file: r.ca_file,
+    })
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -520,6 +606,15 @@ fn outbound(o: OutboundSection) -> anyhow::Result<OutboundConfig> {
         per_destination_max: o.per_destination_max.unwrap_or(d.per_destination_max),
         starttls: o.starttls.unwrap_or(d.starttls),
         poll: o.poll_ms.map(Duration::from_millis).unwrap_or(d.poll),
+        relay: o.relay.map(|r| relay("outbound.relay", r)).transpose()?,
+        domain_relays: o
+            .domain_relays
+            .into_iter()
+            .map(|(domain, r)| {
+                let relay = relay(&format!("outbound.domain_relays.{domain}"), r)?;
+                Ok((domain.to_ascii_lowercase(), relay))
+            })
+            .collect::<anyhow::Result<_>>()?,
     };
     if c.port == 0 {
         bail!("outbound.port must not be 0");
@@ -566,6 +661,10 @@ mod tests {
         let c = ServeConfig::from_file(f).unwrap();
         assert_eq!(c.outbound.resolver, Some("10.0.0.53:53".parse().unwrap()));
         assert_eq!(c.outbound.retry_min, Duration::from_secs(1));
+        let f: File =
+            toml::from_str("[outbound.relay]\nhost = \"gw.corp\"\ntls = \"implicit\"\n").unwrap();
+        let relay = ServeConfig::from_file(f).unwrap().outbound.relay.unwrap();
+        assert_eq!((relay.port, relay.tls), (465, RelayTls::Implicit));
         for (bad, key) in [
             (
                 "[outbound]\nresolver = \"dns.example\"\n",
@@ -576,6 +675,18 @@ mod tests {
                 "outbound.retry_min_s",
             ),
             ("[outbound]\nport = 0\n", "outbound.port"),
+            (
+                "[outbound.relay]\nhost = \"gw\"\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\n",
+                "never sent without TLS",
+            ),
+            (
+                "[outbound.relay]\nhost = \"gw:25\"\n",
+                "outbound.relay.host",
+            ),
+            (
+                "[outbound.domain_relays.\"x.test\"]\nhost = \"gw\"\nuser = \"u\"\n",
+                "outbound.domain_relays.x.test",
+            ),
         ] {
             let err = ServeConfig::from_file(toml::from_str(bad).unwrap())
                 .unwrap_err()

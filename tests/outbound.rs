@@ -453,3 +453,96 @@ fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
 fn hex_prefix(id: &str) -> u32 {
     u32::from_str_radix(&id[..8], 16).unwrap()
 }
+
+/// A CA and a certificate it signed for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
+fn signed_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} test CA"));
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} relay"));
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn a_smarthost_gets_the_mail_over_verified_tls_with_auth() {
+    // Goal: with [outbound.relay], mail for any domain (even one DNS does not know) goes to
+    // the smarthost over STARTTLS, with its certificate checked against the configured CA,
+    // after AUTH. A per-domain relay with a wrong password, and one whose certificate does
+    // not chain to its CA, get nothing: the entries wait with the reason as their last error.
+    if let Some(missing) = missing_tools() {
+        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+        return;
+    }
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = tempdir_file(&dir, "sink.jsonl");
+    let (ca, cert, key) = signed_certificate(dir.path(), "relay");
+    let (other_ca, _, _) = signed_certificate(dir.path(), "other");
+    let (_sink, port) = sink(
+        &out,
+        &[
+            "--tls",
+            path(&cert),
+            path(&key),
+            "--auth",
+            "relayuser:relaypw",
+        ],
+    );
+    let (_dns, resolver) = dns();
+    let relay = |user: &str, password: &str, ca: &Path| {
+        format!("host = \"127.0.0.1\"\nport = {port}\ntls = \"starttls\"\nuser = \"{user}\"\npassword = \"{password}\"\nca_file = \"{}\"\n", path(ca))
+    };
+    let extra = format!(
+        "[outbound.relay]\n{}[outbound.domain_relays.\"badauth.test\"]\n{}[outbound.domain_relays.\"wrongca.test\"]\n{}",
+        relay("relayuser", "relaypw", &ca),
+        relay("relayuser", "wrong", &ca),
+        relay("relayuser", "relaypw", &other_ca),
+    );
+    let c = Cluster::start_with(1, PARTITIONS, 5000, 1, &config(resolver, 1, &extra));
+    submit(
+        &c,
+        1,
+        "user0@example.test",
+        &["someone@anywhere.test", "a@badauth.test", "b@wrongca.test"],
+        "relayed",
+    );
+    let got = eventually(Duration::from_secs(30), "the smarthost receives", || {
+        received(&out, "someone@anywhere.test").pop()
+    });
+    assert_eq!(got["tls"], true);
+    assert_eq!(got["auth"], "relayuser");
+    assert!(got["data"].as_str().unwrap().contains("Subject: relayed"));
+    let pending = eventually(Duration::from_secs(30), "both refusals recorded", || {
+        let entry = queue(&c).pop()?;
+        let error = entry["last_error"].as_str()?.to_string();
+        (error.contains("authentication failed") && error.contains("TLS failed")).then_some(entry)
+    });
+    let states: Vec<&str> = pending["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["pending", "pending", "delivered"], "{pending}");
+    assert!(received(&out, "a@badauth.test").is_empty());
+    assert!(received(&out, "b@wrongca.test").is_empty());
+}

@@ -1,6 +1,9 @@
 """A receiving MTA for tests/outbound.rs, built on aiosmtpd (Debian's python3-aiosmtpd).
 
 Usage: smtp_sink.py OUT.jsonl [--defer-times N] [--slow-seconds S] [--tls CERT KEY]
+                   [--auth USER:PASSWORD]
+
+With --auth it is a smarthost: mail only after AUTH (over TLS) with those credentials.
 
 Listens on 127.0.0.1 with a port the system picks and prints "port N" once ready. What it
 answers depends on the recipient's local part:
@@ -18,7 +21,7 @@ import json
 import ssl
 import sys
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 class Sink:
@@ -49,11 +52,13 @@ class Sink:
         slow = any(r.split("@")[0].lower().startswith("slow") for r in envelope.rcpt_tos)
         if slow:
             self.record(event="begin", rcpt_tos=envelope.rcpt_tos)
+        login = getattr(session.auth_data, "login", None)
         self.record(
             event="message",
             mail_from=envelope.mail_from,
             rcpt_tos=envelope.rcpt_tos,
             tls=session.ssl is not None,
+            auth=login.decode() if login else None,
             data=envelope.original_content.decode("utf-8", "replace"),
         )
         if slow:
@@ -64,22 +69,45 @@ class Sink:
 async def main():
     args = sys.argv[1:]
     out = args.pop(0)
-    defer_times, slow_seconds, tls = 0, 0.0, None
+    defer_times, slow_seconds, tls, credentials = 0, 0.0, None, None
     while args:
         flag = args.pop(0)
         if flag == "--defer-times":
             defer_times = int(args.pop(0))
         elif flag == "--slow-seconds":
             slow_seconds = float(args.pop(0))
+        elif flag == "--auth":
+            user, password = args.pop(0).split(":", 1)
+            credentials = (user.encode(), password.encode())
         elif flag == "--tls":
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(args.pop(0), args.pop(0))
         else:
             raise SystemExit(f"unknown flag {flag}")
     handler = Sink(out, defer_times, slow_seconds)
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = (getattr(auth_data, "login", None), getattr(auth_data, "password", None)) == credentials
+        handler.record(event="auth", ok=ok)
+        # handled=False: aiosmtpd itself answers 535 to a failure.
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+    def smtp():
+        if credentials is None:
+            return SMTP(handler, hostname="mx.far.test", tls_context=tls, require_starttls=False)
+        return SMTP(
+            handler,
+            hostname="relay.far.test",
+            tls_context=tls,
+            require_starttls=True,
+            authenticator=authenticator,
+            auth_required=True,
+            auth_require_tls=True,
+        )
+
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, hostname="mx.far.test", tls_context=tls, require_starttls=False),
+        smtp,
         "127.0.0.1",
         0,
     )

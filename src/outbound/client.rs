@@ -57,6 +57,9 @@ pub enum ClientError {
     /// The session was refused: the greeting, EHLO, MAIL or DATA was answered with this.
     #[error("{0}")]
     Refused(Reply),
+    /// The relay refused our credentials: an operator's problem, retried later.
+    #[error("authentication failed: {0}")]
+    Auth(Reply),
 }
 
 /// Service extensions the server announced in its EHLO reply.
@@ -97,13 +100,38 @@ pub struct Transaction {
     pub data: Option<Reply>,
 }
 
+/// How a connection uses TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// STARTTLS when offered (remote MXs).
+    Opportunistic,
+    /// STARTTLS or nothing (a smarthost).
+    Required,
+    /// TLS from the first byte.
+    Implicit,
+    Off,
+}
+
 /// Settings for one connection.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     pub helo: String,
     pub connect_timeout: Duration,
     pub reply_timeout: Duration,
-    pub starttls: bool,
+    pub tls: TlsMode,
+    pub connector: tokio_rustls::TlsConnector,
+    /// AUTH PLAIN after TLS, for a smarthost.
+    pub auth: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("helo", &self.helo)
+            .field("tls", &self.tls)
+            .field("auth", &self.auth.as_ref().map(|(user, _)| user))
+            .finish()
+    }
 }
 
 pub struct Connection {
@@ -144,16 +172,47 @@ impl Connection {
             tls: false,
             settings: settings.clone(),
         };
+        if settings.tls == TlsMode::Implicit {
+            conn.handshake(host).await?;
+        }
         let greeting = conn.reply().await?;
         if greeting.code != 220 {
             return Err(ClientError::Refused(greeting));
         }
         conn.hello().await?;
-        if settings.starttls && conn.ext.starttls {
+        let starttls = match settings.tls {
+            TlsMode::Opportunistic => conn.ext.starttls,
+            TlsMode::Required if !conn.ext.starttls => {
+                return Err(ClientError::Tls("the relay does not offer STARTTLS".into()))
+            }
+            TlsMode::Required => true,
+            TlsMode::Implicit | TlsMode::Off => false,
+        };
+        if starttls {
             conn.starttls(host).await?;
             conn.hello().await?;
         }
+        if let Some((user, password)) = &settings.auth {
+            conn.authenticate(user, password).await?;
+        }
         Ok(conn)
+    }
+
+    /// AUTH PLAIN (RFC 4616) with an initial response; only ever over TLS.
+    async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), ClientError> {
+        use base64::Engine;
+        if !self.tls {
+            return Err(ClientError::Tls("no TLS, so no password is sent".into()));
+        }
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        self.send(format!("AUTH PLAIN {token}\r\n").as_bytes())
+            .await?;
+        let reply = self.reply().await?;
+        if reply.code != 235 {
+            return Err(ClientError::Auth(reply));
+        }
+        Ok(())
     }
 
     async fn hello(&mut self) -> Result<(), ClientError> {
@@ -185,6 +244,11 @@ impl Connection {
         if !self.io.buffer().is_empty() {
             return Err(ClientError::Garbage("data after the STARTTLS reply".into()));
         }
+        self.handshake(host).await
+    }
+
+    /// Turns the connection into TLS (after STARTTLS, or at once for implicit TLS).
+    async fn handshake(&mut self, host: &str) -> Result<(), ClientError> {
         let plain = std::mem::replace(
             &mut self.io,
             BufReader::new(Box::new(tokio::io::empty()) as Box<dyn Io>),
@@ -192,7 +256,7 @@ impl Connection {
         .into_inner();
         let name = rustls::pki_types::ServerName::try_from(host.trim_end_matches('.').to_string())
             .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
-        let handshake = crate::client_tls::unverified_connector().connect(name, plain);
+        let handshake = self.settings.connector.connect(name, plain);
         let tls = tokio::time::timeout(self.settings.reply_timeout, handshake)
             .await
             .map_err(|_| ClientError::Tls("handshake timed out".into()))?
@@ -507,7 +571,13 @@ mod tests {
             helo: "mx.example.test".into(),
             connect_timeout: Duration::from_secs(2),
             reply_timeout: Duration::from_millis(500),
-            starttls,
+            tls: if starttls {
+                TlsMode::Opportunistic
+            } else {
+                TlsMode::Off
+            },
+            connector: crate::client_tls::unverified_connector(),
+            auth: None,
         }
     }
 

@@ -121,6 +121,20 @@ impl Dns {
     }
 }
 
+impl Dns {
+    /// The addresses of a host (a smarthost named in the configuration).
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, RouteError> {
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        match self.resolver.lookup_ip(fqdn.as_str()).await {
+            Ok(ips) if ips.iter().next().is_some() => Ok(ips.iter().collect()),
+            Ok(_) => Err(RouteError::Temporary(format!("{host} has no address"))),
+            Err(e) => Err(RouteError::Temporary(format!(
+                "address lookup for {host} failed: {e}"
+            ))),
+        }
+    }
+}
+
 /// Name servers from /etc/resolv.conf (127.0.0.1 when it names none, as libc does).
 fn system_config() -> anyhow::Result<ResolverConfig> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();

@@ -32,11 +32,11 @@ use storage::types::{domain_of, UnixSeconds};
 use storage::{Command, Response};
 use tokio::sync::Semaphore;
 
-use crate::config::OutboundConfig;
+use crate::config::{OutboundConfig, Relay, RelayTls};
 use crate::mail::{self, MailServiceError, MessageKey, Resolved};
 use crate::node::Node;
 use crate::router::Router;
-use client::{ClientError, Connection, Settings, Transaction};
+use client::{ClientError, Connection, Settings, TlsMode, Transaction};
 use dns::{Dns, RouteError};
 
 /// Most due entries one partition hands its worker per look.
@@ -111,6 +111,11 @@ pub struct Outbound {
     inflight: Mutex<HashSet<QueueId>>,
     slots: Arc<Semaphore>,
     destinations: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// For remote MXs: opportunistic STARTTLS, no credentials.
+    mx: Settings,
+    /// Per smarthost: the global one (`None`) and each domain's, made once at start so a bad
+    /// CA file stops the node rather than the mail.
+    relays: HashMap<Option<String>, Settings>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -174,6 +179,43 @@ impl Outbound {
         hostname: String,
     ) -> anyhow::Result<Arc<Outbound>> {
         let dns = Dns::new(config.resolver)?;
+        let mx = Settings {
+            helo: hostname.clone(),
+            connect_timeout: config.connect_timeout,
+            reply_timeout: config.reply_timeout,
+            tls: if config.starttls {
+                TlsMode::Opportunistic
+            } else {
+                TlsMode::Off
+            },
+            connector: crate::client_tls::unverified_connector(),
+            auth: None,
+        };
+        let mut relays = HashMap::new();
+        let configured = config.relay.iter().map(|r| (None, r)).chain(
+            config
+                .domain_relays
+                .iter()
+                .map(|(domain, r)| (Some(domain.clone()), r)),
+        );
+        for (key, relay) in configured {
+            let connector = match &relay.ca_file {
+                Some(ca) => crate::client_tls::verified_connector(ca)?,
+                None => crate::client_tls::unverified_connector(),
+            };
+            let tls = match relay.tls {
+                RelayTls::StartTls => TlsMode::Required,
+                RelayTls::Implicit => TlsMode::Implicit,
+                RelayTls::None => TlsMode::Off,
+            };
+            let settings = Settings {
+                tls,
+                connector,
+                auth: relay.auth.clone(),
+                ..mx.clone()
+            };
+            relays.insert(key, settings);
+        }
         Ok(Arc::new(Outbound {
             node,
             slots: Arc::new(Semaphore::new(config.concurrency_max)),
@@ -182,6 +224,8 @@ impl Outbound {
             dns,
             inflight: Mutex::new(HashSet::new()),
             destinations: Mutex::new(HashMap::new()),
+            mx,
+            relays,
         }))
     }
 
@@ -362,6 +406,11 @@ impl Outbound {
                 "shutting down",
             );
         };
+        if let Some((relay, settings)) = self.relay_for(domain) {
+            return self
+                .deliver_via_relay(relay, settings, sender, rcpts, body)
+                .await;
+        }
         let routes = match self.dns.routes(domain).await {
             Ok(routes) => routes,
             Err(RouteError::Permanent(why)) => {
@@ -383,7 +432,7 @@ impl Outbound {
         for route in &routes {
             for ip in &route.addrs {
                 let addr = SocketAddr::new(*ip, self.config.port);
-                let conn = match self.connect(addr, &route.host).await {
+                let conn = match self.connect(addr, &route.host, &self.mx).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         // Greeting refused, no answer, garbage: the next exchanger may do.
@@ -402,20 +451,71 @@ impl Outbound {
         )
     }
 
-    async fn connect(&self, addr: SocketAddr, host: &str) -> Result<Connection, ClientError> {
-        let mut settings = Settings {
-            helo: self.hostname.clone(),
-            connect_timeout: self.config.connect_timeout,
-            reply_timeout: self.config.reply_timeout,
-            starttls: self.config.starttls,
+    /// The smarthost for `domain` (its own, else the global one) and how to connect to it.
+    fn relay_for(&self, domain: &str) -> Option<(&Relay, &Settings)> {
+        if let Some(relay) = self.config.domain_relays.get(domain) {
+            return Some((relay, &self.relays[&Some(domain.to_string())]));
+        }
+        let relay = self.config.relay.as_ref()?;
+        Some((relay, &self.relays[&None]))
+    }
+
+    /// Delivery through a smarthost: every failure to reach it, or to log in, is retried
+    /// (it is the operator's relay, not the recipient's server, that is unwell).
+    async fn deliver_via_relay(
+        &self,
+        relay: &Relay,
+        settings: &Settings,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> DomainResult {
+        let addrs = match relay.host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => match self.dns.addresses(&relay.host).await {
+                Ok(addrs) => addrs,
+                Err(e) => {
+                    let why = format!("relay {}: {e}", relay.host);
+                    return DomainResult::all(
+                        rcpts,
+                        || AttemptOutcome::Deferred(format!("451 4.4.3 {why}")),
+                        &why,
+                    );
+                }
+            },
         };
-        match Connection::open(addr, host, &settings).await {
+        let mut errors = Vec::new();
+        for ip in addrs {
+            let addr = SocketAddr::new(ip, relay.port);
+            match self.connect(addr, &relay.host, settings).await {
+                Ok(conn) => return self.transact(conn, &relay.host, sender, rcpts, body).await,
+                Err(e) => errors.push(format!("relay {} [{addr}]: {e}", relay.host)),
+            }
+        }
+        let why = errors.join("; ");
+        DomainResult::all(
+            rcpts,
+            || AttemptOutcome::Deferred(format!("451 4.4.1 {why}")),
+            &why,
+        )
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        host: &str,
+        settings: &Settings,
+    ) -> Result<Connection, ClientError> {
+        match Connection::open(addr, host, settings).await {
             // Opportunistic TLS: a server whose TLS is broken still gets its mail in plain
             // text, as it would from Postfix with `smtp_tls_security_level = may`.
-            Err(ClientError::Tls(why)) if settings.starttls => {
+            Err(ClientError::Tls(why)) if settings.tls == TlsMode::Opportunistic => {
                 tracing::info!("{host} [{addr}]: {why}; retrying without TLS");
-                settings.starttls = false;
-                Connection::open(addr, host, &settings).await
+                let plain = Settings {
+                    tls: TlsMode::Off,
+                    ..settings.clone()
+                };
+                Connection::open(addr, host, &plain).await
             }
             other => other,
         }
