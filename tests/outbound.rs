@@ -339,9 +339,9 @@ fn remote_mail_is_delivered_retried_and_bounced_once() {
 
 #[test]
 fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
-    // Goal: (1) killing the leader of the partition holding a queue entry while its delivery
-    // is in flight loses nothing: the new leader delivers it (at least once) and the queue
-    // drains with no bounce; (2) `admin queue` lists, holds, retries and deletes entries,
+    // Goal: (1) killing the node delivering a queue entry (its partition's leader when the
+    // attempt began) while the remote server has not answered yet loses nothing: the next
+    // leader delivers it (at least once) and the queue drains with no bounce; (2) `admin queue` lists, holds, retries and deletes entries,
     // and a deleted entry is neither delivered nor bounced.
     if let Some(missing) = missing_tools() {
         eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
@@ -350,7 +350,8 @@ fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
     let out = tempdir_file(&dir, "sink.jsonl");
-    let (_sink, port) = sink(&out, &["--slow-seconds", "4"]);
+    // Slow enough that the kill below lands while the first attempt waits for its reply.
+    let (_sink, port) = sink(&out, &["--slow-seconds", "10"]);
     let (_dns, resolver) = dns();
     let mut c = Cluster::start_with(3, PARTITIONS, 5000, 1, &config(resolver, port, ""));
     submit(
@@ -366,23 +367,18 @@ fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
             .any(|e| e["event"] == "begin")
             .then_some(())
     });
-    let entry = queue(&c)
-        .pop()
-        .expect("the entry is queued while in flight");
-    let id = entry["id"].as_str().unwrap().to_string();
-    let raw = hex_prefix(&id);
-    let group = (raw % PARTITIONS) as u64 + 1;
-    let status = c.wait_healthy(3);
-    let leader = status["groups"]
-        .as_array()
-        .unwrap()
+    assert!(!queue(&c).is_empty(), "the entry is queued while in flight");
+    // The node delivering it holds the connection to the sink (leadership may have moved
+    // since the attempt began, so the current leader is not necessarily the one).
+    let pid = delivering_pid(port).expect("a node is connected to the sink");
+    let leader = c
+        .nodes
         .iter()
-        .find(|g| g["group"] == group)
-        .unwrap()["leader"]
-        .as_u64()
-        .unwrap();
+        .find(|n| n.child.is_some() && n.pid() as u32 == pid)
+        .expect("the connection belongs to a node")
+        .id;
     c.node(leader).kill9();
-    eventually(Duration::from_secs(60), "the new leader delivers", || {
+    eventually(Duration::from_secs(60), "another node delivers", || {
         (received(&out, "slow@far.test").len() >= 2).then_some(())
     });
     eventually(Duration::from_secs(30), "the queue drains", || {
@@ -449,9 +445,20 @@ fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
     );
 }
 
-/// The partition number a queue id hashes to (before the modulo).
-fn hex_prefix(id: &str) -> u32 {
-    u32::from_str_radix(&id[..8], 16).unwrap()
+/// The process with an established connection to 127.0.0.1:`port` (from `ss`, iproute2).
+fn delivering_pid(port: u16) -> Option<u32> {
+    let out = Command::new("ss")
+        .args(["-Htnp", "state", "established", "dst"])
+        .arg(format!("127.0.0.1:{port}"))
+        .output()
+        .expect("ss runs (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("pid=")? + 4;
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// A CA and a certificate it signed for 127.0.0.1, as PEM files in `dir`: (ca, cert, key).
@@ -486,7 +493,7 @@ fn signed_certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
 fn a_smarthost_gets_the_mail_over_verified_tls_with_auth() {
     // Goal: with [outbound.relay], mail for any domain (even one DNS does not know) goes to
     // the smarthost over STARTTLS, with its certificate checked against the configured CA,
-    // after AUTH. A per-domain relay with a wrong password, and one whose certificate does
+    // after AUTH; a second message moments later reuses the connection. A per-domain relay with a wrong password, and one whose certificate does
     // not chain to its CA, get nothing: the entries wait with the reason as their last error.
     if let Some(missing) = missing_tools() {
         eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
@@ -531,6 +538,23 @@ fn a_smarthost_gets_the_mail_over_verified_tls_with_auth() {
     assert_eq!(got["tls"], true);
     assert_eq!(got["auth"], "relayuser");
     assert!(got["data"].as_str().unwrap().contains("Subject: relayed"));
+    // The next message to the same relay, moments later, rides the same connection.
+    submit(
+        &c,
+        1,
+        "user0@example.test",
+        &["other@anywhere.test"],
+        "again",
+    );
+    let again = eventually(
+        Duration::from_secs(30),
+        "the second message arrives",
+        || received(&out, "other@anywhere.test").pop(),
+    );
+    assert_eq!(
+        again["peer"], got["peer"],
+        "a new connection for the second message"
+    );
     let pending = eventually(Duration::from_secs(30), "both refusals recorded", || {
         let entry = queue(&c).pop()?;
         let error = entry["last_error"].as_str()?.to_string();

@@ -59,6 +59,7 @@ class Sink:
             rcpt_tos=envelope.rcpt_tos,
             tls=session.ssl is not None,
             auth=login.decode() if login else None,
+            peer=list(session.peer),
             data=envelope.original_content.decode("utf-8", "replace"),
         )
         if slow:

@@ -41,6 +41,12 @@ use dns::{Dns, RouteError};
 
 /// Most due entries one partition hands its worker per look.
 const DUE_BATCH: usize = 64;
+/// How long a connection waits, idle, for the next message to its destination...
+const IDLE_MAX: Duration = Duration::from_secs(5);
+/// ...and how many messages it carries before it is closed.
+const REUSE_MAX: u32 = 100;
+/// Idle connections kept per destination.
+const IDLE_PER_DESTINATION_MAX: usize = 4;
 
 /// The partition group a queue entry lives in.
 pub fn queue_group(id: &QueueId, partitions: u32) -> GroupId {
@@ -116,6 +122,14 @@ pub struct Outbound {
     /// Per smarthost: the global one (`None`) and each domain's, made once at start so a bad
     /// CA file stops the node rather than the mail.
     relays: HashMap<Option<String>, Settings>,
+    /// Connections that finished a transaction, by destination, for the next message there.
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
+}
+
+struct Idle {
+    conn: Connection,
+    since: tokio::time::Instant,
+    uses: u32,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -226,6 +240,7 @@ impl Outbound {
             destinations: Mutex::new(HashMap::new()),
             mx,
             relays,
+            idle: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -238,6 +253,80 @@ impl Outbound {
                 tokio::time::sleep(me.config.poll).await;
             }
         });
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for conn in me.expired() {
+                    tokio::spawn(conn.quit());
+                }
+            }
+        });
+    }
+
+    /// Idle connections past their time, taken out of the pool.
+    fn expired(&self) -> Vec<Connection> {
+        let mut idle = self.idle.lock().expect("idle lock");
+        let mut out = Vec::new();
+        for list in idle.values_mut() {
+            let (old, young): (Vec<Idle>, Vec<Idle>) =
+                list.drain(..).partition(|i| i.since.elapsed() >= IDLE_MAX);
+            *list = young;
+            out.extend(old.into_iter().map(|i| i.conn));
+        }
+        idle.retain(|_, list| !list.is_empty());
+        out
+    }
+
+    /// A connection that carried a message to `key` a moment ago, if one waits.
+    fn take_idle(&self, key: &str) -> Option<(Connection, u32)> {
+        let mut idle = self.idle.lock().expect("idle lock");
+        let list = idle.get_mut(key)?;
+        while let Some(i) = list.pop() {
+            if i.since.elapsed() < IDLE_MAX {
+                return Some((i.conn, i.uses));
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, key: &str, conn: Connection, uses: u32) -> Option<Connection> {
+        if uses >= REUSE_MAX {
+            return Some(conn);
+        }
+        let mut idle = self.idle.lock().expect("idle lock");
+        let list = idle.entry(key.to_string()).or_default();
+        if list.len() >= IDLE_PER_DESTINATION_MAX {
+            return Some(conn);
+        }
+        list.push(Idle {
+            conn,
+            since: tokio::time::Instant::now(),
+            uses,
+        });
+        None
+    }
+
+    /// Runs the transaction on an idle connection to `key` when there is one. `None` when
+    /// there was none, or it turned out dead (the server closed it meanwhile): then a new
+    /// connection is made.
+    async fn try_idle(
+        &self,
+        key: &str,
+        host: &str,
+        sender: &str,
+        rcpts: &[String],
+        body: &[u8],
+    ) -> Option<DomainResult> {
+        let (mut conn, uses) = self.take_idle(key)?;
+        let result = conn.transaction(sender, rcpts, body).await;
+        if matches!(
+            result,
+            Err(ClientError::Network(_) | ClientError::Garbage(_))
+        ) {
+            return None;
+        }
+        Some(self.finish(conn, key, uses, host, rcpts, result).await)
     }
 
     /// Starts an attempt for every due entry in the partitions this node leads.
@@ -406,10 +495,17 @@ impl Outbound {
                 "shutting down",
             );
         };
-        if let Some((relay, settings)) = self.relay_for(domain) {
+        if let Some((relay, settings, key)) = self.relay_for(domain) {
+            if let Some(done) = self.try_idle(&key, &relay.host, sender, rcpts, body).await {
+                return done;
+            }
             return self
-                .deliver_via_relay(relay, settings, sender, rcpts, body)
+                .deliver_via_relay(relay, settings, &key, sender, rcpts, body)
                 .await;
+        }
+        let key = format!("mx/{domain}");
+        if let Some(done) = self.try_idle(&key, domain, sender, rcpts, body).await {
+            return done;
         }
         let routes = match self.dns.routes(domain).await {
             Ok(routes) => routes,
@@ -440,7 +536,9 @@ impl Outbound {
                         continue;
                     }
                 };
-                return self.transact(conn, &route.host, sender, rcpts, body).await;
+                return self
+                    .transact(conn, &key, &route.host, sender, rcpts, body)
+                    .await;
             }
         }
         let why = errors.join("; ");
@@ -452,12 +550,14 @@ impl Outbound {
     }
 
     /// The smarthost for `domain` (its own, else the global one) and how to connect to it.
-    fn relay_for(&self, domain: &str) -> Option<(&Relay, &Settings)> {
+    /// Also names its pool of idle connections.
+    fn relay_for(&self, domain: &str) -> Option<(&Relay, &Settings, String)> {
         if let Some(relay) = self.config.domain_relays.get(domain) {
-            return Some((relay, &self.relays[&Some(domain.to_string())]));
+            let settings = &self.relays[&Some(domain.to_string())];
+            return Some((relay, settings, format!("relay/{domain}")));
         }
         let relay = self.config.relay.as_ref()?;
-        Some((relay, &self.relays[&None]))
+        Some((relay, &self.relays[&None], "relay/*".to_string()))
     }
 
     /// Delivery through a smarthost: every failure to reach it, or to log in, is retried
@@ -466,6 +566,7 @@ impl Outbound {
         &self,
         relay: &Relay,
         settings: &Settings,
+        key: &str,
         sender: &str,
         rcpts: &[String],
         body: &[u8],
@@ -488,7 +589,11 @@ impl Outbound {
         for ip in addrs {
             let addr = SocketAddr::new(ip, relay.port);
             match self.connect(addr, &relay.host, settings).await {
-                Ok(conn) => return self.transact(conn, &relay.host, sender, rcpts, body).await,
+                Ok(conn) => {
+                    return self
+                        .transact(conn, key, &relay.host, sender, rcpts, body)
+                        .await
+                }
                 Err(e) => errors.push(format!("relay {} [{addr}]: {e}", relay.host)),
             }
         }
@@ -524,17 +629,37 @@ impl Outbound {
     async fn transact(
         &self,
         mut conn: Connection,
+        key: &str,
         host: &str,
         sender: &str,
         rcpts: &[String],
         body: &[u8],
     ) -> DomainResult {
         let result = conn.transaction(sender, rcpts, body).await;
+        self.finish(conn, key, 0, host, rcpts, result).await
+    }
+
+    /// Outcomes of a transaction; a connection that completed one waits for the next message
+    /// to the same destination.
+    async fn finish(
+        &self,
+        conn: Connection,
+        key: &str,
+        uses: u32,
+        host: &str,
+        rcpts: &[String],
+        result: Result<Transaction, ClientError>,
+    ) -> DomainResult {
         let result = match result {
-            Ok(tx) => DomainResult {
-                outcomes: outcomes_of(rcpts, &tx),
-                error: None,
-            },
+            Ok(tx) => {
+                if let Some(conn) = self.put_idle(key, conn, uses + 1) {
+                    conn.quit().await;
+                }
+                return DomainResult {
+                    outcomes: outcomes_of(rcpts, &tx),
+                    error: None,
+                };
+            }
             Err(ClientError::Refused(reply)) => {
                 let text = reply.to_string();
                 let why = format!("{host} said: {text}");
