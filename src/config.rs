@@ -10,6 +10,7 @@
 //! submissions = "0.0.0.0:465"
 //! pop3 = "0.0.0.0:110"
 //! pop3s = "0.0.0.0:995"
+//! http = "0.0.0.0:8080"                 # Prometheus metrics at /metrics
 //! [tls]                                  # absent: DIR/tls/server.pem, made at init/join
 //! cert = "/etc/mailgrid/fullchain.pem"
 //! key = "/etc/mailgrid/key.pem"
@@ -136,6 +137,8 @@ pub struct Listen {
     pub pop3s: Option<SocketAddr>,
     pub imap: Option<SocketAddr>,
     pub imaps: Option<SocketAddr>,
+    /// HTTP: Prometheus metrics at /metrics.
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -387,6 +390,7 @@ struct ListenSection {
     pop3s: Option<String>,
     imap: Option<String>,
     imaps: Option<String>,
+    http: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -483,6 +487,7 @@ impl ServeConfig {
             pop3s: listener("pop3s", l.pop3s, "0.0.0.0:995")?,
             imap: listener("imap", l.imap, "0.0.0.0:143")?,
             imaps: listener("imaps", l.imaps, "0.0.0.0:993")?,
+            http: listener("http", l.http, "0.0.0.0:8080")?,
         };
         let hostname = file.hostname.unwrap_or_else(system_hostname);
         if hostname.is_empty() || hostname.bytes().any(|b| b.is_ascii_whitespace()) {

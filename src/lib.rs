@@ -9,6 +9,7 @@ pub mod client_tls;
 pub mod config;
 pub mod datadir;
 pub mod dev;
+pub mod http;
 pub mod imap;
 pub mod lines;
 pub mod mail;

@@ -77,12 +77,17 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }
-    crate::outbound::Outbound::new(
+    let outbound = crate::outbound::Outbound::new(
         node.clone(),
         config.outbound.clone(),
         config.hostname.clone(),
-    )?
-    .start();
+    )?;
+    outbound.start();
+    if let Some(addr) = config.listen.http {
+        let bound = crate::http::listen(node.clone(), outbound.clone(), addr).await?;
+        println!("http listening on {bound}");
+        listeners.insert("http".to_string(), bound.to_string());
+    }
     use std::io::Write;
     std::io::stdout().flush()?;
     tokio::spawn(publish_listeners(node.clone(), listeners));

@@ -199,6 +199,26 @@ fn queue(c: &Cluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A metric summed over every running node's /metrics (fetched with curl).
+fn metric_sum(c: &Cluster, name: &str) -> u64 {
+    let mut total = 0;
+    for n in c.nodes.iter().filter(|n| n.child.is_some()) {
+        let url = format!("http://{}/metrics", c.listener(n.id, "http"));
+        let out = Command::new("curl")
+            .args(["-sf", &url])
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "GET {url} failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing from {url}:\n{text}"));
+        total += value.trim().parse::<u64>().unwrap();
+    }
+    total
+}
+
 fn dsns(c: &Cluster, user: &str) -> Vec<String> {
     c.fetch(c.any(), user)
         .into_iter()
@@ -321,6 +341,21 @@ fn remote_mail_is_delivered_retried_and_bounced_once() {
     assert_eq!(defers, 3, "two deferrals then the accepted attempt");
     let bounces = dsns(&c, "user0@example.test");
     assert_eq!(bounces.len(), 1, "{bounces:?}");
+    // The nodes' metrics tell the same story.
+    assert_eq!(metric_sum(&c, "mailgrid_queue_entries"), 0);
+    assert!(
+        metric_sum(
+            &c,
+            "mailgrid_outbound_recipients_total{result=\"delivered\"}"
+        ) >= 3
+    );
+    assert!(
+        metric_sum(
+            &c,
+            "mailgrid_outbound_recipients_total{result=\"deferred\"}"
+        ) >= 2
+    );
+    assert_eq!(metric_sum(&c, "mailgrid_outbound_bounces_total"), 1);
     let dsn = &bounces[0];
     for failed in ["bounce@far.test", "y@nowhere.test", "z@dead.test"] {
         assert!(
@@ -403,6 +438,14 @@ fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
     });
     let id = entry["id"].as_str().unwrap().to_string();
     assert_eq!(entry["recipients"][0]["state"], "pending");
+    assert_eq!(
+        metric_sum(&c, "mailgrid_queue_entries"),
+        1,
+        "queue size in metrics"
+    );
+    eventually(Duration::from_secs(10), "queue age in metrics", || {
+        (metric_sum(&c, "mailgrid_queue_oldest_age_seconds") >= 1).then_some(())
+    });
     assert!(
         entry["last_error"]
             .as_str()

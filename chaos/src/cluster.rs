@@ -103,7 +103,7 @@ fn run_step(mut cmd: Command, what: &str) -> anyhow::Result<String> {
 fn config(slot: &Slot) -> String {
     let h = &slot.host;
     format!(
-        "hostname = \"localhost\"\n[listen]\nsmtp = \"{h}:0\"\nsubmission = \"{h}:0\"\nsubmissions = \"{h}:0\"\npop3 = \"{h}:0\"\npop3s = \"{h}:0\"\nimap = \"{h}:0\"\nimaps = \"{h}:0\"\n"
+        "hostname = \"localhost\"\n[listen]\nsmtp = \"{h}:0\"\nsubmission = \"{h}:0\"\nsubmissions = \"{h}:0\"\npop3 = \"{h}:0\"\npop3s = \"{h}:0\"\nimap = \"{h}:0\"\nimaps = \"{h}:0\"\nhttp = \"{h}:0\"\n"
     )
 }
 

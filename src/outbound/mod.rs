@@ -19,6 +19,7 @@ pub mod dsn;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,6 +125,24 @@ pub struct Outbound {
     relays: HashMap<Option<String>, Settings>,
     /// Connections that finished a transaction, by destination, for the next message there.
     idle: Mutex<HashMap<String, Vec<Idle>>>,
+    pub stats: Stats,
+}
+
+/// Counters since the node started, for metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub delivered: AtomicU64,
+    pub deferred: AtomicU64,
+    pub failed: AtomicU64,
+    pub bounces: AtomicU64,
+}
+
+/// The queue in the partitions this node leads.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct QueueGauge {
+    pub entries: u64,
+    pub oldest: Option<UnixSeconds>,
+    pub partitions_led: u64,
 }
 
 struct Idle {
@@ -241,6 +260,7 @@ impl Outbound {
             mx,
             relays,
             idle: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
         }))
     }
 
@@ -364,6 +384,41 @@ impl Outbound {
         }
     }
 
+    /// Entries queued in the partitions this node leads now.
+    pub fn gauge(&self) -> QueueGauge {
+        let host = self.node.host();
+        let mut gauge = QueueGauge::default();
+        for p in 0..host.config().partitions {
+            let group = partition_group(p);
+            if host.leader_of(group).map(|(id, _)| id) != Some(host.id()) {
+                continue;
+            }
+            let Ok(machine) = host.local_machine(group) else {
+                continue;
+            };
+            gauge.partitions_led += 1;
+            if let Ok((entries, oldest)) = machine.read_partition(|v| v.queue_summary()) {
+                gauge.entries += entries;
+                gauge.oldest = match (gauge.oldest, oldest) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+        }
+        gauge
+    }
+
+    fn count(&self, outcomes: &[(String, AttemptOutcome)]) {
+        for (_, outcome) in outcomes {
+            let counter = match outcome {
+                AttemptOutcome::Delivered(_) => &self.stats.delivered,
+                AttemptOutcome::Deferred(_) => &self.stats.deferred,
+                AttemptOutcome::Failed(_) => &self.stats.failed,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn backoff(&self, attempts: u32) -> Duration {
         let factor = 1u32.checked_shl(attempts.min(20)).unwrap_or(u32::MAX);
         self.config
@@ -425,6 +480,7 @@ impl Outbound {
         } else {
             self.deliver(&entry, &body).await
         };
+        self.count(&outcomes);
         let next = now.saturating_add(self.backoff(entry.attempts).as_secs() as i64);
         let cmd = PartitionCommand::QueueAttempted {
             id,
@@ -704,6 +760,7 @@ impl Outbound {
                 let _ = self.node.router.write(group, Command::Partition(cmd)).await;
                 return;
             }
+            self.stats.bounces.fetch_add(1, Ordering::Relaxed);
         }
         let cmd = PartitionCommand::QueueRemove { id: entry.id };
         match self.node.router.write(group, Command::Partition(cmd)).await {

@@ -879,6 +879,7 @@ mod tests {
         m.read_partition(|p| {
             assert!(p.queue_due(99, 10).unwrap().is_empty());
             assert_eq!(p.queue_due(100, 10).unwrap(), vec![[7; 16]]);
+            assert_eq!(p.queue_summary().unwrap(), (1, Some(100)));
             let stored = p.queue_entry(&[7; 16]).unwrap().unwrap();
             assert_eq!(p.body(stored.body).unwrap().unwrap(), b"outbound body");
         });
@@ -950,7 +951,7 @@ mod tests {
             PartitionResponse::Refused(MailError::NoSuchEntry)
         );
         m.read_partition(|p| {
-            assert_eq!(p.queue_len(), 0);
+            assert_eq!(p.queue_summary().unwrap(), (0, None));
             assert_eq!(p.body_count().unwrap(), 0);
         });
         assert_eq!(

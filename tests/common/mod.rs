@@ -126,7 +126,7 @@ impl Cluster {
         let config = root.path().join("node.toml");
         std::fs::write(
             &config,
-            format!("hostname = \"mx.example.test\"\n[listen]\nsmtp = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\n[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nsnapshot_logs = {snapshot_logs}\nwrite_timeout_ms = 3000\n{extra_config}"),
+            format!("hostname = \"mx.example.test\"\n[listen]\nsmtp = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n[raft]\nheartbeat_ms = 100\nelection_min_ms = 500\nelection_max_ms = 1000\nsnapshot_logs = {snapshot_logs}\nwrite_timeout_ms = 3000\n{extra_config}"),
         )
         .unwrap();
         let mut cluster = Cluster {

@@ -292,8 +292,16 @@ impl super::PartitionView<'_> {
         Ok(out)
     }
 
-    /// Entries in the queue (held ones included), for metrics.
-    pub fn queue_len(&self) -> usize {
-        self.tree.scan_prefix([QUEUE_ENTRY]).count()
+    /// How many entries the queue holds (held ones included) and when the oldest was
+    /// queued, for metrics.
+    pub fn queue_summary(&self) -> Result<(u64, Option<UnixSeconds>), StorageError> {
+        let mut count = 0;
+        let mut oldest: Option<UnixSeconds> = None;
+        for item in self.tree.scan_prefix([QUEUE_ENTRY]) {
+            let entry: QueueEntry = crate::codec::decode(&item?.1)?;
+            count += 1;
+            oldest = Some(oldest.map_or(entry.created, |o| o.min(entry.created)));
+        }
+        Ok((count, oldest))
     }
 }

@@ -1,0 +1,119 @@
+//! The node's HTTP listener: Prometheus metrics at `/metrics` (text exposition format 0.0.4),
+//! node-local figures a scraper sums over the cluster: the outbound queue in the partitions
+//! this node leads, delivery outcomes, and the storage and transport counters.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::routing::get;
+
+use crate::node::Node;
+use crate::outbound::Outbound;
+
+#[derive(Clone)]
+struct Shared {
+    node: Arc<Node>,
+    outbound: Arc<Outbound>,
+}
+
+/// Serves HTTP on `addr` until the process ends; returns the bound address.
+pub async fn listen(
+    node: Arc<Node>,
+    outbound: Arc<Outbound>,
+    addr: SocketAddr,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("http: cannot listen on {addr}: {e}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(Shared { node, outbound });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("http listener stopped: {e}");
+        }
+    });
+    Ok(bound)
+}
+
+async fn metrics(State(s): State<Shared>) -> impl axum::response::IntoResponse {
+    let outbound = s.outbound.clone();
+    let gauge = tokio::task::spawn_blocking(move || outbound.gauge())
+        .await
+        .unwrap_or_default();
+    let now = crate::mail::now();
+    let stats = &s.outbound.stats;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    metric(
+        "mailgrid_queue_entries",
+        "gauge",
+        "Outbound queue entries in the partitions this node leads.",
+        &[("", gauge.entries)],
+    );
+    let age = gauge.oldest.map(|t| now.saturating_sub(t).max(0) as u64);
+    metric(
+        "mailgrid_queue_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest outbound queue entry in the partitions this node leads (0: none).",
+        &[("", age.unwrap_or(0))],
+    );
+    metric(
+        "mailgrid_outbound_recipients_total",
+        "counter",
+        "Outcomes of delivery attempts per recipient, by this node.",
+        &[
+            (
+                "{result=\"delivered\"}",
+                stats.delivered.load(Ordering::Relaxed),
+            ),
+            (
+                "{result=\"deferred\"}",
+                stats.deferred.load(Ordering::Relaxed),
+            ),
+            ("{result=\"failed\"}", stats.failed.load(Ordering::Relaxed)),
+        ],
+    );
+    metric(
+        "mailgrid_outbound_bounces_total",
+        "counter",
+        "Delivery status notifications sent by this node.",
+        &[("", stats.bounces.load(Ordering::Relaxed))],
+    );
+    metric(
+        "mailgrid_partitions_led",
+        "gauge",
+        "Partition groups this node leads.",
+        &[("", gauge.partitions_led)],
+    );
+    let host = s.node.host();
+    metric(
+        "mailgrid_storage_syncs_total",
+        "counter",
+        "fdatasync calls of the node's store (each covers a group commit).",
+        &[("", host.syncs())],
+    );
+    metric(
+        "mailgrid_cluster_calls_served_total",
+        "counter",
+        "Requests this node served for its peers over the cluster transport.",
+        &[("", host.transport().calls_served())],
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+}
