@@ -112,6 +112,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Read a stopped node's store: per group the applied and committed log ids, the last
+    /// log index, the membership and the state digest (to compare replicas after a fault).
+    Inspect {
+        #[arg(long)]
+        data: PathBuf,
+        /// Only this group (0 = meta, p + 1 = partition p).
+        #[arg(long)]
+        group: Option<u64>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -409,6 +418,28 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 bail!("unexpected answer to status");
             };
             print_status(&status, json)
+        }
+        Cmd::Inspect { data, group } => {
+            let file = crate::datadir::NodeFile::load(&data)?;
+            // Opening takes sled's lock: a running node's store is refused here.
+            let store =
+                storage::Store::open(&crate::datadir::db_dir(&data), false).map_err(|e| {
+                    anyhow::anyhow!("{}: {e} (is the node still running?)", data.display())
+                })?;
+            let groups: Vec<u64> = match group {
+                Some(g) if g > file.partitions as u64 => {
+                    bail!(
+                        "group {g} does not exist: the cluster has {} partitions",
+                        file.partitions
+                    )
+                }
+                Some(g) => vec![g],
+                None => (0..=file.partitions as u64).collect(),
+            };
+            for g in groups {
+                println!("{}", raft::store::inspect(&store, g)?);
+            }
+            Ok(())
         }
     }
 }

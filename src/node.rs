@@ -197,7 +197,7 @@ impl Node {
                     .host()
                     .local_machine(group)
                     .ok()
-                    .and_then(|m| m.digest().ok()),
+                    .and_then(|m| m.stable_digest().ok().flatten()),
             ),
             ServiceRequest::Client(c) => codec::encode(&self.client(c).await),
         }
@@ -743,7 +743,7 @@ impl Node {
                 self.host()
                     .local_machine(group)
                     .ok()
-                    .and_then(|m| m.digest().ok())
+                    .and_then(|m| m.stable_digest().ok().flatten())
             } else {
                 self.ask_node::<Option<[u8; 32]>>(
                     n.id,

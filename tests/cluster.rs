@@ -38,6 +38,21 @@ fn acknowledged_delivery_survives_leader_kill_and_is_read_everywhere() {
         assert_eq!(msgs.lines().count(), 1, "node {n} sees {msgs}");
         assert!(msgs.contains("survives"));
     }
+    // The dead leader's store, read offline, has the delivery applied in the user's group;
+    // a running node's store is refused (its database is locked).
+    let group = (mailgrid::router::partition_of(user, PARTITIONS) + 1).to_string();
+    let dead = c.node(leader).data().to_string();
+    let out = ok(&["inspect", "--data", &dead, "--group", &group], None);
+    assert!(
+        out.starts_with(&format!("group {group}: applied Some(")),
+        "{out}"
+    );
+    assert!(out.contains("digest "), "{out}");
+    let alive = c.any().to_string();
+    let refused = run(&["inspect", "--data", &alive, "--group", &group], None);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("still running"), "{err}");
 }
 
 #[test]

@@ -384,6 +384,39 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+/// What a stopped node's store says about one group, for `mailgrid inspect`: the applied log
+/// id and membership, the committed mark, the log's last index, and the state digest.
+pub fn inspect(store: &storage::Store, group: u64) -> Result<String, storage::StorageError> {
+    let kind = if group == crate::META_GROUP {
+        GroupKind::Meta
+    } else {
+        GroupKind::Partition
+    };
+    let machine = GroupMachine::open(store, group, kind)?;
+    let applied: AppliedState = match machine.raft_state()? {
+        Some(bytes) => codec::decode(&bytes)?,
+        None => (None, StoredMembership::default()),
+    };
+    let log = GroupLog::open(store, group)?;
+    let committed: Option<Option<LogId>> = log
+        .mark(COMMITTED)?
+        .map(|b| codec::decode(&b))
+        .transpose()?;
+    let last = log.last()?.map(|(index, _)| index);
+    Ok(format!(
+        "group {group}: applied {:?}, committed {:?}, last log index {:?}, membership {:?}, digest {}",
+        applied.0,
+        committed.flatten(),
+        last,
+        applied.1,
+        machine
+            .digest()?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,6 +151,20 @@ impl GroupMachine {
         Ok(*h.finalize().as_bytes())
     }
 
+    /// [`digest`](Self::digest) of one applied state: a digest read while an apply changed
+    /// the tree is thrown away and read again (every apply rewrites the applied-state record).
+    /// `None` when applies kept coming.
+    pub fn stable_digest(&self) -> Result<Option<[u8; 32]>, StorageError> {
+        for _ in 0..5 {
+            let before = self.raft_state()?;
+            let digest = self.digest()?;
+            if self.raft_state()? == before {
+                return Ok(Some(digest));
+            }
+        }
+        Ok(None)
+    }
+
     /// Writes a consistent snapshot of this group to `path` and fsyncs it. The caller must not
     /// apply concurrently (the raft layer calls this from the state machine's own task). The
     /// store is synced first so the state the snapshot covers is durable before logs are purged.
