@@ -161,35 +161,26 @@ fn config(resolver: u16, port: u16, extra: &str) -> String {
 fn submit(c: &Cluster, node: u64, from: &str, to: &[&str], subject: &str) -> String {
     let server = c.listener(node, "submission");
     let to = to.join(",");
-    let out = Command::new("swaks")
-        .args([
-            "--server",
-            &server,
-            "--tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            from,
-            "--auth-password",
-            "pw",
-            "--from",
-            from,
-            "--to",
-            &to,
-            "--header",
-            &format!("Subject: {subject}"),
-            "--body",
-            "outbound test body",
-        ])
-        .output()
-        .expect("swaks runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "swaks failed:\n{text}");
-    text
+    let subject = format!("Subject: {subject}");
+    swaks(&[
+        "--server",
+        &server,
+        "--tls",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        from,
+        "--auth-password",
+        "pw",
+        "--from",
+        from,
+        "--to",
+        &to,
+        "--header",
+        &subject,
+        "--body",
+        "outbound test body",
+    ])
 }
 
 fn queue(c: &Cluster) -> Vec<serde_json::Value> {
@@ -227,8 +218,21 @@ fn dsns(c: &Cluster, user: &str) -> Vec<String> {
         .collect()
 }
 
-fn tempdir_file(dir: &tempfile::TempDir, name: &str) -> PathBuf {
-    dir.path().join(name)
+/// What every test here starts with: the tools (or `None` after saying why it skips), the
+/// lock that runs these tests one at a time, a directory, and the sink's event file in it.
+fn setup() -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    PathBuf,
+)> {
+    if let Some(missing) = missing_tools() {
+        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+        return None;
+    }
+    let guard = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sink.jsonl");
+    Some((guard, dir, out))
 }
 
 #[test]
@@ -237,13 +241,9 @@ fn remote_mail_is_delivered_retried_and_bounced_once() {
     // the greylisted (two 451s, then accepted) recipients receive it once each; the refused
     // (550), the nonexistent domain and the unreachable one (given up on at expiry) come back
     // to the sender as exactly one DSN naming those three; the queue ends empty.
-    if let Some(missing) = missing_tools() {
-        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+    let Some((_g, dir, out)) = setup() else {
         return;
-    }
-    let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let out = tempdir_file(&dir, "sink.jsonl");
+    };
     let (cert, key) = (dir.path().join("sink.crt"), dir.path().join("sink.key"));
     let pair = rcgen::generate_simple_self_signed(vec!["mx.far.test".to_string()]).unwrap();
     std::fs::write(&cert, pair.cert.pem()).unwrap();
@@ -376,15 +376,12 @@ fn remote_mail_is_delivered_retried_and_bounced_once() {
 fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
     // Goal: (1) killing the node delivering a queue entry (its partition's leader when the
     // attempt began) while the remote server has not answered yet loses nothing: the next
-    // leader delivers it (at least once) and the queue drains with no bounce; (2) `admin queue` lists, holds, retries and deletes entries,
-    // and a deleted entry is neither delivered nor bounced.
-    if let Some(missing) = missing_tools() {
-        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+    // leader delivers it (at least once) and the queue drains with no bounce; (2) `admin
+    // queue` lists, holds, retries and deletes entries, and a deleted entry is neither
+    // delivered nor bounced.
+    let Some((_g, _dir, out)) = setup() else {
         return;
-    }
-    let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let out = tempdir_file(&dir, "sink.jsonl");
+    };
     // Slow enough that the kill below lands while the first attempt waits for its reply.
     let (_sink, port) = sink(&out, &["--slow-seconds", "10"]);
     let (_dns, resolver) = dns();
@@ -538,13 +535,9 @@ fn a_smarthost_gets_the_mail_over_verified_tls_with_auth() {
     // the smarthost over STARTTLS, with its certificate checked against the configured CA,
     // after AUTH; a second message moments later reuses the connection. A per-domain relay with a wrong password, and one whose certificate does
     // not chain to its CA, get nothing: the entries wait with the reason as their last error.
-    if let Some(missing) = missing_tools() {
-        eprintln!("SKIPPED: {missing} not installed (scripts/test installs them with apt-get)");
+    let Some((_g, dir, out)) = setup() else {
         return;
-    }
-    let _g = serial();
-    let dir = tempfile::tempdir().unwrap();
-    let out = tempdir_file(&dir, "sink.jsonl");
+    };
     let (ca, cert, key) = signed_certificate(dir.path(), "relay");
     let (other_ca, _, _) = signed_certificate(dir.path(), "other");
     let (_sink, port) = sink(

@@ -244,20 +244,6 @@ fn no_quorum_is_451_and_retries_store_one_copy_that_survives_a_leader_kill() {
     }
 }
 
-fn swaks(args: &[&str]) -> String {
-    let out = Command::new("swaks")
-        .args(args)
-        .output()
-        .expect("swaks runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "swaks {args:?} failed:\n{text}");
-    text
-}
-
 #[test]
 fn swaks_delivers_through_mx_starttls_submission_and_implicit_tls() {
     // Goal: swaks, a widely used SMTP test client, works against every listener: plain MX

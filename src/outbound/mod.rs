@@ -349,18 +349,20 @@ impl Outbound {
         Some(self.finish(conn, key, uses, host, rcpts, result).await)
     }
 
+    /// The partition groups this node leads now, with their local state machines.
+    fn led(&self) -> Vec<(GroupId, Arc<storage::GroupMachine>)> {
+        let host = self.node.host();
+        (0..host.config().partitions)
+            .map(partition_group)
+            .filter(|g| host.leader_of(*g).map(|(id, _)| id) == Some(host.id()))
+            .filter_map(|g| Some((g, host.local_machine(g).ok()?)))
+            .collect()
+    }
+
     /// Starts an attempt for every due entry in the partitions this node leads.
     fn look(self: &Arc<Self>) {
-        let host = self.node.host();
         let now = mail::now();
-        for p in 0..host.config().partitions {
-            let group = partition_group(p);
-            if host.leader_of(group).map(|(id, _)| id) != Some(host.id()) {
-                continue;
-            }
-            let Ok(machine) = host.local_machine(group) else {
-                continue;
-            };
+        for (group, machine) in self.led() {
             let due = match machine.read_partition(|v| v.queue_due(now, DUE_BATCH)) {
                 Ok(due) => due,
                 Err(e) => {
@@ -386,16 +388,8 @@ impl Outbound {
 
     /// Entries queued in the partitions this node leads now.
     pub fn gauge(&self) -> QueueGauge {
-        let host = self.node.host();
         let mut gauge = QueueGauge::default();
-        for p in 0..host.config().partitions {
-            let group = partition_group(p);
-            if host.leader_of(group).map(|(id, _)| id) != Some(host.id()) {
-                continue;
-            }
-            let Ok(machine) = host.local_machine(group) else {
-                continue;
-            };
+        for (_, machine) in self.led() {
             gauge.partitions_led += 1;
             if let Ok((entries, oldest)) = machine.read_partition(|v| v.queue_summary()) {
                 gauge.entries += entries;

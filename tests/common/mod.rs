@@ -411,6 +411,21 @@ pub fn last_json(stdout: &str) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// Runs swaks (a widely used SMTP test client); its transcript. Panics when it fails.
+pub fn swaks(args: &[&str]) -> String {
+    let out = Command::new("swaks")
+        .args(args)
+        .output()
+        .expect("swaks runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "swaks {args:?} failed:\n{text}");
+    text
+}
+
 pub fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
