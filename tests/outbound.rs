@@ -92,7 +92,8 @@ fn sink(out: &Path, args: &[&str]) -> (Reaped, u16) {
 
 /// dnsmasq answering for the test domains only:
 /// far.test MX mx.far.test (127.0.0.1); nomx.test has an A record and no MX;
-/// dead.test MX a host whose address refuses connections; every other *.test name is NXDOMAIN.
+/// dead.test MX a host whose address refuses connections; stall.test MX 127.0.0.4 (where a
+/// test may listen and never answer); every other *.test name is NXDOMAIN.
 fn dns() -> (Reaped, u16) {
     for _ in 0..20 {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -118,6 +119,8 @@ fn dns() -> (Reaped, u16) {
                 "--host-record=nomx.test,127.0.0.1",
                 "--mx-host=dead.test,mx.dead.test,10",
                 "--host-record=mx.dead.test,127.0.0.3",
+                "--mx-host=stall.test,mx.stall.test,10",
+                "--host-record=mx.stall.test,127.0.0.4",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -153,7 +156,7 @@ fn received(out: &Path, rcpt: &str) -> Vec<serde_json::Value> {
 
 fn config(resolver: u16, port: u16, extra: &str) -> String {
     format!(
-        "[outbound]\nresolver = \"127.0.0.1:{resolver}\"\nport = {port}\nretry_min_s = 1\nretry_max_s = 2\npoll_ms = 200\nconnect_timeout_s = 2\nreply_timeout_s = 20\n{extra}"
+        "[outbound]\nresolver = \"127.0.0.1:{resolver}\"\nport = {port}\nretry_min_s = 1\nretry_max_s = 2\npoll_ms = 200\nconnect_timeout_s = 2\nreply_timeout_s = 60\n{extra}"
     )
 }
 
@@ -418,12 +421,44 @@ fn a_queue_entry_outlives_its_leader_and_obeys_the_operator() {
     });
     assert!(dsns(&c, "user0@example.test").is_empty());
     c.restart(leader);
+    // Through a node that was not restarted (a restarted one listens on new ports).
+    let via = if leader == 2 { 3 } else { 2 };
+
+    // A destination that accepts connections and never answers holds only its own mail:
+    // other destinations' mail keeps flowing meanwhile.
+    let stall = std::net::TcpListener::bind(("127.0.0.4", port)).unwrap();
+    let (accepted_tx, accepted) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in stall.incoming().flatten() {
+            held.push(conn);
+            let _ = accepted_tx.send(());
+        }
+    });
+    submit(&c, via, "user0@example.test", &["w@stall.test"], "stalled");
+    accepted
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stalled destination is tried");
+    submit(&c, via, "user0@example.test", &["quick@far.test"], "flows");
+    eventually(
+        Duration::from_secs(15),
+        "other mail flows past the stall",
+        || (!received(&out, "quick@far.test").is_empty()).then_some(()),
+    );
+    let stalled = queue(&c);
+    assert_eq!(stalled.len(), 1, "{stalled:?}");
+    assert_eq!(stalled[0]["recipients"][0]["address"], "w@stall.test");
+    assert_eq!(
+        stalled[0]["attempts"], 0,
+        "the stalled attempt is still waiting"
+    );
+    c.admin(&["queue", "delete", stalled[0]["id"].as_str().unwrap()]);
 
     // The operator's commands, on an entry that cannot be delivered (its MX refuses
     // connections, so it is retried until it expires).
     submit(
         &c,
-        2,
+        via,
         "user0@example.test",
         &["held@dead.test"],
         "outbound-3",
