@@ -1,8 +1,9 @@
 //! Outbound mail end to end with real parts: mail submitted for other domains is queued in the
 //! cluster and delivered by the partition leaders to a real receiving MTA (aiosmtpd, in
 //! tests/smtp_sink.py), found through a real DNS server (dnsmasq) answering MX and A records.
-//! Bounces arrive in the sender's INBOX; the queue survives the death of its leader; DKIM
-//! signatures verify with dkimpy (tests/dkim_verify.py).
+//! Postfix (a private instance) receives our mail too. Bounces arrive in the sender's INBOX;
+//! the queue survives the death of its leader; DKIM signatures verify with dkimpy
+//! (tests/dkim_verify.py).
 
 mod common;
 
@@ -93,7 +94,8 @@ fn sink(out: &Path, args: &[&str]) -> (Reaped, u16) {
 /// dnsmasq answering for the test domains only:
 /// far.test MX mx.far.test (127.0.0.1); nomx.test has an A record and no MX;
 /// dead.test MX a host whose address refuses connections; stall.test MX 127.0.0.4 (where a
-/// test may listen and never answer); every other *.test name is NXDOMAIN.
+/// test may listen and never answer); pf.test MX 127.0.0.5 (Postfix); every other *.test
+/// name is NXDOMAIN.
 fn dns() -> (Reaped, u16) {
     for _ in 0..20 {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -121,6 +123,8 @@ fn dns() -> (Reaped, u16) {
                 "--host-record=mx.dead.test,127.0.0.3",
                 "--mx-host=stall.test,mx.stall.test,10",
                 "--host-record=mx.stall.test,127.0.0.4",
+                "--mx-host=pf.test,mx.pf.test,10",
+                "--host-record=mx.pf.test,127.0.0.5",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -640,4 +644,172 @@ fn a_smarthost_gets_the_mail_over_verified_tls_with_auth() {
     assert_eq!(states, ["pending", "pending", "delivered"], "{pending}");
     assert!(received(&out, "a@badauth.test").is_empty());
     assert!(received(&out, "b@wrongca.test").is_empty());
+}
+
+/// A private Postfix instance (Debian's package) receiving mail for pf.test on
+/// 127.0.0.5:`port` with STARTTLS, delivering into a maildir under `dir`; stopped on drop.
+struct Postfix {
+    config: PathBuf,
+    maildir: PathBuf,
+}
+
+impl Postfix {
+    /// Why Postfix cannot run here, if it cannot.
+    fn unavailable() -> Option<String> {
+        if !Path::new("/usr/sbin/postfix").exists() {
+            return Some("postfix is not installed (scripts/test installs it)".into());
+        }
+        let uid = Command::new("id").arg("-u").output().unwrap();
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            return Some("a Postfix instance needs root".into());
+        }
+        None
+    }
+
+    fn start(dir: &Path, port: u16) -> Postfix {
+        let id = |flag: &str| {
+            let out = Command::new("id").args([flag, "postfix"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let (uid, gid) = (id("-u"), id("-g"));
+        let root = dir.join("postfix");
+        let config = root.join("etc");
+        for d in ["etc", "spool", "data", "mail"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for d in ["data", "mail"] {
+            let status = Command::new("chown")
+                .args([&uid, path(&root.join(d))])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let pair = rcgen::generate_simple_self_signed(vec!["mx.pf.test".to_string()]).unwrap();
+        std::fs::write(config.join("cert.pem"), pair.cert.pem()).unwrap();
+        std::fs::write(config.join("key.pem"), pair.signing_key.serialize_pem()).unwrap();
+        let r = path(&root);
+        std::fs::write(
+            config.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6\nqueue_directory = {r}/spool\ndata_directory = {r}/data\n\
+                 mail_owner = postfix\nmyhostname = mx.pf.test\nmydestination =\n\
+                 inet_protocols = ipv4\nmynetworks = 127.0.0.0/8\n\
+                 virtual_mailbox_domains = pf.test\nvirtual_mailbox_base = {r}/mail\n\
+                 virtual_mailbox_maps = static:box/\nvirtual_uid_maps = static:{uid}\n\
+                 virtual_gid_maps = static:{gid}\nvirtual_minimum_uid = 1\n\
+                 smtpd_tls_cert_file = {r}/etc/cert.pem\nsmtpd_tls_key_file = {r}/etc/key.pem\n\
+                 smtpd_tls_security_level = may\nsmtpd_tls_received_header = yes\n\
+                 maillog_file = {r}/maillog\nmaillog_file_prefixes = {r}\n"
+            ),
+        )
+        .unwrap();
+        let services = [
+            "cleanup unix n - n - 0 cleanup",
+            "qmgr unix n - n 300 1 qmgr",
+            "rewrite unix - - n - - trivial-rewrite",
+            "bounce unix - - n - 0 bounce",
+            "defer unix - - n - 0 bounce",
+            "trace unix - - n - 0 bounce",
+            "verify unix - - n - 1 verify",
+            "proxymap unix - - n - - proxymap",
+            "smtp unix - - n - - smtp",
+            "showq unix n - n - - showq",
+            "error unix - - n - - error",
+            "retry unix - - n - - error",
+            "discard unix - - n - - discard",
+            "virtual unix - n n - - virtual",
+            "anvil unix - - n - 1 anvil",
+            "scache unix - - n - 1 scache",
+            "postlog unix-dgram n - n - 1 postlogd",
+            "tlsmgr unix - - n 1000? 1 tlsmgr",
+            "flush unix n - n 1000? 0 flush",
+        ];
+        std::fs::write(
+            config.join("master.cf"),
+            format!(
+                "127.0.0.5:{port} inet n - n - - smtpd\n{}\n",
+                services.join("\n")
+            ),
+        )
+        .unwrap();
+        let postfix = Postfix {
+            maildir: root.join("mail/box/new"),
+            config,
+        };
+        let out = postfix.control("start");
+        assert!(
+            out.status.success(),
+            "postfix start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eventually(Duration::from_secs(30), "postfix listens", || {
+            std::net::TcpStream::connect(("127.0.0.5", port)).ok()
+        });
+        postfix
+    }
+
+    fn control(&self, what: &str) -> std::process::Output {
+        Command::new("/usr/sbin/postfix")
+            .args(["-c", path(&self.config), what])
+            .output()
+            .unwrap()
+    }
+
+    /// Every message delivered so far.
+    fn messages(&self) -> Vec<String> {
+        std::fs::read_dir(&self.maildir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = self.control("stop");
+    }
+}
+
+#[test]
+fn postfix_receives_our_mail_over_starttls() {
+    // Goal: the most common receiving MTA takes our delivery: MX lookup, STARTTLS (Postfix
+    // records the TLS session in its Received: header), the DKIM-signed bytes intact.
+    if let Some(why) = Postfix::unavailable() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let Some((_g, dir, _out)) = setup() else {
+        return;
+    };
+    let port = std::net::TcpListener::bind(("127.0.0.5", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let postfix = Postfix::start(dir.path(), port);
+    let (_dns, resolver) = dns();
+    let c = Cluster::start_with(1, PARTITIONS, 5000, 1, &config(resolver, port, ""));
+    c.admin(&["dkim", "generate", "example.test"]);
+    submit(
+        &c,
+        1,
+        "user0@example.test",
+        &["someone@pf.test"],
+        "to-postfix",
+    );
+    let got = eventually(
+        Duration::from_secs(60),
+        "postfix delivers to its maildir",
+        || postfix.messages().pop(),
+    );
+    assert!(got.contains("Subject: to-postfix"), "{got}");
+    assert!(got.contains("DKIM-Signature:"), "{got}");
+    assert!(got.contains("by mx.pf.test (Postfix)"), "{got}");
+    assert!(got.contains("(using TLS"), "Postfix saw no TLS: {got}");
+    eventually(Duration::from_secs(30), "the queue drains", || {
+        queue(&c).is_empty().then_some(())
+    });
 }
