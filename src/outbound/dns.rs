@@ -67,7 +67,7 @@ impl Dns {
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
         let hosts = match self.resolver.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
-                let mut mx: Vec<(u16, String)> = lookup
+                let records = lookup
                     .answers()
                     .iter()
                     .filter_map(|r| match &r.data {
@@ -75,13 +75,7 @@ impl Dns {
                         _ => None,
                     })
                     .collect();
-                mx.sort();
-                if mx.iter().any(|(_, host)| host == "." || host.is_empty()) {
-                    return Err(RouteError::Permanent(format!(
-                        "{domain} does not accept mail (null MX)"
-                    )));
-                }
-                mx.into_iter().map(|(_, host)| host).collect()
+                exchangers(domain, records)?
             }
             Err(e) if e.is_nx_domain() => {
                 return Err(RouteError::Permanent(format!("no such domain: {domain}")))
@@ -135,6 +129,21 @@ impl Dns {
     }
 }
 
+/// MX records in the order to try them: lowest preference first (ties in name order, so
+/// every node tries them alike); a null MX (RFC 7505) means the domain takes no mail.
+fn exchangers(domain: &str, mut records: Vec<(u16, String)>) -> Result<Vec<String>, RouteError> {
+    records.sort();
+    if records
+        .iter()
+        .any(|(_, host)| host == "." || host.is_empty())
+    {
+        return Err(RouteError::Permanent(format!(
+            "{domain} does not accept mail (null MX)"
+        )));
+    }
+    Ok(records.into_iter().map(|(_, host)| host).collect())
+}
+
 /// Name servers from /etc/resolv.conf (127.0.0.1 when it names none, as libc does).
 fn system_config() -> anyhow::Result<ResolverConfig> {
     let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -148,4 +157,28 @@ fn system_config() -> anyhow::Result<ResolverConfig> {
         servers.push(NameServerConfig::udp_and_tcp(IpAddr::from([127, 0, 0, 1])));
     }
     Ok(ResolverConfig::from_name_servers(servers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchangers_are_tried_by_preference_and_a_null_mx_refuses_mail() {
+        // Goal: RFC 5321 §5.1 order (lowest preference first), and RFC 7505's null MX is a
+        // permanent failure, not a host named ".".
+        let records = vec![
+            (20, "b.far.test.".to_string()),
+            (5, "z.far.test.".to_string()),
+            (20, "a.far.test.".to_string()),
+        ];
+        assert_eq!(
+            exchangers("far.test", records).unwrap(),
+            ["z.far.test.", "a.far.test.", "b.far.test."]
+        );
+        assert!(matches!(
+            exchangers("null.test", vec![(0, ".".to_string())]),
+            Err(RouteError::Permanent(_))
+        ));
+    }
 }
