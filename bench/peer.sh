@@ -5,11 +5,13 @@
 #
 #   bench/peer.sh start DIR      installs the packages if missing, starts both, prints the
 #                                addresses: SMTP 127.0.0.1:$PEER_SMTP_PORT (default 2525),
-#                                IMAP :$PEER_IMAP_PORT (11143), POP3 :$PEER_POP3_PORT (11110)
+#                                IMAP :$PEER_IMAP_PORT (11143), IMAPS :$PEER_IMAPS_PORT
+#                                (11993), POP3 :$PEER_POP3_PORT (11110), POP3S
+#                                :$PEER_POP3S_PORT (11995)
 #   bench/peer.sh stop DIR
 #
-# Every address in example.test is accepted, and every user logs in with password "pw"
-# (what `bench smtp --target` and the mailbox loads use). Durability as shipped: Postfix
+# Every address in example.test is accepted, and every user logs in with any password (the
+# loads use "bench"); TLS with a self-signed certificate made here. Durability as shipped: Postfix
 # fsyncs its queue file before 250; Dovecot's LMTP fsyncs the delivered file (mail_fsync =
 # optimized, the default) before Postfix removes the queue file.
 set -euo pipefail
@@ -23,6 +25,8 @@ fi
 smtp_port="${PEER_SMTP_PORT:-2525}"
 imap_port="${PEER_IMAP_PORT:-11143}"
 pop3_port="${PEER_POP3_PORT:-11110}"
+imaps_port="${PEER_IMAPS_PORT:-11993}"
+pop3s_port="${PEER_POP3S_PORT:-11995}"
 
 if [ "$cmd" = stop ]; then
     [ -d "$dir/postfix" ] && postfix -c "$dir/postfix/etc" stop || true
@@ -44,6 +48,7 @@ need=()
 [ -e /usr/lib/dovecot/imap ] || need+=(dovecot-imapd)
 [ -e /usr/lib/dovecot/pop3 ] || need+=(dovecot-pop3d)
 [ -e /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -57,6 +62,9 @@ chown postfix "$dir/postfix/data"
 chown dovecot:dovecot "$dir/mail"
 chmod 755 "$dir" "$dir/dovecot"
 
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj /CN=peer.example.test \
+    -keyout "$dir/dovecot/key.pem" -out "$dir/dovecot/cert.pem" 2>/dev/null
+
 # Dovecot: LMTP on a socket Postfix can reach, IMAP and POP3 on loopback, one static user db.
 cat > "$dir/dovecot/dovecot.conf" <<EOF
 base_dir = $dir/dovecot/run
@@ -64,7 +72,9 @@ state_dir = $dir/dovecot/state
 log_path = $dir/dovecot/dovecot.log
 protocols = imap pop3 lmtp
 listen = 127.0.0.1
-ssl = no
+ssl = yes
+ssl_cert = <$dir/dovecot/cert.pem
+ssl_key = <$dir/dovecot/key.pem
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:$dir/mail/%d/%n
@@ -72,7 +82,7 @@ mail_fsync = optimized
 first_valid_uid = 1
 passdb {
   driver = static
-  args = password=pw
+  args = nopassword=y
 }
 userdb {
   driver = static
@@ -84,7 +94,8 @@ service imap-login {
     port = $imap_port
   }
   inet_listener imaps {
-    port = 0
+    address = 127.0.0.1
+    port = $imaps_port
   }
 }
 service pop3-login {
@@ -93,7 +104,8 @@ service pop3-login {
     port = $pop3_port
   }
   inet_listener pop3s {
-    port = 0
+    address = 127.0.0.1
+    port = $pop3s_port
   }
 }
 service lmtp {
@@ -151,7 +163,7 @@ printf '%s\n' "${services[@]}" | sed "1s/^/127.0.0.1:/" > "$dir/postfix/etc/mast
 postfix -c "$dir/postfix/etc" start </dev/null >"$dir/postfix/start.log" 2>&1 ||
     { cat "$dir/postfix/start.log" >&2; exit 1; }
 
-for port in "$smtp_port" "$imap_port" "$pop3_port"; do
+for port in "$smtp_port" "$imap_port" "$pop3_port" "$imaps_port" "$pop3s_port"; do
     for _ in $(seq 50); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.2
@@ -160,3 +172,5 @@ done
 echo "smtp 127.0.0.1:$smtp_port"
 echo "imap 127.0.0.1:$imap_port"
 echo "pop3 127.0.0.1:$pop3_port"
+echo "imaps 127.0.0.1:$imaps_port"
+echo "pop3s 127.0.0.1:$pop3s_port"

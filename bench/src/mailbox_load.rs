@@ -172,6 +172,41 @@ async fn imap_session(addr: &str, user: &str, password: &str) -> anyhow::Result<
     Ok(t)
 }
 
+/// Waits (up to two minutes) until every user's INBOX holds at least `count` messages.
+pub async fn wait_loaded(
+    servers: &[String],
+    users: &[String],
+    password: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let addr = servers.first().context("no IMAP server")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for user in users {
+        loop {
+            let mut conn = Conn::open(addr).await?;
+            conn.imap(&format!("LOGIN \"{user}\" \"{password}\""))
+                .await?;
+            let status = conn.imap("STATUS INBOX (MESSAGES)").await?;
+            let _ = conn.imap("LOGOUT").await;
+            let messages = status
+                .iter()
+                .find_map(|l| {
+                    let rest = l.split("(MESSAGES ").nth(1)?;
+                    rest.split(')').next()?.trim().parse::<usize>().ok()
+                })
+                .context("no STATUS MESSAGES")?;
+            if messages >= count {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{user}'s INBOX holds {messages} of {count} preloaded messages");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(())
+}
+
 pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
     let load = Arc::new(load);
     let started = Instant::now();

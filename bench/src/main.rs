@@ -95,6 +95,11 @@ enum Cmd {
         /// Size of the preloaded messages.
         #[arg(long, default_value_t = 4096)]
         size: usize,
+        /// Run against these servers instead of a mailgrid cluster:
+        /// `smtp=HOST:PORT,imaps=HOST:PORT,pop3s=HOST:PORT` (users box0.. in example.test
+        /// must exist there, and log in with password "bench").
+        #[arg(long)]
+        target: Option<String>,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -492,26 +497,29 @@ async fn main() -> anyhow::Result<()> {
             clients,
             sessions,
             size,
+            target,
             mailgrid,
             out,
         } => {
             let counts = numbers(&clients, "--clients")?;
             let most = counts.iter().copied().max().unwrap_or(1);
-            let bin = mailgrid_binary(mailgrid)?;
-            let cluster = start_cluster(&bin, nodes, partitions)?;
-            let client = Client::open(&cluster.nodes[0].2, None)?;
             let users: Vec<String> = (0..most).map(|i| format!("box{i}@example.test")).collect();
-            add_users(&client, &users).await?;
+            let (cluster, services) = match &target {
+                Some(t) => (None, parse_services(t)?),
+                None => {
+                    let bin = mailgrid_binary(mailgrid)?;
+                    let cluster = start_cluster(&bin, nodes, partitions)?;
+                    let client = Client::open(&cluster.nodes[0].2, None)?;
+                    add_users(&client, &users).await?;
+                    let services = ["smtp", "imaps", "pop3s"]
+                        .into_iter()
+                        .map(|service| (service.to_string(), cluster_listeners(&cluster, service)))
+                        .collect();
+                    (Some(cluster), services)
+                }
+            };
             let listeners = |service: &str| -> Vec<String> {
-                cluster.info["nodes"]
-                    .as_array()
-                    .map(|nodes| {
-                        nodes
-                            .iter()
-                            .filter_map(|n| n["listeners"][service].as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default()
+                services.get(service).cloned().unwrap_or_default()
             };
             // Every session expunges one message; the first users serve every run.
             let per_user = sessions * counts.len() + 10;
@@ -524,6 +532,8 @@ async fn main() -> anyhow::Result<()> {
                 run: format!("preload-{}", std::process::id()),
             };
             smtp_load::run(preload).await?;
+            // A peer may answer 250 before the message is in the mailbox: wait until it is.
+            mailbox_load::wait_loaded(&listeners("imaps"), &users, "bench", per_user).await?;
             let mut imap_runs = Vec::new();
             let mut pop3_runs = Vec::new();
             for c in counts {
@@ -551,7 +561,7 @@ async fn main() -> anyhow::Result<()> {
                 pop3_runs.push(r);
             }
             let results = serde_json::json!({
-                "target": format!("mailgrid {nodes} nodes, {partitions} partitions"),
+                "target": target.clone().unwrap_or_else(|| format!("mailgrid {nodes} nodes, {partitions} partitions")),
                 "message_size": size,
                 "imap": imap_runs,
                 "pop3": pop3_runs,
@@ -560,6 +570,38 @@ async fn main() -> anyhow::Result<()> {
             write_results(&out, "mailbox", &results)
         }
     }
+}
+
+/// Every node's address for `service`, as `mailgrid dev --json` printed them.
+fn cluster_listeners(cluster: &DevCluster, service: &str) -> Vec<String> {
+    cluster.info["nodes"]
+        .as_array()
+        .map(|nodes| {
+            nodes
+                .iter()
+                .filter_map(|n| n["listeners"][service].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `smtp=HOST:PORT,imaps=HOST:PORT,...` as a map of service to addresses.
+fn parse_services(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for part in text.split(',') {
+        let (service, addr) = part
+            .split_once('=')
+            .with_context(|| format!("--target: {part:?} is not SERVICE=HOST:PORT"))?;
+        out.entry(service.to_string())
+            .or_default()
+            .push(addr.to_string());
+    }
+    for needed in ["smtp", "imaps", "pop3s"] {
+        if !out.contains_key(needed) {
+            anyhow::bail!("--target names no {needed} server");
+        }
+    }
+    Ok(out)
 }
 
 async fn add_users(client: &Client, users: &[String]) -> anyhow::Result<()> {
