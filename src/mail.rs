@@ -218,13 +218,86 @@ pub async fn authenticate(
         None
     };
     let hash = account.as_ref().map(|a| a.password_hash.clone());
+    if let Some(account) = &account {
+        if LOGINS.verified(&account.address, &account.password_hash, password) {
+            return Ok(Some(account.address.clone()));
+        }
+    }
     let password = password.to_string();
-    let matches = tokio::task::spawn_blocking(move || {
-        verify_password(&hash.unwrap_or_else(dummy_hash), &password)
+    let (matches, password) = tokio::task::spawn_blocking(move || {
+        let ok = verify_password(&hash.unwrap_or_else(dummy_hash), &password);
+        (ok, password)
     })
     .await
-    .unwrap_or(false);
-    Ok(account.filter(|_| matches).map(|a| a.address))
+    .unwrap_or((false, String::new()));
+    let account = account.filter(|_| matches);
+    if let Some(account) = &account {
+        LOGINS.remember(&account.address, &account.password_hash, &password);
+    }
+    Ok(account.map(|a| a.address))
+}
+
+/// How long a verified login spares the next one its argon2 verification.
+const LOGIN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+const LOGIN_CACHE_MAX: usize = 100_000;
+
+static LOGINS: std::sync::LazyLock<LoginCache> = std::sync::LazyLock::new(LoginCache::new);
+
+/// Logins verified recently on this node, like Dovecot's auth cache: mail clients log in
+/// again and again (IMAP clients open several connections, POP3 clients poll), and argon2id
+/// is built to be slow. An entry holds the account's stored hash and a blake3 of the password
+/// keyed with a secret of this process — never the password — and counts only while the
+/// stored hash is unchanged (a password change ends it) and for `LOGIN_CACHE_TTL`. Failures
+/// are never cached, so guessing still pays full price (and the throttle).
+struct LoginCache {
+    key: [u8; 32],
+    entries: std::sync::Mutex<std::collections::HashMap<String, CachedLogin>>,
+}
+
+struct CachedLogin {
+    stored_hash: String,
+    password: [u8; 32],
+    at: std::time::Instant,
+}
+
+impl LoginCache {
+    fn new() -> LoginCache {
+        LoginCache {
+            key: rand::random(),
+            entries: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn keyed(&self, password: &str) -> [u8; 32] {
+        *blake3::keyed_hash(&self.key, password.as_bytes()).as_bytes()
+    }
+
+    /// Whether `password` was verified for `address` (whose stored hash is `stored_hash`)
+    /// within the TTL.
+    fn verified(&self, address: &str, stored_hash: &str, password: &str) -> bool {
+        let entries = self.entries.lock().expect("login cache lock");
+        entries.get(address).is_some_and(|e| {
+            e.at.elapsed() < LOGIN_CACHE_TTL
+                && e.stored_hash == stored_hash
+                && e.password == self.keyed(password)
+        })
+    }
+
+    fn remember(&self, address: &str, stored_hash: &str, password: &str) {
+        let mut entries = self.entries.lock().expect("login cache lock");
+        if entries.len() >= LOGIN_CACHE_MAX {
+            entries.retain(|_, e| e.at.elapsed() < LOGIN_CACHE_TTL);
+            if entries.len() >= LOGIN_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        let entry = CachedLogin {
+            stored_hash: stored_hash.to_string(),
+            password: self.keyed(password),
+            at: std::time::Instant::now(),
+        };
+        entries.insert(address.to_string(), entry);
+    }
 }
 
 fn verify_password(hash: &str, password: &str) -> bool {
@@ -327,5 +400,23 @@ pub async fn partition_write(
     {
         Response::Partition(r) => Ok(r),
         other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_login_needs_the_same_password_and_the_same_stored_hash() {
+        // Goal: the cache answers only for the very password that was verified, and a
+        // password change (a new stored hash) ends the entry.
+        let cache = LoginCache::new();
+        assert!(!cache.verified("a@x.test", "$argon2id$old", "pw"));
+        cache.remember("a@x.test", "$argon2id$old", "pw");
+        assert!(cache.verified("a@x.test", "$argon2id$old", "pw"));
+        assert!(!cache.verified("a@x.test", "$argon2id$old", "pw2"));
+        assert!(!cache.verified("a@x.test", "$argon2id$new", "pw"));
+        assert!(!cache.verified("b@x.test", "$argon2id$old", "pw"));
     }
 }
