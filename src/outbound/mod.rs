@@ -62,7 +62,7 @@ pub async fn enqueue(
     router: &Router,
     sender: &str,
     recipients: &[String],
-    body: &[u8],
+    body: Vec<u8>,
     key: &MessageKey,
     now: UnixSeconds,
 ) -> Result<Vec<QueueId>, MailServiceError> {
@@ -70,7 +70,16 @@ pub async fn enqueue(
     sorted.sort();
     sorted.dedup();
     let partitions = router.host().config().partitions;
-    let writes = sorted.chunks(QUEUE_RECIPIENTS_MAX).map(|chunk| {
+    let chunks: Vec<&[String]> = sorted.chunks(QUEUE_RECIPIENTS_MAX).collect();
+    let last = chunks.len().saturating_sub(1);
+    // Each entry's command owns the bytes; the last one takes them, the others copy.
+    let mut body = Some(body);
+    let writes = chunks.into_iter().enumerate().map(|(i, chunk)| {
+        let bytes = if i == last {
+            body.take().unwrap_or_default()
+        } else {
+            body.clone().unwrap_or_default()
+        };
         let mut parts: Vec<&[u8]> = vec![b"queue", key];
         parts.extend(chunk.iter().map(|r| r.as_bytes()));
         let hash = mail::message_key(&parts);
@@ -87,17 +96,14 @@ pub async fn enqueue(
                 })
                 .collect(),
             body: storage::types::BodyHash([0; 32]),
-            size: body.len() as u64,
+            size: bytes.len() as u64,
             created: now,
             next_attempt: now,
             attempts: 0,
             held: false,
             last_error: None,
         };
-        let cmd = PartitionCommand::Enqueue {
-            entry,
-            body: body.to_vec(),
-        };
+        let cmd = PartitionCommand::Enqueue { entry, body: bytes };
         async move {
             let group = queue_group(&id, partitions);
             match router.write(group, Command::Partition(cmd)).await? {
@@ -787,7 +793,7 @@ impl Outbound {
                 router,
                 "",
                 std::slice::from_ref(&entry.sender),
-                dsn,
+                dsn.to_vec(),
                 &key,
                 now,
             )

@@ -732,26 +732,25 @@ impl Session {
             recipient: (tx.recipients.len() == 1).then(|| tx.recipients[0].as_str()),
             date: time::OffsetDateTime::now_utc(),
         };
-        let mut message = trace.header().into_bytes();
-        message.extend_from_slice(&data);
+        let received = trace.header();
         if !tx.remote.is_empty() {
-            let signed = match self.dkim_signature(&tx.from, &message) {
-                Ok(header) => header,
+            // What leaves the cluster: our Received: line and the data, DKIM-signed when the
+            // sender's domain has a key (the Return-Path is the final MTA's to add).
+            let mut message = Vec::with_capacity(received.len() + data.len());
+            message.extend_from_slice(received.as_bytes());
+            message.extend_from_slice(&data);
+            match self.dkim_signature(&tx.from, &message) {
+                Ok(Some(header)) => {
+                    message.splice(0..0, header.into_bytes());
+                }
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!("message {id} not signed: {e}");
                     let text =
                         "Temporary failure: the message could not be signed, try again later";
                     return Reply::new(451, "4.3.0", text);
                 }
-            };
-            let signed_message;
-            let queued: &[u8] = match signed {
-                Some(header) => {
-                    signed_message = [header.as_bytes(), &message].concat();
-                    &signed_message
-                }
-                None => &message,
-            };
+            }
             // Queued before anything is stored locally: a failure here leaves nothing done
             // that a retry would not repeat exactly (both are keyed by the message).
             let now = mail::now();
@@ -759,7 +758,7 @@ impl Session {
                 &self.smtp.node.router,
                 &tx.from,
                 &tx.remote,
-                queued,
+                message,
                 &key,
                 now,
             )
@@ -773,8 +772,8 @@ impl Session {
                 return Reply::new(250, "2.0.0", format!("Ok: queued as {id}"));
             }
         }
-        let mut body = format!("Return-Path: <{}>\r\n", tx.from).into_bytes();
-        body.extend_from_slice(&message);
+        let mut body = format!("Return-Path: <{}>\r\n{received}", tx.from).into_bytes();
+        body.extend_from_slice(&data);
         let size = body.len() as u64;
         let accounts: Vec<String> = tx.accounts.into_iter().collect();
         for account in &accounts {
