@@ -19,7 +19,7 @@
 //! [auth]
 //! failures_per_ip_max = 10
 //! [raft]
-//! heartbeat_ms = 250
+//! heartbeat_ms = 200
 //! [outbound]                             # mail to other domains
 //! resolver = "127.0.0.1:53"              # absent: /etc/resolv.conf
 //! retry_min_s = 300                      # first retry; doubles up to retry_max_s

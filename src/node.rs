@@ -37,9 +37,9 @@ impl Default for NodeOptions {
         // With 64+ groups per node, heartbeats dominate idle load; these keep it modest while
         // a dead leader is replaced well within two seconds.
         NodeOptions {
-            heartbeat_ms: 250,
-            election_min_ms: 750,
-            election_max_ms: 1500,
+            heartbeat_ms: 200,
+            election_min_ms: 600,
+            election_max_ms: 1000,
             snapshot_logs: 5_000,
             write_timeout: Duration::from_secs(5),
         }

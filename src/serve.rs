@@ -33,6 +33,14 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         "mailgrid node {} serving cluster on {}",
         node.file.node_id, node.file.cluster_addr
     );
+    let failpoints = raft::failpoint::armed();
+    if !failpoints.is_empty() {
+        eprintln!(
+            "warning: {} is set, this node will fail on purpose: {}",
+            raft::failpoint::ENV,
+            failpoints.join(", ")
+        );
+    }
     let throttle = Arc::new(AuthThrottle::new(config.auth.clone()));
     let smtp = Smtp::new(
         node.clone(),

@@ -85,6 +85,46 @@ fn writes_resume_after_a_node_dies_and_it_catches_up() {
 }
 
 #[test]
+fn a_group_whose_raft_core_fails_is_restarted_and_catches_up() {
+    // Goal: "groups are supervised": when one group's core stops on a storage error (here a
+    // failpoint in its state machine's apply, on one follower), the node restarts that group,
+    // it re-applies what it missed, and its replica matches the others' again. The other
+    // groups and nodes never notice.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 4);
+    let user = "user0@example.test";
+    let group = mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1;
+    let leader = c.leader_of_user(user, PARTITIONS);
+    let victim = if leader == 1 { 2 } else { 1 };
+    c.restart_env(
+        victim,
+        &[("MAILGRID_FAILPOINTS", &format!("apply@{group}:1"))],
+    );
+    c.wait_healthy(3);
+    let via = c.node(leader).data().to_string();
+    for i in 0..5 {
+        eventually(Duration::from_secs(30), "delivery", || {
+            c.deliver(
+                &via,
+                &[user],
+                format!("Subject: s{i}\r\n\r\nx\r\n").as_bytes(),
+                &format!("s-{i}"),
+            )
+            .ok()
+        });
+    }
+    let log = c.root.path().join(format!("node{victim}.log"));
+    eventually(Duration::from_secs(30), "the group's restart", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.contains("failpoint fired") && text.contains("raft group stopped; restarting it"))
+            .then_some(())
+    });
+    c.wait_converged(PARTITIONS as u64, &[1, 2, 3]);
+    let victim_data = c.node(victim).data().to_string();
+    assert_eq!(c.fetch(&victim_data, user).len(), 5);
+}
+
+#[test]
 fn a_node_cut_off_from_the_majority_acknowledges_nothing() {
     // Goal (c): with both peers frozen, a node cannot commit, so it acknowledges no delivery.
     let _g = serial();

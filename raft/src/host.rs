@@ -16,6 +16,7 @@ use storage::machine::GroupKind;
 use storage::meta::{MetaCommand, NodeRecord, PartitionRecord};
 use storage::{Command, GroupLog, GroupMachine, Response, Store};
 
+use crate::liveness::{self, Action, Beat, GroupView, Liveness, Memo, Timing};
 use crate::network::{NetworkFactory, Reply, Request};
 use crate::store::{LogStore, SnapshotFile, StateMachine};
 use crate::transport::{Body, Handler, Transport, BODY_BYTES_MAX};
@@ -43,6 +44,8 @@ pub const META_VOTERS_MAX: usize = 5;
 const CATCH_UP_ENTRIES: u64 = 64;
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a leader heartbeats an idle group's followers when nothing else prompts it.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 impl HostConfig {
     pub fn raft_config(&self) -> Result<Arc<Config>, String> {
@@ -56,12 +59,23 @@ impl HostConfig {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_logs),
             max_in_snapshot_log_to_keep: self.snapshot_logs.min(1000),
             purge_batch_size: 64,
+            // No per-group ticker: elections and heartbeats of idle groups are timed by the
+            // node's liveness loop (`liveness`), so an idle group costs nothing.
+            enable_tick: false,
             ..Default::default()
         };
         config
             .validate()
             .map(Arc::new)
             .map_err(|e| format!("raft timing: {e}"))
+    }
+
+    fn timing(&self) -> Timing {
+        Timing {
+            beat: Duration::from_millis(self.heartbeat_ms),
+            dead_after: Duration::from_millis(self.election_min_ms),
+            sweep: SWEEP_INTERVAL,
+        }
     }
 }
 
@@ -116,6 +130,9 @@ pub struct RaftHost {
     /// Every group this node hosts, by id. Replaced entries come from supervision restarts.
     groups: RwLock<BTreeMap<GroupId, Group>>,
     service: OnceLock<Arc<dyn ServiceHandler>>,
+    liveness: Liveness,
+    /// The groups this node led at the last liveness round, as its beats announce them.
+    leads: std::sync::Mutex<Vec<(GroupId, u64)>>,
 }
 
 impl std::fmt::Debug for RaftHost {
@@ -149,6 +166,8 @@ impl RaftHost {
             transport,
             groups: RwLock::new(BTreeMap::new()),
             service: OnceLock::new(),
+            liveness: Liveness::new(),
+            leads: std::sync::Mutex::new(Vec::new()),
         });
         for group in 0..=host.config.partitions as GroupId {
             let g = host.open_group(group).await?;
@@ -158,6 +177,8 @@ impl RaftHost {
             .serve(Arc::new(Dispatch(Arc::downgrade(&host))));
         let weak = Arc::downgrade(&host);
         tokio::spawn(async move { reconcile_loop(weak).await });
+        let weak = Arc::downgrade(&host);
+        tokio::spawn(async move { liveness_loop(weak).await });
         Ok(host)
     }
 
@@ -294,6 +315,7 @@ impl RaftHost {
     /// entry is committed (durable on a majority) and applied here.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
         let g = self.group(group)?;
+        self.renew_lease(&g).await;
         match tokio::time::timeout(self.config.write_timeout, g.raft.client_write(cmd)).await {
             Ok(Ok(response)) => Ok(response.data),
             Ok(Err(e)) => {
@@ -313,6 +335,20 @@ impl RaftHost {
                 reason: "commit timed out (no quorum?)".into(),
             }),
         }
+    }
+
+    /// openraft refuses writes and membership changes from a leader whose quorum-ack lease
+    /// (`election_max_ms`) ran out, and a quiet group has no heartbeats to keep it: one
+    /// ReadIndex round (a heartbeat acknowledged by a majority) renews it first. Failures are
+    /// left to the operation that follows, which reports them.
+    /// See [`renew_lease`].
+    async fn renew_lease(&self, g: &Group) {
+        renew_lease(
+            g,
+            Duration::from_millis(self.config.election_max_ms),
+            self.config.write_timeout,
+        )
+        .await
     }
 
     /// Confirms this node is still the group's leader (ReadIndex) and returns its state
@@ -400,9 +436,12 @@ impl RaftHost {
         let group_id = match &request {
             Request::Append { group, .. }
             | Request::Vote { group, .. }
+            | Request::PreVote { group, .. }
             | Request::Snapshot { group, .. }
             | Request::TransferLeader { group, .. } => *group,
-            Request::Service(_) => unreachable!("service requests are dispatched elsewhere"),
+            Request::Service(_) | Request::Beat(_) => {
+                unreachable!("service requests and beats are dispatched elsewhere")
+            }
         };
         let g = match self.group(group_id) {
             Ok(g) => g,
@@ -411,6 +450,7 @@ impl RaftHost {
         match request {
             Request::Append { rpc, .. } => reply(g.raft.append_entries(rpc).await),
             Request::Vote { rpc, .. } => reply(g.raft.vote(rpc).await),
+            Request::PreVote { rpc, .. } => reply(g.raft.pre_vote(rpc).await),
             Request::TransferLeader { rpc, .. } => reply(g.raft.handle_transfer_leader(rpc).await),
             Request::Snapshot { vote, meta, .. } => {
                 let path = g.sm.incoming_path();
@@ -429,7 +469,7 @@ impl RaftHost {
                 };
                 reply(g.raft.install_full_snapshot(vote, snapshot).await)
             }
-            Request::Service(_) => unreachable!(),
+            Request::Service(_) | Request::Beat(_) => unreachable!(),
         }
     }
 
@@ -480,6 +520,17 @@ impl Handler for Dispatch {
                 Request::Service(bytes) => match host.service.get() {
                     Some(service) => service.handle(peer, bytes).await,
                     None => codec::encode(&Reply::<()>::Err("node is starting".into())),
+                },
+                Request::Beat(beat) => match peer {
+                    Some(peer) => {
+                        let t = host.config.timing();
+                        host.liveness
+                            .heard(peer, beat, std::time::Instant::now(), t.dead_after);
+                        codec::encode(&Reply::<Beat>::Ok(host.own_beat()))
+                    }
+                    None => {
+                        codec::encode(&Reply::<()>::Err("beats need a node certificate".into()))
+                    }
                 },
                 other => host.handle_raft(peer, other, body).await,
             }
@@ -532,6 +583,160 @@ async fn reconcile_loop(host: Weak<RaftHost>) {
     }
 }
 
+impl RaftHost {
+    fn own_beat(&self) -> Beat {
+        Beat {
+            incarnation: self.liveness.incarnation(),
+            leads: self.leads.lock().expect("leads lock").clone(),
+        }
+    }
+
+    /// Sends one beat to `peer` and records its answering beat.
+    async fn beat(&self, peer: NodeId, addr: String, timing: Timing) {
+        let request = codec::encode(&Request::Beat(self.own_beat()));
+        let answer = self
+            .transport
+            .call(
+                crate::transport::Peer::Node(peer),
+                &addr,
+                &request,
+                None,
+                timing.dead_after,
+            )
+            .await;
+        if let Ok(bytes) = answer {
+            if let Ok(Ok(beat)) = codec::decode::<Reply<Beat>>(&bytes) {
+                self.liveness
+                    .heard(peer, beat, std::time::Instant::now(), timing.dead_after);
+            }
+        }
+    }
+
+    /// Every group as the liveness decisions see it, and the address of every peer that shares
+    /// a group with this node.
+    fn group_views(&self) -> (Vec<(Group, GroupView)>, BTreeMap<NodeId, String>) {
+        let mut peers = BTreeMap::new();
+        let views = self
+            .groups_by_id()
+            .into_iter()
+            .map(|(group, g)| {
+                let view = {
+                    let metrics = g.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    let membership = m.membership_config.membership();
+                    for (id, node) in membership.nodes() {
+                        if *id != self.config.id {
+                            peers.insert(*id, node.addr.clone());
+                        }
+                    }
+                    GroupView {
+                        group,
+                        leading: m.state == ServerState::Leader,
+                        candidate: m.state == ServerState::Candidate,
+                        leader: m.current_leader,
+                        term: m.current_term,
+                        voters: membership.voter_ids().collect(),
+                        members: membership.nodes().map(|(id, _)| *id).collect(),
+                    }
+                };
+                (g, view)
+            })
+            .collect();
+        (views, peers)
+    }
+}
+
+/// Beats to every peer and times the groups' elections and heartbeats (see `liveness`).
+async fn liveness_loop(host: Weak<RaftHost>) {
+    let Some(timing) = host.upgrade().map(|h| h.config.timing()) else {
+        return;
+    };
+    let mut memos: BTreeMap<GroupId, Memo> = BTreeMap::new();
+    let mut in_flight: BTreeMap<NodeId, Arc<std::sync::atomic::AtomicBool>> = BTreeMap::new();
+    let mut last_round = std::time::Instant::now();
+    // After this node itself was frozen (SIGSTOP, a stalled machine) its views are old: it
+    // judges nobody dead until fresh beats had time to arrive.
+    let mut judge_from = last_round;
+    loop {
+        tokio::time::sleep(timing.beat).await;
+        let Some(host) = host.upgrade() else { return };
+        let now = std::time::Instant::now();
+        if now.saturating_duration_since(last_round) > timing.beat + timing.dead_after / 2 {
+            judge_from = now + timing.beat * 2;
+        }
+        last_round = now;
+        let (groups, peers) = host.group_views();
+        *host.leads.lock().expect("leads lock") = groups
+            .iter()
+            .filter(|(_, v)| v.leading)
+            .map(|(_, v)| (v.group, v.term))
+            .collect();
+        for (peer, addr) in peers {
+            let flag = in_flight.entry(peer).or_default().clone();
+            if flag.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                continue; // the last beat to it is still waiting for an answer
+            }
+            let host = host.clone();
+            tokio::spawn(async move {
+                host.beat(peer, addr, timing).await;
+                flag.store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
+        let (views, revived) = host.liveness.take();
+        if now < judge_from {
+            continue;
+        }
+        for (g, view) in groups {
+            let memo = memos.entry(view.group).or_insert_with(|| Memo::new(now));
+            let order = rendezvous(view.group as u32, &view.voters, view.voters.len());
+            let jitter: f64 = rand::random();
+            let action = liveness::decide(
+                host.config.id,
+                &view,
+                &order,
+                &views,
+                &revived,
+                memo,
+                now,
+                &timing,
+                jitter,
+            );
+            let done = match action {
+                Action::Nothing => continue,
+                Action::Stand => {
+                    tracing::info!(group = view.group, term = view.term, leader = ?view.leader, "standing for election");
+                    g.raft.trigger().elect(view.voters.len() > 1).await
+                }
+                Action::Heartbeat => g.raft.trigger().heartbeat().await,
+            };
+            if let Err(e) = done {
+                tracing::debug!(group = view.group, error = %e, "liveness action");
+            }
+        }
+    }
+}
+
+/// openraft refuses writes and membership changes from a leader whose quorum-ack lease
+/// (`lease`, the longest election timeout) ran out, and a quiet group has no heartbeats to keep
+/// it: one ReadIndex round (a heartbeat acknowledged by a majority) renews it first. Failures
+/// are left to the operation that follows, which reports them.
+async fn renew_lease(g: &Group, lease: Duration, timeout: Duration) {
+    use openraft::Instant as _;
+    type Now = openraft::type_config::alias::InstantOf<TypeConfig>;
+    let acked = {
+        let metrics = g.raft.metrics();
+        let m = metrics.borrow_watched();
+        if m.state != ServerState::Leader {
+            return;
+        }
+        m.last_quorum_acked.as_ref().map(|a| **a)
+    };
+    if acked.is_some_and(|a| Now::now() < a + lease / 2) {
+        return;
+    }
+    let _ = tokio::time::timeout(timeout, g.raft.ensure_linearizable(ReadPolicy::ReadIndex)).await;
+}
+
 async fn reconcile(host: &RaftHost) -> Result<(), String> {
     let meta = host.meta();
     let (nodes, partitions, info) = meta
@@ -581,7 +786,8 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         if voters.is_empty() {
             continue;
         }
-        let settled = reconcile_group(&g, &voters, &learners, &addrs).await?;
+        let lease = Duration::from_millis(host.config.election_max_ms);
+        let settled = reconcile_group(&g, &voters, &learners, &addrs, lease).await?;
         if settled && group != META_GROUP {
             balance_leader(host.id(), group, &g, &voters).await;
         }
@@ -622,6 +828,7 @@ async fn reconcile_group(
     want_voters: &BTreeSet<NodeId>,
     want_learners: &BTreeSet<NodeId>,
     addrs: &BTreeMap<NodeId, String>,
+    lease: Duration,
 ) -> Result<bool, String> {
     let m = g.raft.metrics().borrow_watched().clone();
     if m.state != ServerState::Leader {
@@ -634,7 +841,7 @@ async fn reconcile_group(
         // needing a majority of the old voters too, and losing one more of them would stop it
         // for good (chaos found this: a removal after a leader kill mid-promotion).
         let finish = ChangeMembers::AddVoterIds(BTreeSet::new());
-        return timed(g.raft.change_membership(finish, false))
+        return timed(g, lease, g.raft.change_membership(finish, false))
             .await
             .map(|()| false);
     }
@@ -644,7 +851,7 @@ async fn reconcile_group(
         if !members.contains(id) {
             let Some(addr) = addrs.get(id) else { continue };
             let node = NodeAddr { addr: addr.clone() };
-            return timed(g.raft.add_learner(*id, node, false))
+            return timed(g, lease, g.raft.add_learner(*id, node, false))
                 .await
                 .map(|()| false);
         }
@@ -663,7 +870,7 @@ async fn reconcile_group(
             .unwrap_or(0);
         if matched + CATCH_UP_ENTRIES >= last {
             let change = ChangeMembers::AddVoterIds(BTreeSet::from([*id]));
-            return timed(g.raft.change_membership(change, false))
+            return timed(g, lease, g.raft.change_membership(change, false))
                 .await
                 .map(|()| false);
         }
@@ -674,6 +881,8 @@ async fn reconcile_group(
     let extra_voters: BTreeSet<NodeId> = voters.difference(want_voters).copied().collect();
     if !extra_voters.is_empty() {
         return timed(
+            g,
+            lease,
             g.raft
                 .change_membership(ChangeMembers::RemoveVoters(extra_voters), false),
         )
@@ -687,6 +896,8 @@ async fn reconcile_group(
         .collect();
     if !extra.is_empty() {
         return timed(
+            g,
+            lease,
             g.raft
                 .change_membership(ChangeMembers::RemoveNodes(extra), false),
         )
@@ -696,9 +907,13 @@ async fn reconcile_group(
     Ok(true)
 }
 
+/// Runs one membership change (`f`, not yet started) after renewing the leader's lease.
 async fn timed<T, E: std::fmt::Display>(
+    g: &Group,
+    lease: Duration,
     f: impl std::future::Future<Output = Result<T, E>>,
 ) -> Result<(), String> {
+    renew_lease(g, lease, MEMBERSHIP_CHANGE_TIMEOUT).await;
     match tokio::time::timeout(MEMBERSHIP_CHANGE_TIMEOUT, f).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("membership change: {e}")),

@@ -44,6 +44,12 @@ pub enum Request {
     },
     /// An application request, passed to the node's service handler as bytes.
     Service(Vec<u8>),
+    /// Node liveness: answered with the receiver's own beat.
+    Beat(crate::liveness::Beat),
+    PreVote {
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+    },
 }
 
 /// The answer to a raft request: the group's reply, or why it could not be given.
@@ -126,6 +132,22 @@ impl RaftNetworkV2<TypeConfig> for Connection {
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.call(
             &Request::Vote {
+                group: self.group,
+                rpc,
+            },
+            None,
+            option.hard_ttl(),
+        )
+        .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(
+            &Request::PreVote {
                 group: self.group,
                 rpc,
             },

@@ -291,6 +291,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Blank => None,
             };
+            if cmd.is_some() && crate::failpoint::fire("apply", self.machine.group()) {
+                return Err(io::Error::other("failpoint: apply"));
+            }
             let state = codec::encode(&(Some(log_id), membership.clone()));
             let response = self.machine.apply(cmd, &state).map_err(to_io)?;
             if let Some(responder) = responder {

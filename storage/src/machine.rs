@@ -87,6 +87,10 @@ impl GroupMachine {
         })
     }
 
+    pub fn group(&self) -> u64 {
+        self.group
+    }
+
     pub fn kind(&self) -> GroupKind {
         self.kind
     }

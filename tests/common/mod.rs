@@ -196,6 +196,10 @@ impl Cluster {
     }
 
     fn spawn(&self, node: &mut TestNode) {
+        self.spawn_env(node, &[]);
+    }
+
+    fn spawn_env(&self, node: &mut TestNode, env: &[(&str, &str)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -209,6 +213,7 @@ impl Cluster {
                 "--config",
                 self.config.to_str().unwrap(),
             ])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -251,6 +256,11 @@ impl Cluster {
     }
 
     pub fn restart(&mut self, id: u64) {
+        self.restart_env(id, &[]);
+    }
+
+    /// Restarts node `id` with extra environment variables (failpoints).
+    pub fn restart_env(&mut self, id: u64, env: &[(&str, &str)]) {
         let mut node = std::mem::replace(
             self.node(id),
             TestNode {
@@ -261,7 +271,7 @@ impl Cluster {
             },
         );
         node.kill9();
-        self.spawn(&mut node);
+        self.spawn_env(&mut node, env);
         *self.node(id) = node;
     }
 

@@ -1,0 +1,625 @@
+//! Node-level liveness, and the elections and heartbeats of quiet groups.
+//!
+//! openraft gives every group its own ticker: a wake-up every fifth of a heartbeat interval and a
+//! heartbeat to each follower every interval, whether the group has work or not. With 64+ groups
+//! per node that is thousands of wake-ups and hundreds of RPCs a second doing nothing. So the
+//! groups here run with openraft's ticker off, and one loop per node does their timing instead:
+//!
+//! - every `beat` interval each node sends each peer one [`Beat`]: its incarnation and the groups
+//!   it leads (with their terms); the reply is the peer's own beat;
+//! - a voter stands for election (Pre-Vote first) only when the group's leader is gone: its node
+//!   has been silent for `dead_after`, or it is alive but has not claimed the group for that long,
+//!   or there is no leader at all. Live voters go in a fixed order per group (rendezvous), a
+//!   beat apart, so two rarely stand at once;
+//! - a leader sends its followers a raft heartbeat only when it has a reason: a peer came back
+//!   (silent, then heard; or restarted: new incarnation), another node claims the group at a
+//!   higher term (the heartbeat makes this one step down), or a slow sweep comes due.
+//!
+//! Architecture Invariant: this module decides only *when* to run an election or a heartbeat;
+//! raft's own rules (votes, leases, terms) still decide who wins and what commits, so a wrong
+//! liveness guess costs time, never safety.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{GroupId, NodeId};
+
+/// What one node tells another every beat interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Beat {
+    /// Random per process start: a new value means the peer restarted.
+    pub incarnation: u64,
+    /// `(group, term)` of every group the sender leads.
+    pub leads: Vec<(GroupId, u64)>,
+}
+
+/// What this node last heard from one peer.
+#[derive(Clone, Debug)]
+pub struct PeerView {
+    pub heard: Instant,
+    pub incarnation: u64,
+    pub leads: BTreeMap<GroupId, u64>,
+}
+
+/// The timing every decision uses.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// Interval between beats and between decisions.
+    pub beat: Duration,
+    /// A peer silent this long is taken for dead.
+    pub dead_after: Duration,
+    /// How often a leader sends each group's followers a heartbeat when nothing else does.
+    pub sweep: Duration,
+}
+
+/// The peers this node hears from.
+#[derive(Debug)]
+pub struct Liveness {
+    incarnation: u64,
+    peers: Mutex<Peers>,
+}
+
+#[derive(Debug, Default)]
+struct Peers {
+    views: BTreeMap<NodeId, PeerView>,
+    /// Peers heard again after silence or a restart, not yet acted on.
+    revived: BTreeSet<NodeId>,
+}
+
+impl Liveness {
+    pub fn new() -> Liveness {
+        Liveness {
+            incarnation: rand::random(),
+            peers: Mutex::new(Peers::default()),
+        }
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Records a beat from `peer` (a request it sent, or its reply to ours).
+    pub fn heard(&self, peer: NodeId, beat: Beat, now: Instant, dead_after: Duration) {
+        let mut peers = self.peers.lock().expect("liveness lock");
+        let revived = match peers.views.get(&peer) {
+            Some(v) => {
+                v.incarnation != beat.incarnation
+                    || now.saturating_duration_since(v.heard) >= dead_after
+            }
+            None => true,
+        };
+        if revived {
+            peers.revived.insert(peer);
+        }
+        peers.views.insert(
+            peer,
+            PeerView {
+                heard: now,
+                incarnation: beat.incarnation,
+                leads: beat.leads.into_iter().collect(),
+            },
+        );
+    }
+
+    /// A copy of every peer's view, and the peers revived since the last call.
+    pub fn take(&self) -> (BTreeMap<NodeId, PeerView>, BTreeSet<NodeId>) {
+        let mut peers = self.peers.lock().expect("liveness lock");
+        let revived = std::mem::take(&mut peers.revived);
+        (peers.views.clone(), revived)
+    }
+
+    /// Whether `node` was heard from within `dead_after`.
+    pub fn is_alive(
+        views: &BTreeMap<NodeId, PeerView>,
+        node: NodeId,
+        now: Instant,
+        t: &Timing,
+    ) -> bool {
+        views
+            .get(&node)
+            .is_some_and(|v| now.saturating_duration_since(v.heard) < t.dead_after)
+    }
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness::new()
+    }
+}
+
+/// One group as this node sees it, read from its raft metrics.
+#[derive(Clone, Debug)]
+pub struct GroupView {
+    pub group: GroupId,
+    pub leading: bool,
+    pub candidate: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub voters: Vec<NodeId>,
+    /// Voters and learners.
+    pub members: Vec<NodeId>,
+}
+
+/// What this node remembers per group between decisions.
+#[derive(Clone, Debug)]
+pub struct Memo {
+    /// Since when the group has seemed leaderless (while its leader's node is alive).
+    suspect_since: Option<Instant>,
+    /// Not before this instant may this node stand again.
+    next_stand: Instant,
+    /// When the next sweep heartbeat is due, while leading.
+    next_sweep: Option<Instant>,
+}
+
+impl Memo {
+    pub fn new(now: Instant) -> Memo {
+        Memo {
+            suspect_since: None,
+            next_stand: now,
+            next_sweep: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Stand for election (with Pre-Vote when other voters exist).
+    Stand,
+    /// Send the followers a heartbeat now.
+    Heartbeat,
+}
+
+/// The decision for one group. `jitter` in [0, 1) spreads repeated stands; `rank_order` is the
+/// group's fixed voter order (best first).
+#[allow(clippy::too_many_arguments)]
+pub fn decide(
+    me: NodeId,
+    g: &GroupView,
+    rank_order: &[NodeId],
+    views: &BTreeMap<NodeId, PeerView>,
+    revived: &BTreeSet<NodeId>,
+    memo: &mut Memo,
+    now: Instant,
+    t: &Timing,
+    jitter: f64,
+) -> Action {
+    let alive = |n: NodeId| n == me || Liveness::is_alive(views, n, now, t);
+    if g.leading {
+        memo.suspect_since = None;
+        let claimed_higher = views
+            .iter()
+            .any(|(n, v)| alive(*n) && v.leads.get(&g.group).is_some_and(|term| *term > g.term));
+        let follower_back = g.members.iter().any(|n| *n != me && revived.contains(n));
+        let sweep_due = match memo.next_sweep {
+            Some(at) => now >= at,
+            None => {
+                // Spread the groups' sweeps over the whole period.
+                let offset = t.sweep.mul_f64(((g.group % 64) as f64) / 64.0);
+                memo.next_sweep = Some(now + offset);
+                false
+            }
+        };
+        if claimed_higher || follower_back || sweep_due {
+            memo.next_sweep = Some(now + t.sweep);
+            return Action::Heartbeat;
+        }
+        return Action::Nothing;
+    }
+    memo.next_sweep = None;
+    if !g.voters.contains(&me) {
+        memo.suspect_since = None;
+        return Action::Nothing;
+    }
+    // Whom this node follows: its raft view, else a live voter that claims the group at a
+    // term not below ours (a restarted node does not know its leader until it hears from it).
+    let leader = g.leader.filter(|l| *l != me).or_else(|| {
+        views
+            .iter()
+            .filter(|(n, v)| {
+                g.voters.contains(n)
+                    && alive(**n)
+                    && v.leads.get(&g.group).is_some_and(|term| *term >= g.term)
+            })
+            .map(|(n, _)| *n)
+            .next()
+    });
+    let eligible_from = match leader {
+        Some(l) => match views.get(&l) {
+            Some(v) if alive(l) => {
+                if v.leads.get(&g.group).is_some_and(|term| *term >= g.term) {
+                    memo.suspect_since = None;
+                    return Action::Nothing;
+                }
+                // Alive but not (yet) claiming the group: give it a while.
+                *memo.suspect_since.get_or_insert(now) + t.dead_after
+            }
+            Some(v) => v.heard + t.dead_after,
+            None => *memo.suspect_since.get_or_insert(now) + t.dead_after,
+        },
+        None => *memo.suspect_since.get_or_insert(now),
+    };
+    let live: Vec<NodeId> = rank_order.iter().copied().filter(|n| alive(*n)).collect();
+    let rank = live.iter().position(|n| *n == me).unwrap_or(live.len()) as u32;
+    if now < eligible_from + t.beat * rank || now < memo.next_stand {
+        return Action::Nothing;
+    }
+    // A stand refused at once (our own lease still runs) costs nothing, so retry soon; a
+    // candidate that got no answer waits longer, with jitter so two stop colliding.
+    let wait = if g.candidate { t.dead_after } else { t.beat };
+    memo.next_stand = now + wait.mul_f64(1.0 + jitter);
+    Action::Stand
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing() -> Timing {
+        Timing {
+            beat: Duration::from_millis(200),
+            dead_after: Duration::from_millis(600),
+            sweep: Duration::from_secs(10),
+        }
+    }
+
+    fn view(heard: Instant, leads: &[(GroupId, u64)]) -> PeerView {
+        PeerView {
+            heard,
+            incarnation: 1,
+            leads: leads.iter().copied().collect(),
+        }
+    }
+
+    fn follower(leader: Option<NodeId>) -> GroupView {
+        GroupView {
+            group: 5,
+            leading: false,
+            candidate: false,
+            leader,
+            term: 3,
+            voters: vec![1, 2, 3],
+            members: vec![1, 2, 3],
+        }
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_follower_of_a_live_claiming_leader_never_stands() {
+        let t = timing();
+        let t0 = Instant::now();
+        let mut memo = Memo::new(t0);
+        for step in 0..50 {
+            let now = t0 + ms(200) * step;
+            let views = BTreeMap::from([(2, view(now, &[(5, 3)])), (3, view(now, &[]))]);
+            let a = decide(
+                1,
+                &follower(Some(2)),
+                &[1, 2, 3],
+                &views,
+                &BTreeSet::new(),
+                &mut memo,
+                now,
+                &t,
+                0.5,
+            );
+            assert_eq!(a, Action::Nothing, "step {step}");
+        }
+    }
+
+    #[test]
+    fn a_dead_leader_is_replaced_by_the_first_live_voter_then_the_next() {
+        // Goal: after the leader's node falls silent, the best-ranked live voter stands as soon
+        // as the leader counts as dead; the next one a beat later, and not before.
+        let t = timing();
+        let t0 = Instant::now();
+        let order = [2, 1, 3]; // 2 is the dead leader; 1 ranks before 3
+        let views = |now: Instant| {
+            BTreeMap::from([
+                (2, view(t0, &[(5, 3)])),
+                (3, view(now, &[])),
+                (1, view(now, &[])),
+            ])
+        };
+        let mut memo1 = Memo::new(t0);
+        let mut memo3 = Memo::new(t0);
+        let g = follower(Some(2));
+        let at = |ms_| t0 + ms(ms_);
+        let none = BTreeSet::new();
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &order,
+                &views(at(500)),
+                &none,
+                &mut memo1,
+                at(500),
+                &t,
+                0.0
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                3,
+                &g,
+                &order,
+                &views(at(500)),
+                &none,
+                &mut memo3,
+                at(500),
+                &t,
+                0.0
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &order,
+                &views(at(600)),
+                &none,
+                &mut memo1,
+                at(600),
+                &t,
+                0.0
+            ),
+            Action::Stand
+        );
+        assert_eq!(
+            decide(
+                3,
+                &g,
+                &order,
+                &views(at(600)),
+                &none,
+                &mut memo3,
+                at(600),
+                &t,
+                0.0
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                3,
+                &g,
+                &order,
+                &views(at(800)),
+                &none,
+                &mut memo3,
+                at(800),
+                &t,
+                0.0
+            ),
+            Action::Stand
+        );
+        // Node 1 retries no sooner than a beat (times 1 + jitter) later.
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &order,
+                &views(at(700)),
+                &none,
+                &mut memo1,
+                at(700),
+                &t,
+                0.0
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &order,
+                &views(at(800)),
+                &none,
+                &mut memo1,
+                at(800),
+                &t,
+                0.0
+            ),
+            Action::Stand
+        );
+    }
+
+    #[test]
+    fn a_live_leader_that_stopped_claiming_the_group_is_replaced_after_a_while() {
+        let t = timing();
+        let t0 = Instant::now();
+        let mut memo = Memo::new(t0);
+        let g = follower(Some(2));
+        let none = BTreeSet::new();
+        for step in 0..3 {
+            let now = t0 + ms(200) * step;
+            let views = BTreeMap::from([(2, view(now, &[])), (3, view(now, &[]))]);
+            assert_eq!(
+                decide(1, &g, &[1, 2, 3], &views, &none, &mut memo, now, &t, 0.0),
+                Action::Nothing
+            );
+        }
+        let now = t0 + ms(600);
+        let views = BTreeMap::from([(2, view(now, &[])), (3, view(now, &[]))]);
+        assert_eq!(
+            decide(1, &g, &[1, 2, 3], &views, &none, &mut memo, now, &t, 0.0),
+            Action::Stand
+        );
+    }
+
+    #[test]
+    fn a_restarted_node_follows_a_live_claimant_instead_of_standing() {
+        // After a restart raft knows no leader; a live voter's beat claiming the group at our
+        // term names it, so the node waits for its heartbeat instead of disrupting it.
+        let t = timing();
+        let t0 = Instant::now();
+        let mut memo = Memo::new(t0);
+        let views = BTreeMap::from([(3, view(t0, &[(5, 3)]))]);
+        let a = decide(
+            1,
+            &follower(None),
+            &[1, 2, 3],
+            &views,
+            &BTreeSet::new(),
+            &mut memo,
+            t0,
+            &t,
+            0.0,
+        );
+        assert_eq!(a, Action::Nothing);
+        // With nobody claiming it, the best-ranked node stands at once.
+        let views = BTreeMap::from([(3, view(t0, &[])), (2, view(t0, &[]))]);
+        let a = decide(
+            1,
+            &follower(None),
+            &[1, 2, 3],
+            &views,
+            &BTreeSet::new(),
+            &mut memo,
+            t0,
+            &t,
+            0.0,
+        );
+        assert_eq!(a, Action::Stand);
+    }
+
+    #[test]
+    fn learners_never_stand() {
+        let t = timing();
+        let t0 = Instant::now();
+        let mut memo = Memo::new(t0);
+        let mut g = follower(None);
+        g.voters = vec![2, 3];
+        let a = decide(
+            1,
+            &g,
+            &[2, 3],
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+            &mut memo,
+            t0 + ms(5000),
+            &t,
+            0.0,
+        );
+        assert_eq!(a, Action::Nothing);
+    }
+
+    #[test]
+    fn a_leader_heartbeats_only_for_a_reason() {
+        // Goal: a leader with nothing new sends no heartbeat until its sweep; a revived follower
+        // or a higher-term claimant triggers one at once.
+        let t = timing();
+        let t0 = Instant::now();
+        let mut memo = Memo::new(t0);
+        let g = GroupView {
+            leading: true,
+            ..follower(Some(1))
+        };
+        let quiet = BTreeMap::from([(2, view(t0, &[])), (3, view(t0, &[]))]);
+        let none = BTreeSet::new();
+        assert_eq!(
+            decide(1, &g, &[1, 2, 3], &quiet, &none, &mut memo, t0, &t, 0.0),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &[1, 2, 3],
+                &quiet,
+                &none,
+                &mut memo,
+                t0 + ms(100),
+                &t,
+                0.0
+            ),
+            Action::Nothing
+        );
+        let back = BTreeSet::from([3]);
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &[1, 2, 3],
+                &quiet,
+                &back,
+                &mut memo,
+                t0 + ms(200),
+                &t,
+                0.0
+            ),
+            Action::Heartbeat
+        );
+        let rival = BTreeMap::from([(2, view(t0 + ms(400), &[(5, 4)]))]);
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &[1, 2, 3],
+                &rival,
+                &none,
+                &mut memo,
+                t0 + ms(400),
+                &t,
+                0.0
+            ),
+            Action::Heartbeat
+        );
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &[1, 2, 3],
+                &quiet,
+                &none,
+                &mut memo,
+                t0 + ms(600),
+                &t,
+                0.0
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                1,
+                &g,
+                &[1, 2, 3],
+                &quiet,
+                &none,
+                &mut memo,
+                t0 + ms(400) + t.sweep,
+                &t,
+                0.0
+            ),
+            Action::Heartbeat
+        );
+    }
+
+    #[test]
+    fn a_peer_heard_again_after_silence_or_a_restart_is_revived_once() {
+        let l = Liveness::new();
+        let t0 = Instant::now();
+        let beat = |inc| Beat {
+            incarnation: inc,
+            leads: vec![],
+        };
+        let dead_after = ms(600);
+        l.heard(2, beat(7), t0, dead_after);
+        assert_eq!(l.take().1, BTreeSet::from([2]));
+        l.heard(2, beat(7), t0 + ms(200), dead_after);
+        assert!(l.take().1.is_empty());
+        l.heard(2, beat(8), t0 + ms(400), dead_after);
+        assert_eq!(l.take().1, BTreeSet::from([2]));
+        l.heard(2, beat(8), t0 + ms(1500), dead_after);
+        assert_eq!(l.take().1, BTreeSet::from([2]));
+    }
+}
