@@ -227,6 +227,13 @@ pub enum ClientRequest {
     },
     DkimShow(String),
     DkimRemove(String),
+    /// Adds an account with an existing argon2 password hash (PHC string), as when moving
+    /// users over from another server: their passwords keep working, nothing is rehashed.
+    UserImport {
+        address: String,
+        password_hash: String,
+        quota: Quota,
+    },
 }
 
 /// What an operator does to a queue entry.

@@ -254,8 +254,12 @@ enum UserCmd {
     Add {
         address: String,
         /// The password (read from standard input when absent).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "password_hash")]
         password: Option<String>,
+        /// An existing argon2 hash (PHC string, e.g. from Dovecot's `{ARGON2ID}` passdb)
+        /// instead of a password: for moving users over without knowing their passwords.
+        #[arg(long)]
+        password_hash: Option<String>,
         #[arg(long, default_value_t = 0)]
         quota_bytes: u64,
         #[arg(long, default_value_t = 0)]
@@ -709,16 +713,27 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
             UserCmd::Add {
                 address,
                 password,
+                password_hash,
                 quota_bytes,
                 quota_messages,
-            } => ClientRequest::UserAdd {
-                address,
-                password: password_or_stdin(password)?,
-                quota: Quota {
+            } => {
+                let quota = Quota {
                     bytes: quota_bytes,
                     messages: quota_messages,
-                },
-            },
+                };
+                match password_hash {
+                    Some(password_hash) => ClientRequest::UserImport {
+                        address,
+                        password_hash,
+                        quota,
+                    },
+                    None => ClientRequest::UserAdd {
+                        address,
+                        password: password_or_stdin(password)?,
+                        quota,
+                    },
+                }
+            }
             UserCmd::Passwd { address, password } => ClientRequest::UserPasswd {
                 address,
                 password: password_or_stdin(password)?,

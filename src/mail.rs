@@ -180,6 +180,20 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| format!("hashing password: {e}"))
 }
 
+/// Accepts an argon2 (id, i or d) hash in PHC string form, which verification understands
+/// with the parameters it names; anything else is refused with what was expected.
+pub fn check_password_hash(hash: &str) -> Result<(), String> {
+    use argon2::password_hash::PasswordHash;
+    let expected = "expected an argon2 PHC string like $argon2id$v=19$m=19456,t=2,p=1$SALT$HASH";
+    let parsed = PasswordHash::new(hash).map_err(|e| format!("password hash: {e}; {expected}"))?;
+    match parsed.algorithm.as_str() {
+        "argon2id" | "argon2i" | "argon2d" if parsed.hash.is_some() => Ok(()),
+        other => Err(format!(
+            "password hash: algorithm {other:?} (or no hash part) is not supported; {expected}"
+        )),
+    }
+}
+
 pub fn account_command(address: &str, password_hash: String, quota: Quota) -> Command {
     Command::Partition(PartitionCommand::CreateAccount {
         address: address.to_string(),
@@ -406,6 +420,17 @@ pub async fn partition_write(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_argon2_phc_hashes_are_imported() {
+        let made = hash_password("pw").unwrap();
+        assert!(check_password_hash(&made).is_ok());
+        let e = check_password_hash("$2y$10$abcdefghijklmnopqrstuuhLUiD7aNWB3Bk6Z1HVV0ZZEoTp7v5me")
+            .unwrap_err();
+        assert!(e.contains("argon2"), "{e}");
+        assert!(check_password_hash("plain").is_err());
+        assert!(check_password_hash("$argon2id$v=19$m=19456,t=2,p=1").is_err());
+    }
 
     #[test]
     fn a_cached_login_needs_the_same_password_and_the_same_stored_hash() {

@@ -281,6 +281,19 @@ impl Node {
                 self.partition_write_command(&address, mail::account_command(&address, hash, quota))
                     .await
             }
+            ClientRequest::UserImport {
+                address,
+                password_hash,
+                quota,
+            } => {
+                let address = self.served_address(&address).await?;
+                mail::check_password_hash(&password_hash)?;
+                self.partition_write_command(
+                    &address,
+                    mail::account_command(&address, password_hash, quota),
+                )
+                .await
+            }
             ClientRequest::UserPasswd { address, password } => {
                 let address = normalize_address(&address);
                 let password_hash = mail::hash_password(&password)?;

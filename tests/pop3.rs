@@ -197,3 +197,66 @@ fn fetchmail_downloads_and_deletes_over_pop3s() {
         "left on the server:\n{log}"
     );
 }
+
+#[test]
+fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
+    // Goal: `user add --password-hash` moves a user over with the argon2 hash another server
+    // stored (here one made by the library): the old password logs in over POP3S (curl), a
+    // wrong one does not, and a hash of another scheme is refused with what is expected.
+    let _g = serial();
+    let c = Cluster::start(3, PARTITIONS, 5000, 0);
+    let hash = mailgrid::mail::hash_password("moved-pw").unwrap();
+    c.admin(&[
+        "user",
+        "add",
+        "moved@example.test",
+        "--password-hash",
+        &hash,
+    ]);
+    let list = |password: &str| {
+        Command::new("curl")
+            .args(["-sSk", "--max-time", "30"])
+            .arg(format!("pop3s://{}/", c.listener(2, "pop3s")))
+            .args(["-u", &format!("moved@example.test:{password}")])
+            .output()
+            .expect("curl is installed by scripts/test")
+    };
+    let ok = list("moved-pw");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(!list("other-pw").status.success());
+    let bcrypt = "$2y$10$abcdefghijklmnopqrstuuhLUiD7aNWB3Bk6Z1HVV0ZZEoTp7v5me";
+    let out = run(
+        &[
+            "admin",
+            "--data",
+            c.any(),
+            "user",
+            "add",
+            "b@example.test",
+            "--password-hash",
+            bcrypt,
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("argon2"), "{err}");
+    let out = run(
+        &[
+            "admin",
+            "--data",
+            c.any(),
+            "user",
+            "add",
+            "c@example.test",
+            "--password-hash",
+            "x",
+        ],
+        None,
+    );
+    assert!(!out.status.success());
+}

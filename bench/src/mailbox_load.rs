@@ -16,13 +16,13 @@ fn connector() -> tokio_rustls::TlsConnector {
     mailgrid::client_tls::unverified_connector()
 }
 
-struct Conn {
+pub(crate) struct Conn {
     io: BufReader<TlsStream<TcpStream>>,
     tag: u64,
 }
 
 impl Conn {
-    async fn open(addr: &str) -> anyhow::Result<Conn> {
+    pub(crate) async fn open(addr: &str) -> anyhow::Result<Conn> {
         let tcp = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -46,7 +46,7 @@ impl Conn {
     }
 
     /// An IMAP command; the untagged lines (literal contents skipped) and the status.
-    async fn imap(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
+    pub(crate) async fn imap(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
         self.tag += 1;
         let tag = format!("b{}", self.tag);
         self.io

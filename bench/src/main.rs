@@ -5,7 +5,9 @@
 //! IMAP session mixes (ops/s, latency per command) and POP3 download sessions per second.
 //! Figures are printed and written as JSON.
 
+mod dip;
 mod mailbox_load;
+mod scale;
 mod smtp_load;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +76,55 @@ enum Cmd {
         /// Recipient addresses, `{}` replaced by 0..users.
         #[arg(long, default_value = "bench{}@example.test")]
         user_format: String,
+        /// After the runs, measure each node's idle CPU over this many seconds (own cluster).
+        #[arg(long, default_value_t = 0)]
+        idle_seconds: u64,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Many accounts: provisioning rate, memory per node, disk per message, login latency.
+    Scale {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        #[arg(long, default_value_t = 100_000)]
+        users: usize,
+        /// Messages delivered (4 KiB, spread over a tenth of the users).
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        /// Users whose IMAP LOGIN is timed (twice: first login, then again).
+        #[arg(long, default_value_t = 2000)]
+        logins: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// The failover dip: a steady SMTP load while one node is killed with SIGKILL; reports
+    /// the throughput per interval, the dip and the time until throughput is back.
+    Dip {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        #[arg(long, default_value_t = 16)]
+        senders: usize,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        /// Seconds of load before the kill.
+        #[arg(long, default_value_t = 10)]
+        before: u64,
+        /// Seconds of load after the kill.
+        #[arg(long, default_value_t = 15)]
+        after: u64,
+        /// Width of one throughput interval, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        bucket_ms: u64,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -240,6 +291,29 @@ async fn deliveries(
         size,
         started.elapsed().as_secs_f64(),
     ))
+}
+
+/// USER_HZ on Linux: the unit of /proc/PID/stat's CPU times.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// User + system CPU ticks of all these processes together.
+fn total_cpu_ticks(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|p| cpu_ticks(*p)).sum()
+}
+
+/// Each node's CPU use (percent of one core) while nothing is asked of the cluster.
+async fn idle_cpu(cluster: &DevCluster, seconds: u64) -> Vec<f64> {
+    let before: Vec<Option<u64>> = cluster.nodes.iter().map(|n| cpu_ticks(n.1)).collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    cluster
+        .nodes
+        .iter()
+        .zip(before)
+        .map(|(n, a)| match (a, cpu_ticks(n.1)) {
+            (Some(a), Some(b)) => (b - a) as f64 / TICKS_PER_SEC / seconds as f64 * 100.0,
+            _ => f64::NAN,
+        })
+        .collect()
 }
 
 fn cpu_ticks(pid: u32) -> Option<u64> {
@@ -437,6 +511,7 @@ async fn main() -> anyhow::Result<()> {
             target,
             users,
             user_format,
+            idle_seconds,
             mailgrid,
             out,
         } => {
@@ -473,9 +548,25 @@ async fn main() -> anyhow::Result<()> {
                         concurrency: c,
                         run: format!("{stamp}-{size}-{c}"),
                     };
-                    let r = smtp_load::run(load).await?;
+                    let pids: Vec<u32> = cluster
+                        .as_ref()
+                        .map(|c| c.nodes.iter().map(|n| n.1).collect())
+                        .unwrap_or_default();
+                    let cpu_before = total_cpu_ticks(&pids);
+                    let mut r = smtp_load::run(load).await?;
+                    let cpu_note = match (cpu_before, total_cpu_ticks(&pids)) {
+                        (Some(a), Some(b)) if !pids.is_empty() => {
+                            // CPU of every node process together, per stored message.
+                            let cpu_seconds = (b - a) as f64 / TICKS_PER_SEC;
+                            let per_msg = cpu_seconds * 1000.0 / messages as f64;
+                            r["cpu_seconds"] = cpu_seconds.into();
+                            r["cpu_ms_per_msg"] = per_msg.into();
+                            format!(", {per_msg:.3} CPU ms/msg (all nodes)")
+                        }
+                        _ => String::new(),
+                    };
                     eprintln!(
-                        "smtp {size} B x{messages}, {c} senders: {:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms",
+                        "smtp {size} B x{messages}, {c} senders: {:.0} msgs/s, p50 {:.2} ms, p99 {:.2} ms{cpu_note}",
                         r["msgs_per_sec"].as_f64().unwrap_or(0.0),
                         r["p50_ms"].as_f64().unwrap_or(0.0),
                         r["p99_ms"].as_f64().unwrap_or(0.0)
@@ -483,13 +574,162 @@ async fn main() -> anyhow::Result<()> {
                     runs.push(r);
                 }
             }
-            let results = serde_json::json!({
+            let mut results = serde_json::json!({
                 "target": if cluster.is_some() { format!("mailgrid {nodes} nodes, {partitions} partitions") } else { servers.join(",") },
                 "servers": servers,
                 "runs": runs,
             });
+            if let (Some(c), true) = (&cluster, idle_seconds > 0) {
+                let idle = idle_cpu(c, idle_seconds).await;
+                eprintln!("idle CPU per node over {idle_seconds} s: {idle:?} %");
+                results["idle_cpu_percent"] = idle.into();
+            }
             drop(cluster);
             write_results(&out, "smtp", &results)
+        }
+        Cmd::Scale {
+            nodes,
+            partitions,
+            users,
+            messages,
+            logins,
+            concurrency,
+            mailgrid,
+            out,
+        } => {
+            let bin = mailgrid_binary(mailgrid)?;
+            let cluster = start_cluster(&bin, nodes, partitions)?;
+            let mut clients = Vec::new();
+            for n in &cluster.nodes {
+                clients.push(Arc::new(Client::open(&n.2, None)?));
+            }
+            let pids: Vec<u32> = cluster.nodes.iter().map(|n| n.1).collect();
+            let rss = |pids: &[u32]| -> Vec<u64> {
+                pids.iter()
+                    .map(|p| scale::rss(*p).unwrap_or(0) / (1 << 20))
+                    .collect()
+            };
+            let disk = || -> u64 { cluster.nodes.iter().map(|n| scale::disk_bytes(&n.2)).sum() };
+            let rss_empty = rss(&pids);
+            let hash = mailgrid::mail::hash_password("bench").map_err(anyhow::Error::msg)?;
+            eprintln!("provisioning {users} accounts");
+            let rate = scale::provision(&clients, users, &hash, concurrency).await?;
+            let rss_users = rss(&pids);
+            eprintln!("{users} accounts at {rate:.0}/s; RSS per node (MiB): {rss_empty:?} empty, {rss_users:?} with the accounts");
+            let sample: Vec<String> = (0..users).step_by(10).map(scale::user).collect();
+            let disk_before = disk();
+            let delivered = deliveries(&clients, &sample, messages, 4096, concurrency, 0).await?;
+            let disk_after = disk();
+            let per_message = disk_after.saturating_sub(disk_before) as f64 / messages as f64;
+            let rss_mail = rss(&pids);
+            eprintln!(
+                "{messages} deliveries at {:.0} msgs/s; disk {:.0} bytes per 4 KiB message (all {nodes} nodes, {:.0} per replica); RSS per node (MiB): {rss_mail:?}",
+                delivered["msgs_per_sec"].as_f64().unwrap_or(0.0),
+                per_message,
+                per_message / nodes.min(3) as f64
+            );
+            let servers = cluster_listeners(&cluster, "imaps");
+            // Users spread over all partitions, none logged in before.
+            let step = (users / logins.max(1)).max(1);
+            let who: Vec<String> = (0..users)
+                .step_by(step)
+                .take(logins)
+                .map(scale::user)
+                .collect();
+            let first = scale::logins(&servers, &who, "bench", 8).await?;
+            let again = scale::logins(&servers, &who, "bench", 8).await?;
+            eprintln!(
+                "IMAP LOGIN of {} users: first p50 {:.2} ms p99 {:.2} ms; again p50 {:.2} ms p99 {:.2} ms",
+                who.len(),
+                first["p50_ms"].as_f64().unwrap_or(0.0),
+                first["p99_ms"].as_f64().unwrap_or(0.0),
+                again["p50_ms"].as_f64().unwrap_or(0.0),
+                again["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+            let results = serde_json::json!({
+                "nodes": nodes,
+                "partitions": partitions,
+                "users": users,
+                "provision_per_sec": rate,
+                "rss_mib_empty": rss_empty,
+                "rss_mib_with_users": rss_users,
+                "rss_mib_after_mail": rss_mail,
+                "deliveries": delivered,
+                "disk_bytes_per_message_all_nodes": per_message,
+                "login_first": first,
+                "login_again": again,
+            });
+            drop(cluster);
+            write_results(&out, "scale", &results)
+        }
+        Cmd::Dip {
+            nodes,
+            partitions,
+            senders,
+            size,
+            before,
+            after,
+            bucket_ms,
+            mailgrid,
+            out,
+        } => {
+            let bin = mailgrid_binary(mailgrid)?;
+            let cluster = start_cluster(&bin, nodes, partitions)?;
+            let client = Client::open(&cluster.nodes[0].2, None)?;
+            let users: Vec<String> = (0..64).map(|i| format!("bench{i}@example.test")).collect();
+            add_users(&client, &users).await?;
+            let servers = cluster_listeners(&cluster, "smtp");
+            let bucket = Duration::from_millis(bucket_ms.max(10));
+            let load = dip::Load {
+                servers,
+                users,
+                senders,
+                size,
+                run: format!("dip-{}", std::process::id()),
+                duration: Duration::from_secs(before + after),
+                bucket,
+            };
+            let started = Instant::now();
+            let running = tokio::spawn(dip::run(load, started));
+            tokio::time::sleep(Duration::from_secs(before)).await;
+            // The last node: never the one `dev` created the cluster on.
+            let victim = cluster.nodes.last().context("no nodes")?.clone();
+            Command::new("kill")
+                .args(["-KILL", &victim.1.to_string()])
+                .status()?;
+            let kill_at = started.elapsed();
+            eprintln!("killed node {} at {:.2} s", victim.0, kill_at.as_secs_f64());
+            let outcome = running.await?;
+            let (base, lowest, back) = dip::dip(&outcome.buckets, bucket, kill_at);
+            let per_second: Vec<f64> = dip::windows(&outcome.buckets, bucket)
+                .into_iter()
+                .step_by((1000 / bucket.as_millis().max(1)) as usize)
+                .collect();
+            eprintln!("msgs/s per second: {per_second:?}");
+            eprintln!(
+                "dip: {base:.0} msgs/s before the kill; lowest one-second rate after it {lowest:.0} msgs/s; \
+                 back to 90% after {}; {} messages, {} retried attempts",
+                back.map(|s| format!("{s:.2} s")).unwrap_or_else(|| "never (within the run)".into()),
+                outcome.messages,
+                outcome.retries
+            );
+            let results = serde_json::json!({
+                "nodes": nodes,
+                "partitions": partitions,
+                "senders": senders,
+                "size": size,
+                "killed_node": victim.0,
+                "kill_at_s": kill_at.as_secs_f64(),
+                "bucket_ms": bucket.as_millis() as u64,
+                "buckets": outcome.buckets,
+                "msgs_per_sec_before": base,
+                "lowest_msgs_per_sec_after": lowest,
+                "recovered_after_s": back,
+                "messages": outcome.messages,
+                "retries": outcome.retries,
+            });
+            drop(cluster);
+            write_results(&out, "dip", &results)
         }
         Cmd::Mailbox {
             nodes,

@@ -21,13 +21,13 @@ pub struct Load {
     pub run: String,
 }
 
-struct Conn {
+pub(crate) struct Conn {
     reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
     writer: tokio::net::tcp::OwnedWriteHalf,
 }
 
 impl Conn {
-    async fn open(addr: &str) -> anyhow::Result<Conn> {
+    pub(crate) async fn open(addr: &str) -> anyhow::Result<Conn> {
         let s = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
@@ -69,7 +69,7 @@ impl Conn {
     }
 
     /// One message with a pipelined envelope (MAIL, RCPT, DATA in one write).
-    async fn send(&mut self, to: &str, body: &[u8]) -> anyhow::Result<()> {
+    pub(crate) async fn send(&mut self, to: &str, body: &[u8]) -> anyhow::Result<()> {
         let envelope = format!("MAIL FROM:<bench@remote.test>\r\nRCPT TO:<{to}>\r\nDATA\r\n");
         self.writer.write_all(envelope.as_bytes()).await?;
         self.expect(250).await?;

@@ -372,25 +372,37 @@ fn check_real_time_order(
                 .push((tag, invoked, completed));
         }
     }
-    for (recipient, mut deliveries) in acked {
+    for (recipient, deliveries) in acked {
         let Some(stored) = state.get(recipient) else {
             continue;
         };
-        let uid_of = |tag: &str| {
-            stored
-                .iter()
-                .find(|s| s.tag == tag)
-                .map(|s| (s.uid_validity, s.uid))
-        };
-        deliveries.sort_by_key(|d| d.2);
-        for (i, (a, _, a_completed)) in deliveries.iter().enumerate() {
-            let Some(ua) = uid_of(a) else { continue };
-            for (b, b_invoked, _) in &deliveries[i + 1..] {
-                if b_invoked <= a_completed {
-                    continue; // concurrent: either order is right
+        let uids: std::collections::HashMap<&str, (u32, u32)> = stored
+            .iter()
+            .map(|s| (s.tag.as_str(), (s.uid_validity, s.uid)))
+            .collect();
+        // Every delivery b must get a higher UID than every delivery a acknowledged before b
+        // was invoked: walk b in invocation order, keeping the highest UID (per UIDVALIDITY)
+        // among those acknowledged so far. O(n log n), so long runs stay quick to check.
+        let mut by_completed: Vec<&(&str, u64, u64)> = deliveries.iter().collect();
+        by_completed.sort_by_key(|d| d.2);
+        let mut by_invoked: Vec<&(&str, u64, u64)> = deliveries.iter().collect();
+        by_invoked.sort_by_key(|d| d.1);
+        let mut highest: BTreeMap<u32, (u32, &str)> = BTreeMap::new();
+        let mut done = by_completed.iter().peekable();
+        for (b, b_invoked, _) in by_invoked {
+            while let Some((a, _, _)) = done.next_if(|d| d.2 < *b_invoked) {
+                if let Some(&(validity, uid)) = uids.get(a) {
+                    let top = highest.entry(validity).or_insert((uid, a));
+                    if uid > top.0 {
+                        *top = (uid, a);
+                    }
                 }
-                let Some(ub) = uid_of(b) else { continue };
-                if ua.0 == ub.0 && ua.1 >= ub.1 {
+            }
+            let Some(&(validity, uid)) = uids.get(b) else {
+                continue;
+            };
+            if let Some(&(top, a)) = highest.get(&validity) {
+                if top >= uid {
                     violations.push(Violation::UidAfter {
                         recipient: recipient.to_string(),
                         earlier: a.to_string(),

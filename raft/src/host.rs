@@ -49,6 +49,13 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 impl HostConfig {
     pub fn raft_config(&self) -> Result<Arc<Config>, String> {
+        if self.election_min_ms < 2 * self.heartbeat_ms {
+            return Err(format!(
+                "raft timing: election_min_ms ({}) must be at least twice heartbeat_ms ({}): \
+                 a peer is taken for dead after election_min_ms without a beat",
+                self.election_min_ms, self.heartbeat_ms
+            ));
+        }
         let config = Config {
             cluster_name: "mailgrid".into(),
             heartbeat_interval: self.heartbeat_ms,
