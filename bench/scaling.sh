@@ -5,6 +5,8 @@
 #
 #   bench/scaling.sh [MESSAGES] [SENDERS] [NODE COUNTS]     (defaults 3000, 32, "3 5 7")
 #
+# Results (bench smtp's JSON per size, and SVG plots by bench/plot.py) go to
+# bench/results/scaling-<unix time>/.
 # On a machine with fewer cores than nodes the nodes share cores, so msgs/s does not grow
 # here; CPU per message is what tells whether adding nodes adds work per message.
 set -euo pipefail
@@ -12,8 +14,8 @@ cd "$(dirname "$0")/.."
 messages="${1:-3000}"
 senders="${2:-32}"
 counts="${3:-3 5 7}"
-out="$(mktemp -d /tmp/mailgrid-scaling.XXXXXX)"
-trap 'rm -rf "$out"' EXIT
+out="bench/results/scaling-$(date +%s)"
+mkdir -p "$out"
 
 cargo build --release -q -p mailgrid -p bench
 for n in $counts; do
@@ -34,3 +36,4 @@ print(f"{'nodes':>5} {'msgs/s':>8} {'CPU ms/msg':>11} {'ratio':>6} {'idle CPU/no
 for n, rate, cpu, idle in rows:
     print(f"{n:>5} {rate:>8.0f} {cpu:>11.3f} {cpu / base:>6.2f} {idle:>19.2f}%")
 PY
+python3 bench/plot.py nodes "$out/nodes" "$out"/*/smtp-*.json

@@ -2,7 +2,8 @@
 //! when this node leads the group and forwarded to the leader otherwise, so any node can
 //! serve any user.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use raft::host::{GroupError, RaftHost};
@@ -37,11 +38,48 @@ pub fn partition_of(address: &str, partitions: u32) -> u32 {
 #[derive(Clone, Debug)]
 pub struct Router {
     host: Arc<RaftHost>,
+    /// Where each group was last led, as answers showed it. A node holding no replica of a
+    /// group (most of them, once there are more nodes than replicas) has no raft view of
+    /// it; without this it would look the placement up and ask a replica, often the wrong
+    /// one, for every request.
+    leaders: Arc<RwLock<HashMap<GroupId, (u64, String)>>>,
 }
 
 impl Router {
     pub fn new(host: Arc<RaftHost>) -> Router {
-        Router { host }
+        Router {
+            host,
+            leaders: Arc::default(),
+        }
+    }
+
+    /// This node's raft view of the group's leader when it holds a replica, else the leader
+    /// answers last named.
+    fn believed_leader(&self, group: GroupId) -> Option<(u64, String)> {
+        self.host.leader_of(group).or_else(|| {
+            let leaders = self.leaders.read().expect("leaders lock");
+            leaders.get(&group).cloned()
+        })
+    }
+
+    fn learn_leader(&self, group: GroupId, leader: Option<(u64, String)>) {
+        let mut leaders = self.leaders.write().expect("leaders lock");
+        match leader {
+            Some(l) if l.0 != self.host.id() => {
+                leaders.insert(group, l);
+            }
+            _ => {
+                leaders.remove(&group);
+            }
+        }
+    }
+
+    /// Forgets `node` as the group's leader after it failed an attempt.
+    fn forget_leader(&self, group: GroupId, node: u64) {
+        let mut leaders = self.leaders.write().expect("leaders lock");
+        if leaders.get(&group).is_some_and(|l| l.0 == node) {
+            leaders.remove(&group);
+        }
     }
 
     pub fn host(&self) -> &Arc<RaftHost> {
@@ -162,7 +200,7 @@ impl Router {
         // on (a dead leader stays "leader" here until the election ends) or a while passes.
         let mut failed: Option<(u64, tokio::time::Instant)> = None;
         loop {
-            let believed = self.host.leader_of(group);
+            let believed = self.believed_leader(group);
             if hint.is_none() {
                 if let (Some((bad, since)), Some((id, _))) = (failed, &believed) {
                     let waiting = since.elapsed() < SUSPECT_FOR;
@@ -189,20 +227,33 @@ impl Router {
             };
             let target_id = target.0;
             let result = self
-                .attempt(group, target, &request, attempt_timeout, &local)
+                .attempt(group, target.clone(), &request, attempt_timeout, &local)
                 .await;
             let next = match result {
-                Ok(v) => return Ok(v),
-                Err(GroupError::NotLeader { leader, .. }) => leader,
+                Ok(v) => {
+                    if target_id != self.host.id() {
+                        self.learn_leader(group, Some(target));
+                    }
+                    return Ok(v);
+                }
+                Err(GroupError::NotLeader { leader, .. }) => {
+                    self.learn_leader(group, leader.clone());
+                    leader
+                }
                 Err(GroupError::Unavailable { .. }) => {
+                    self.forget_leader(group, target_id);
                     failed = Some((target_id, tokio::time::Instant::now()));
                     None
                 }
                 Err(GroupError::Uncertain { .. }) if idempotent => {
+                    self.forget_leader(group, target_id);
                     failed = Some((target_id, tokio::time::Instant::now()));
                     None
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.forget_leader(group, target_id);
+                    return Err(e);
+                }
             };
             if tokio::time::Instant::now() >= deadline {
                 return Err(GroupError::Unavailable {

@@ -228,35 +228,23 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert!(!list("other-pw").status.success());
-    let bcrypt = "$2y$10$abcdefghijklmnopqrstuuhLUiD7aNWB3Bk6Z1HVV0ZZEoTp7v5me";
-    let out = run(
-        &[
+    let add_with_hash = |address: &str, hash: &str| {
+        let args = [
             "admin",
             "--data",
             c.any(),
             "user",
             "add",
-            "b@example.test",
+            address,
             "--password-hash",
-            bcrypt,
-        ],
-        None,
-    );
+            hash,
+        ];
+        run(&args, None)
+    };
+    let bcrypt = "$2y$10$abcdefghijklmnopqrstuuhLUiD7aNWB3Bk6Z1HVV0ZZEoTp7v5me";
+    let out = add_with_hash("b@example.test", bcrypt);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("argon2"), "{err}");
-    let out = run(
-        &[
-            "admin",
-            "--data",
-            c.any(),
-            "user",
-            "add",
-            "c@example.test",
-            "--password-hash",
-            "x",
-        ],
-        None,
-    );
-    assert!(!out.status.success());
+    assert!(!add_with_hash("c@example.test", "x").status.success());
 }

@@ -274,42 +274,62 @@ mod tests {
         }
     }
 
-    fn follower(leader: Option<NodeId>) -> GroupView {
-        GroupView {
-            group: 5,
-            leading: false,
-            candidate: false,
-            leader,
-            term: 3,
-            voters: vec![1, 2, 3],
-            members: vec![1, 2, 3],
-        }
-    }
-
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
 
+    /// One node's decisions about group 5 (voters 1, 2, 3; term 3), with jitter 0.
+    struct Node {
+        me: NodeId,
+        g: GroupView,
+        order: Vec<NodeId>,
+        memo: Memo,
+        revived: BTreeSet<NodeId>,
+    }
+
+    impl Node {
+        fn new(me: NodeId, leader: Option<NodeId>, order: &[NodeId], t0: Instant) -> Node {
+            Node {
+                me,
+                g: GroupView {
+                    group: 5,
+                    leading: leader == Some(me),
+                    candidate: false,
+                    leader,
+                    term: 3,
+                    voters: vec![1, 2, 3],
+                    members: vec![1, 2, 3],
+                },
+                order: order.to_vec(),
+                memo: Memo::new(t0),
+                revived: BTreeSet::new(),
+            }
+        }
+
+        fn at(&mut self, views: &BTreeMap<NodeId, PeerView>, now: Instant) -> Action {
+            let (g, order, revived) = (&self.g, &self.order, &self.revived);
+            decide(
+                self.me,
+                g,
+                order,
+                views,
+                revived,
+                &mut self.memo,
+                now,
+                &timing(),
+                0.0,
+            )
+        }
+    }
+
     #[test]
     fn a_follower_of_a_live_claiming_leader_never_stands() {
-        let t = timing();
         let t0 = Instant::now();
-        let mut memo = Memo::new(t0);
+        let mut n1 = Node::new(1, Some(2), &[1, 2, 3], t0);
         for step in 0..50 {
             let now = t0 + ms(200) * step;
             let views = BTreeMap::from([(2, view(now, &[(5, 3)])), (3, view(now, &[]))]);
-            let a = decide(
-                1,
-                &follower(Some(2)),
-                &[1, 2, 3],
-                &views,
-                &BTreeSet::new(),
-                &mut memo,
-                now,
-                &t,
-                0.5,
-            );
-            assert_eq!(a, Action::Nothing, "step {step}");
+            assert_eq!(n1.at(&views, now), Action::Nothing, "step {step}");
         }
     }
 
@@ -317,7 +337,6 @@ mod tests {
     fn a_dead_leader_is_replaced_by_the_first_live_voter_then_the_next() {
         // Goal: after the leader's node falls silent, the best-ranked live voter stands as soon
         // as the leader counts as dead; the next one a beat later, and not before.
-        let t = timing();
         let t0 = Instant::now();
         let order = [2, 1, 3]; // 2 is the dead leader; 1 ranks before 3
         let views = |now: Instant| {
@@ -327,279 +346,69 @@ mod tests {
                 (1, view(now, &[])),
             ])
         };
-        let mut memo1 = Memo::new(t0);
-        let mut memo3 = Memo::new(t0);
-        let g = follower(Some(2));
-        let at = |ms_| t0 + ms(ms_);
-        let none = BTreeSet::new();
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &order,
-                &views(at(500)),
-                &none,
-                &mut memo1,
-                at(500),
-                &t,
-                0.0
-            ),
-            Action::Nothing
-        );
-        assert_eq!(
-            decide(
-                3,
-                &g,
-                &order,
-                &views(at(500)),
-                &none,
-                &mut memo3,
-                at(500),
-                &t,
-                0.0
-            ),
-            Action::Nothing
-        );
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &order,
-                &views(at(600)),
-                &none,
-                &mut memo1,
-                at(600),
-                &t,
-                0.0
-            ),
-            Action::Stand
-        );
-        assert_eq!(
-            decide(
-                3,
-                &g,
-                &order,
-                &views(at(600)),
-                &none,
-                &mut memo3,
-                at(600),
-                &t,
-                0.0
-            ),
-            Action::Nothing
-        );
-        assert_eq!(
-            decide(
-                3,
-                &g,
-                &order,
-                &views(at(800)),
-                &none,
-                &mut memo3,
-                at(800),
-                &t,
-                0.0
-            ),
-            Action::Stand
-        );
-        // Node 1 retries no sooner than a beat (times 1 + jitter) later.
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &order,
-                &views(at(700)),
-                &none,
-                &mut memo1,
-                at(700),
-                &t,
-                0.0
-            ),
-            Action::Nothing
-        );
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &order,
-                &views(at(800)),
-                &none,
-                &mut memo1,
-                at(800),
-                &t,
-                0.0
-            ),
-            Action::Stand
-        );
+        let mut n1 = Node::new(1, Some(2), &order, t0);
+        let mut n3 = Node::new(3, Some(2), &order, t0);
+        let at = |n: &mut Node, after: u64| n.at(&views(t0 + ms(after)), t0 + ms(after));
+        assert_eq!(at(&mut n1, 500), Action::Nothing);
+        assert_eq!(at(&mut n3, 500), Action::Nothing);
+        assert_eq!(at(&mut n1, 600), Action::Stand);
+        assert_eq!(at(&mut n3, 600), Action::Nothing);
+        assert_eq!(at(&mut n3, 800), Action::Stand);
+        // Node 1 stands again no sooner than a beat (times 1 + jitter) later.
+        assert_eq!(at(&mut n1, 700), Action::Nothing);
+        assert_eq!(at(&mut n1, 800), Action::Stand);
     }
 
     #[test]
     fn a_live_leader_that_stopped_claiming_the_group_is_replaced_after_a_while() {
-        let t = timing();
         let t0 = Instant::now();
-        let mut memo = Memo::new(t0);
-        let g = follower(Some(2));
-        let none = BTreeSet::new();
+        let mut n1 = Node::new(1, Some(2), &[1, 2, 3], t0);
+        let quiet = |now: Instant| BTreeMap::from([(2, view(now, &[])), (3, view(now, &[]))]);
         for step in 0..3 {
             let now = t0 + ms(200) * step;
-            let views = BTreeMap::from([(2, view(now, &[])), (3, view(now, &[]))]);
-            assert_eq!(
-                decide(1, &g, &[1, 2, 3], &views, &none, &mut memo, now, &t, 0.0),
-                Action::Nothing
-            );
+            assert_eq!(n1.at(&quiet(now), now), Action::Nothing);
         }
-        let now = t0 + ms(600);
-        let views = BTreeMap::from([(2, view(now, &[])), (3, view(now, &[]))]);
-        assert_eq!(
-            decide(1, &g, &[1, 2, 3], &views, &none, &mut memo, now, &t, 0.0),
-            Action::Stand
-        );
+        assert_eq!(n1.at(&quiet(t0 + ms(600)), t0 + ms(600)), Action::Stand);
     }
 
     #[test]
     fn a_restarted_node_follows_a_live_claimant_instead_of_standing() {
         // After a restart raft knows no leader; a live voter's beat claiming the group at our
         // term names it, so the node waits for its heartbeat instead of disrupting it.
-        let t = timing();
         let t0 = Instant::now();
-        let mut memo = Memo::new(t0);
-        let views = BTreeMap::from([(3, view(t0, &[(5, 3)]))]);
-        let a = decide(
-            1,
-            &follower(None),
-            &[1, 2, 3],
-            &views,
-            &BTreeSet::new(),
-            &mut memo,
-            t0,
-            &t,
-            0.0,
-        );
-        assert_eq!(a, Action::Nothing);
+        let mut n1 = Node::new(1, None, &[1, 2, 3], t0);
+        let claimed = BTreeMap::from([(3, view(t0, &[(5, 3)]))]);
+        assert_eq!(n1.at(&claimed, t0), Action::Nothing);
         // With nobody claiming it, the best-ranked node stands at once.
-        let views = BTreeMap::from([(3, view(t0, &[])), (2, view(t0, &[]))]);
-        let a = decide(
-            1,
-            &follower(None),
-            &[1, 2, 3],
-            &views,
-            &BTreeSet::new(),
-            &mut memo,
-            t0,
-            &t,
-            0.0,
-        );
-        assert_eq!(a, Action::Stand);
+        let unclaimed = BTreeMap::from([(3, view(t0, &[])), (2, view(t0, &[]))]);
+        assert_eq!(n1.at(&unclaimed, t0), Action::Stand);
     }
 
     #[test]
     fn learners_never_stand() {
-        let t = timing();
         let t0 = Instant::now();
-        let mut memo = Memo::new(t0);
-        let mut g = follower(None);
-        g.voters = vec![2, 3];
-        let a = decide(
-            1,
-            &g,
-            &[2, 3],
-            &BTreeMap::new(),
-            &BTreeSet::new(),
-            &mut memo,
-            t0 + ms(5000),
-            &t,
-            0.0,
-        );
-        assert_eq!(a, Action::Nothing);
+        let mut n1 = Node::new(1, None, &[2, 3], t0);
+        n1.g.voters = vec![2, 3];
+        assert_eq!(n1.at(&BTreeMap::new(), t0 + ms(5000)), Action::Nothing);
     }
 
     #[test]
     fn a_leader_heartbeats_only_for_a_reason() {
         // Goal: a leader with nothing new sends no heartbeat until its sweep; a revived follower
         // or a higher-term claimant triggers one at once.
-        let t = timing();
         let t0 = Instant::now();
-        let mut memo = Memo::new(t0);
-        let g = GroupView {
-            leading: true,
-            ..follower(Some(1))
-        };
+        let mut n1 = Node::new(1, Some(1), &[1, 2, 3], t0);
         let quiet = BTreeMap::from([(2, view(t0, &[])), (3, view(t0, &[]))]);
-        let none = BTreeSet::new();
-        assert_eq!(
-            decide(1, &g, &[1, 2, 3], &quiet, &none, &mut memo, t0, &t, 0.0),
-            Action::Nothing
-        );
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &[1, 2, 3],
-                &quiet,
-                &none,
-                &mut memo,
-                t0 + ms(100),
-                &t,
-                0.0
-            ),
-            Action::Nothing
-        );
-        let back = BTreeSet::from([3]);
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &[1, 2, 3],
-                &quiet,
-                &back,
-                &mut memo,
-                t0 + ms(200),
-                &t,
-                0.0
-            ),
-            Action::Heartbeat
-        );
+        assert_eq!(n1.at(&quiet, t0), Action::Nothing);
+        assert_eq!(n1.at(&quiet, t0 + ms(100)), Action::Nothing);
+        n1.revived = BTreeSet::from([3]);
+        assert_eq!(n1.at(&quiet, t0 + ms(200)), Action::Heartbeat);
+        n1.revived.clear();
         let rival = BTreeMap::from([(2, view(t0 + ms(400), &[(5, 4)]))]);
+        assert_eq!(n1.at(&rival, t0 + ms(400)), Action::Heartbeat);
+        assert_eq!(n1.at(&quiet, t0 + ms(600)), Action::Nothing);
         assert_eq!(
-            decide(
-                1,
-                &g,
-                &[1, 2, 3],
-                &rival,
-                &none,
-                &mut memo,
-                t0 + ms(400),
-                &t,
-                0.0
-            ),
-            Action::Heartbeat
-        );
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &[1, 2, 3],
-                &quiet,
-                &none,
-                &mut memo,
-                t0 + ms(600),
-                &t,
-                0.0
-            ),
-            Action::Nothing
-        );
-        assert_eq!(
-            decide(
-                1,
-                &g,
-                &[1, 2, 3],
-                &quiet,
-                &none,
-                &mut memo,
-                t0 + ms(400) + t.sweep,
-                &t,
-                0.0
-            ),
+            n1.at(&quiet, t0 + ms(400) + timing().sweep),
             Action::Heartbeat
         );
     }
