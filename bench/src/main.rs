@@ -335,23 +335,17 @@ async fn idle(
     clients: &[Arc<Client>],
     seconds: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
     let before_calls: Vec<u64> =
         futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
-    let before_cpu: Vec<Option<u64>> = cluster.nodes.iter().map(|n| cpu_ticks(n.1)).collect();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = idle_cpu(cluster, seconds).await;
     let after_calls: Vec<u64> =
         futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
-    let after_cpu: Vec<Option<u64>> = cluster.nodes.iter().map(|n| cpu_ticks(n.1)).collect();
     let mut per_node = Vec::new();
     for (i, n) in cluster.nodes.iter().enumerate() {
         // Two of the calls counted are our own stats requests.
         let rpcs = after_calls[i].saturating_sub(before_calls[i] + 1) as f64 / seconds as f64;
-        let cpu = match (before_cpu[i], after_cpu[i]) {
-            (Some(a), Some(b)) => (b - a) as f64 / ticks_per_sec / seconds as f64 * 100.0,
-            _ => f64::NAN,
-        };
-        per_node.push(serde_json::json!({ "node": n.0, "rpcs_per_sec": rpcs, "cpu_percent": cpu }));
+        per_node
+            .push(serde_json::json!({ "node": n.0, "rpcs_per_sec": rpcs, "cpu_percent": cpu[i] }));
     }
     Ok(serde_json::json!({ "seconds": seconds, "nodes": per_node }))
 }
