@@ -186,7 +186,7 @@ impl Node {
                 "this request needs a node certificate".to_string(),
             )),
             ServiceRequest::PeerWrite { group, cmd } => {
-                codec::encode(&self.host().write(group, cmd).await)
+                codec::encode(&self.router.write_local(group, cmd).await)
             }
             ServiceRequest::PeerRead { group, query } => {
                 codec::encode(&self.router.read_local(group, query).await)

@@ -43,6 +43,21 @@ pub struct Router {
     /// it; without this it would look the placement up and ask a replica, often the wrong
     /// one, for every request.
     leaders: Arc<RwLock<HashMap<GroupId, (u64, String)>>>,
+    /// Idempotent proposals this node is making, by a hash of (group, command), each with the
+    /// channel its outcome will be sent on (see [`Router::write_local`]).
+    in_flight: Arc<std::sync::Mutex<HashMap<[u8; 32], Outcome>>>,
+}
+
+type Outcome = tokio::sync::watch::Receiver<Option<Result<Response, GroupError>>>;
+
+/// Deliveries, `Once` commands and queue entries: a repeat of one of these is a no-op, so the
+/// router resends them through failures of unknown outcome.
+fn idempotent(cmd: &Command) -> bool {
+    use storage::partition::PartitionCommand as P;
+    matches!(
+        cmd,
+        Command::Partition(P::Deliver { .. } | P::Once { .. } | P::Enqueue { .. })
+    )
 }
 
 impl Router {
@@ -50,6 +65,7 @@ impl Router {
         Router {
             host,
             leaders: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -187,7 +203,7 @@ impl Router {
     {
         let write_timeout = self.host.config().write_timeout;
         let deadline = tokio::time::Instant::now() + write_timeout + FORWARD_SLACK;
-        let attempt_timeout = if idempotent {
+        let mut attempt_timeout = if idempotent {
             let size = codec::encode(&request).len() as u64;
             IDEMPOTENT_ATTEMPT_TIMEOUT
                 + Duration::from_secs(size / IDEMPOTENT_ATTEMPT_BYTES_PER_SECOND)
@@ -229,6 +245,9 @@ impl Router {
             let result = self
                 .attempt(group, target.clone(), &request, attempt_timeout, &local)
                 .await;
+            if let Err(e) = &result {
+                tracing::debug!(group, node = target_id, "attempt failed: {e}");
+            }
             let next = match result {
                 Ok(v) => {
                     if target_id != self.host.id() {
@@ -244,6 +263,18 @@ impl Router {
                     self.forget_leader(group, target_id);
                     failed = Some((target_id, tokio::time::Instant::now()));
                     None
+                }
+                Err(GroupError::Uncertain { .. })
+                    if idempotent && self.host.peer_alive(target_id) =>
+                {
+                    // Slow, not dead: a loaded leader. Ask it again and give it until the
+                    // deadline; it joins the resend to the proposal it is still making
+                    // (`write_local`), so waiting costs nothing. Treating it as dead sent
+                    // deliveries hunting for another leader until their deadline passed.
+                    attempt_timeout = deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .max(RETRY_PAUSE);
+                    Some(target)
                 }
                 Err(GroupError::Uncertain { .. }) if idempotent => {
                     self.forget_leader(group, target_id);
@@ -272,19 +303,60 @@ impl Router {
     /// Deliveries and `Once` commands are retried through failures of unknown outcome (their
     /// key makes a repeat a no-op); other commands report such a failure to the caller.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
-        use storage::partition::PartitionCommand as P;
-        let idempotent = matches!(
-            cmd,
-            Command::Partition(P::Deliver { .. } | P::Once { .. } | P::Enqueue { .. })
-        );
+        let idempotent = idempotent(&cmd);
         let request = ServiceRequest::PeerWrite {
             group,
             cmd: cmd.clone(),
         };
         self.route(group, request, idempotent, || {
-            self.host.write(group, cmd.clone())
+            self.write_local(group, cmd.clone())
         })
         .await
+    }
+
+    /// Proposes `cmd` on this node, which must lead the group. An idempotent command that is
+    /// already being proposed here is not proposed again: the caller waits for the proposal
+    /// in flight and gets its outcome. A forwarding node resends such a command when its
+    /// answer is slow (the leader may have died), and under load the first copy is usually
+    /// still on its way to a commit; proposing every resend made a loaded group replicate the
+    /// same large message several times and fall further behind.
+    pub async fn write_local(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
+        if !idempotent(&cmd) {
+            return self.host.write(group, cmd).await;
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&group.to_le_bytes());
+        hasher.update(&codec::encode(&cmd));
+        let key: [u8; 32] = hasher.finalize().into();
+        let mut outcome = {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            match in_flight.get(&key) {
+                Some(outcome) => outcome.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    in_flight.insert(key, rx.clone());
+                    let (host, in_flight) = (self.host.clone(), self.in_flight.clone());
+                    // Its own task: the proposal goes on when the caller that started it gives
+                    // up, so the caller's resend can still join it.
+                    tokio::spawn(async move {
+                        let result = host.write(group, cmd).await;
+                        // Out of the map first: whoever holds the receiver gets this result,
+                        // whoever comes later proposes anew.
+                        in_flight.lock().expect("in-flight lock").remove(&key);
+                        let _ = tx.send(Some(result));
+                    });
+                    rx
+                }
+            }
+        };
+        let result = match outcome.wait_for(Option::is_some).await {
+            Ok(result) => result.clone().expect("waited for an outcome"),
+            Err(_) => Err(GroupError::Uncertain {
+                group,
+                reason: "the proposal ended without an outcome".into(),
+            }),
+        };
+        result
     }
 
     /// A linearizable read of `group`.

@@ -155,6 +155,46 @@ fn a_node_cut_off_from_the_majority_acknowledges_nothing() {
 }
 
 #[test]
+fn a_leader_cut_off_from_its_peers_stops_serving_reads_when_its_lease_ends() {
+    // Reads on a leader are served from its quorum-ack lease without a network round. The
+    // lease must end: a leader whose peers stopped answering has to refuse reads (a new
+    // leader may be taking writes it cannot see), not serve them from old state forever.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, 4);
+    let user = "user0@example.test";
+    let leader = c.leader_of_user(user, PARTITIONS);
+    let via = c.node(leader).data().to_string();
+    c.deliver(&via, &[user], b"Subject: l\r\n\r\nlease\r\n", "lease-1")
+        .unwrap();
+    assert_eq!(c.fetch(&via, user).len(), 1);
+    let peers: Vec<i32> = (1..=3)
+        .filter(|n| *n != leader)
+        .map(|n| c.node(n).pid())
+        .collect();
+    for p in &peers {
+        signal(*p, "STOP");
+    }
+    let read = |via: &str| run(&["admin", "--data", via, "fetch", user], None);
+    eventually(
+        Duration::from_secs(30),
+        "a cut-off leader refusing reads",
+        || (!read(&via).status.success()).then_some(()),
+    );
+    // And it stays refused: nothing renews the lease without a majority.
+    let again = read(&via);
+    assert!(
+        !again.status.success(),
+        "a leader without a majority served a read after its lease: {}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    for p in &peers {
+        signal(*p, "CONT");
+    }
+    c.wait_healthy(3);
+    assert_eq!(c.fetch(&via, user).len(), 1);
+}
+
+#[test]
 fn a_wiped_node_rejoins_under_a_new_id_and_catches_up_by_snapshot() {
     // Goal (d): a node whose disk was wiped rejoins with a new id, receives replicas of every
     // partition by snapshot (the others purged their logs) and holds the same data.

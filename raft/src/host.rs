@@ -127,6 +127,8 @@ pub struct GroupStatus {
 struct Group {
     raft: Raft,
     sm: StateMachine,
+    /// When this core was opened: it refuses votes for one lease after (see `handle_raft`).
+    opened: std::time::Instant,
 }
 
 pub struct RaftHost {
@@ -140,6 +142,8 @@ pub struct RaftHost {
     liveness: Liveness,
     /// The groups this node led at the last liveness round, as its beats announce them.
     leads: std::sync::Mutex<Vec<(GroupId, u64)>>,
+    /// When this node last handed each group's leadership away (see [`RaftHost::read`]).
+    transfers: std::sync::Mutex<BTreeMap<GroupId, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for RaftHost {
@@ -175,6 +179,7 @@ impl RaftHost {
             service: OnceLock::new(),
             liveness: Liveness::new(),
             leads: std::sync::Mutex::new(Vec::new()),
+            transfers: std::sync::Mutex::new(BTreeMap::new()),
         });
         for group in 0..=host.config.partitions as GroupId {
             let g = host.open_group(group).await?;
@@ -214,7 +219,11 @@ impl RaftHost {
         )
         .await
         .map_err(|e| io(&e))?;
-        Ok(Group { raft, sm })
+        Ok(Group {
+            raft,
+            sm,
+            opened: std::time::Instant::now(),
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -358,10 +367,26 @@ impl RaftHost {
         .await
     }
 
-    /// Confirms this node is still the group's leader (ReadIndex) and returns its state
-    /// machine, applied at least up to that point: reads from it are linearizable.
+    /// Confirms this node is still the group's leader and returns its state machine, applied
+    /// at least up to that point: reads from it are linearizable.
+    ///
+    /// A leader a majority acknowledged within the lease (`election_max_ms`, counted from
+    /// when it sent what they acknowledged) serves from its lease without a network round:
+    /// openraft's followers refuse every vote until their own lease from that contact runs
+    /// out, so no other leader can exist yet. The one exception is a leadership transfer,
+    /// whose votes are granted despite the lease: for two leases after this node hands a
+    /// group away, its reads take the full ReadIndex round (a majority confirms it still
+    /// leads), as they do whenever the lease has run out.
     pub async fn read(&self, group: GroupId) -> Result<Arc<GroupMachine>, GroupError> {
         let g = self.group(group)?;
+        if !self.transferred_recently(group)
+            && g.raft
+                .ensure_linearizable(ReadPolicy::LeaseRead)
+                .await
+                .is_ok()
+        {
+            return Ok(g.sm.machine().clone());
+        }
         match tokio::time::timeout(
             self.config.write_timeout,
             g.raft.ensure_linearizable(ReadPolicy::ReadIndex),
@@ -386,6 +411,24 @@ impl RaftHost {
                 reason: "read timed out (no quorum?)".into(),
             }),
         }
+    }
+
+    /// Whether `node` is this node or its beats still arrive (see `liveness`): a peer that is
+    /// slow to answer but alive, as opposed to one that died.
+    pub fn peer_alive(&self, node: NodeId) -> bool {
+        node == self.id()
+            || self
+                .liveness
+                .heard_within(node, Duration::from_millis(self.config.election_min_ms))
+    }
+
+    fn transferred_recently(&self, group: GroupId) -> bool {
+        let window = Duration::from_millis(2 * self.config.election_max_ms);
+        self.transfers
+            .lock()
+            .expect("transfers lock")
+            .get(&group)
+            .is_some_and(|at| at.elapsed() < window)
     }
 
     /// This node's own replica, however stale (status and replica comparison only).
@@ -456,7 +499,18 @@ impl RaftHost {
         };
         match request {
             Request::Append { rpc, .. } => reply(g.raft.append_entries(rpc).await),
-            Request::Vote { rpc, .. } => reply(g.raft.vote(rpc).await),
+            Request::Vote { rpc, .. } => {
+                // A voter's lease (no votes while it hears a leader) lives in memory: a core
+                // that was just opened — a restarted process, or a group supervision reopened
+                // — has none, yet it may have acknowledged a leader that still serves lease
+                // reads (see `RaftHost::read`). So it votes only once a whole lease has passed
+                // since it opened; a transfer's election is the leader's own and goes ahead.
+                let lease = Duration::from_millis(self.config.election_max_ms);
+                if !rpc.leadership_transfer && g.opened.elapsed() < lease {
+                    return reply::<(), _>(Err("no votes within a lease of opening"));
+                }
+                reply(g.raft.vote(rpc).await)
+            }
             Request::PreVote { rpc, .. } => reply(g.raft.pre_vote(rpc).await),
             Request::TransferLeader { rpc, .. } => reply(g.raft.handle_transfer_leader(rpc).await),
             Request::Snapshot { vote, meta, .. } => {
@@ -796,7 +850,7 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         let lease = Duration::from_millis(host.config.election_max_ms);
         let settled = reconcile_group(&g, &voters, &learners, &addrs, lease).await?;
         if settled && group != META_GROUP {
-            balance_leader(host.id(), group, &g, &voters).await;
+            balance_leader(host, group, &g, &voters).await;
         }
     }
     Ok(())
@@ -806,7 +860,8 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
 /// voters), so leaders spread over the nodes instead of staying where they were first
 /// elected. Only to a replica holding the whole log; the new leader prefers itself, so
 /// leadership settles instead of moving back and forth.
-async fn balance_leader(me: NodeId, group: GroupId, g: &Group, voters: &BTreeSet<NodeId>) {
+async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, voters: &BTreeSet<NodeId>) {
+    let me = host.id();
     let ids: Vec<NodeId> = voters.iter().copied().collect();
     let Some(&preferred) = rendezvous(group as u32, &ids, 1).first() else {
         return;
@@ -823,6 +878,11 @@ async fn balance_leader(me: NodeId, group: GroupId, g: &Group, voters: &BTreeSet
         .map(|l| l.index);
     if m.state == ServerState::Leader && last > 0 && matched == Some(last) {
         tracing::debug!(group, to = preferred, "transferring leadership");
+        // Lease reads stop before the transfer starts (see `RaftHost::read`).
+        host.transfers
+            .lock()
+            .expect("transfers lock")
+            .insert(group, std::time::Instant::now());
         let _ = g.raft.trigger().transfer_leader(preferred).await;
     }
 }

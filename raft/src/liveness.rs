@@ -111,6 +111,15 @@ impl Liveness {
         (peers.views.clone(), revived)
     }
 
+    /// Whether `node`'s last beat arrived less than `within` ago.
+    pub fn heard_within(&self, node: NodeId, within: Duration) -> bool {
+        let peers = self.peers.lock().expect("liveness lock");
+        peers
+            .views
+            .get(&node)
+            .is_some_and(|v| v.heard.elapsed() < within)
+    }
+
     /// Whether `node` was heard from within `dead_after`.
     pub fn is_alive(
         views: &BTreeMap<NodeId, PeerView>,

@@ -58,6 +58,29 @@ pub type Reply<T> = Result<T, String>;
 /// Slowest we let a snapshot transfer be, whatever openraft's option says.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// The rate an append's bytes are given time for on top of openraft's time-to-live: sent,
+/// decoded, written and fsynced by a follower on a busy machine. Deliberately pessimistic.
+const APPEND_BYTES_PER_SEC: f64 = 2e6;
+
+/// What an append carrying entries gets on top of that: the follower may still be writing the
+/// append before it (or one whose caller gave up) when this one arrives.
+const APPEND_QUEUE_ALLOWANCE: Duration = Duration::from_secs(1);
+
+/// How long an append may take. openraft gives every append one heartbeat interval, which a
+/// batch of large messages (up to `max_payload_entries` of them, each up to the message size
+/// limit) cannot meet on a loaded machine: the call timed out and was sent again whole while
+/// the follower was still writing the first copy, the copies queued behind each other, every
+/// one timed out, and the group stopped committing — the collapse of 100 KiB deliveries past
+/// saturation, and 451s for 1 MB ones. Followers that died are found by the liveness beats,
+/// not by this timeout, so giving appends the time their bytes need costs nothing. A
+/// heartbeat (no entries) keeps openraft's time-to-live.
+fn append_timeout(ttl: Duration, entries: bool, bytes: usize) -> Duration {
+    if !entries {
+        return ttl;
+    }
+    ttl + APPEND_QUEUE_ALLOWANCE + Duration::from_secs_f64(bytes as f64 / APPEND_BYTES_PER_SEC)
+}
+
 #[derive(Clone)]
 pub struct NetworkFactory {
     pub transport: Arc<Transport>,
@@ -95,7 +118,16 @@ impl Connection {
         body: Option<&std::path::Path>,
         timeout: Duration,
     ) -> Result<T, RPCError<TypeConfig>> {
-        let bytes = codec::encode(request);
+        self.call_encoded(codec::encode(request), body, timeout)
+            .await
+    }
+
+    async fn call_encoded<T: DeserializeOwned>(
+        &self,
+        bytes: Vec<u8>,
+        body: Option<&std::path::Path>,
+        timeout: Duration,
+    ) -> Result<T, RPCError<TypeConfig>> {
         let response = self
             .transport
             .call(Peer::Node(self.target), &self.addr, &bytes, body, timeout)
@@ -114,15 +146,13 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(
-            &Request::Append {
-                group: self.group,
-                rpc,
-            },
-            None,
-            option.hard_ttl(),
-        )
-        .await
+        let entries = !rpc.entries.is_empty();
+        let bytes = codec::encode(&Request::Append {
+            group: self.group,
+            rpc,
+        });
+        let timeout = append_timeout(option.hard_ttl(), entries, bytes.len());
+        self.call_encoded(bytes, None, timeout).await
     }
 
     async fn vote(
@@ -194,5 +224,22 @@ impl RaftNetworkV2<TypeConfig> for Connection {
             option.hard_ttl(),
         )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_get_time_for_their_bytes() {
+        let ttl = Duration::from_millis(200);
+        // A heartbeat (no entries) keeps openraft's time-to-live.
+        assert_eq!(append_timeout(ttl, false, 200), ttl);
+        // One small entry may wait for the follower's previous write.
+        assert!(append_timeout(ttl, true, 4096) > Duration::from_secs(1));
+        // 64 entries of 1 MiB get many seconds, not 200 ms.
+        let big = append_timeout(ttl, true, 64 << 20);
+        assert!(big > Duration::from_secs(30), "{big:?}");
     }
 }
