@@ -235,16 +235,23 @@ where
 
 /// Admits a connection under `limits`, or tells the client (with the protocol's line for
 /// the reason) and gives `None`.
+///
+/// On an implicit-TLS listener the refused connection is closed without a word: a client
+/// there expects a TLS handshake, and a plaintext line reads to it as a corrupt record, while
+/// a handshake to say "too busy" is work a node over its limits should not take on.
 pub async fn admit_or_refuse(
     limits: &ConnectionLimits,
     stream: &mut TcpStream,
     ip: IpAddr,
+    implicit_tls: bool,
     line: impl FnOnce(Refusal) -> String,
 ) -> Option<ConnectionSlot> {
     match limits.admit(ip) {
         Ok(slot) => Some(slot),
         Err(refusal) => {
-            refuse(stream, &line(refusal)).await;
+            if !implicit_tls {
+                refuse(stream, &line(refusal)).await;
+            }
             None
         }
     }

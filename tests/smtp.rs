@@ -97,6 +97,7 @@ fn bad_input_gets_the_rfc_replies_and_stores_nothing_unacknowledged() {
         json!({
             "mx": c.listener(1, "smtp"),
             "submissions": c.listener(2, "submissions"),
+            "mx_node_submissions": c.listener(1, "submissions"),
             "limit": 200000,
             "recipients_max": 20,
             "errors_max": 10,

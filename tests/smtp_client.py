@@ -224,6 +224,21 @@ def bad_input(a):
     extra.settimeout(20)
     data = extra.recv(200)
     assert data.startswith(b"421 4.7.0"), data
+    # On the same node's implicit-TLS port (the limit covers all its SMTP listeners) the
+    # refusal is a plain close: no plaintext line that a TLS client would read as a corrupt
+    # record. A TLS client is told by its handshake failing on a closed connection.
+    extra = socket.create_connection(hostport(a["mx_node_submissions"]), timeout=20)
+    extra.settimeout(20)
+    try:
+        data = extra.recv(200)
+    except ConnectionResetError:
+        data = b""
+    assert data == b"", data
+    try:
+        smtplib.SMTP_SSL(*hostport(a["mx_node_submissions"]), timeout=20, context=insecure())
+        raise AssertionError("a connection over the limit was admitted on the TLS port")
+    except (ssl.SSLError, ConnectionError, smtplib.SMTPServerDisconnected, OSError) as e:
+        assert "WRONG_VERSION_NUMBER" not in str(e) and "record" not in str(e).lower(), e
     for c in conns:
         c.send(b"QUIT\r\n")
         c.expect(221)

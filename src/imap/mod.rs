@@ -103,7 +103,13 @@ impl Imap {
                 "* BYE [UNAVAILABLE] too many connections from your address\r\n".into()
             }
         };
-        let admitted = admit_or_refuse(&self.connections, &mut stream, peer.ip(), refusal);
+        let admitted = admit_or_refuse(
+            &self.connections,
+            &mut stream,
+            peer.ip(),
+            kind == ImapKind::Tls,
+            refusal,
+        );
         let Some(slot) = admitted.await else {
             return;
         };

@@ -90,7 +90,13 @@ impl Pop3 {
                 "-ERR [SYS/TEMP] too many connections from your address\r\n".into()
             }
         };
-        let admitted = admit_or_refuse(&self.connections, &mut stream, peer.ip(), refusal);
+        let admitted = admit_or_refuse(
+            &self.connections,
+            &mut stream,
+            peer.ip(),
+            kind == Pop3Kind::Tls,
+            refusal,
+        );
         let Some(slot) = admitted.await else {
             return;
         };

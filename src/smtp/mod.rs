@@ -110,7 +110,13 @@ impl Smtp {
                 "421 4.7.0 Too many connections from your address, try again later\r\n".into()
             }
         };
-        let admitted = admit_or_refuse(&self.connections, &mut stream, peer.ip(), refusal);
+        let admitted = admit_or_refuse(
+            &self.connections,
+            &mut stream,
+            peer.ip(),
+            kind == ListenerKind::Submissions,
+            refusal,
+        );
         let Some(slot) = admitted.await else {
             return;
         };
