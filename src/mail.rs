@@ -238,6 +238,10 @@ pub async fn authenticate(
         }
     }
     let password = password.to_string();
+    // One verification per core at a time, the rest wait their turn in order: argon2id takes
+    // 19 MiB and ~50 ms of CPU each, so a burst of logins verified all at once would share
+    // the cores until every one of them was slow, and a flood would take memory without limit.
+    let _turn = HASHING.acquire().await;
     let (matches, password) = tokio::task::spawn_blocking(move || {
         let ok = verify_password(&hash.unwrap_or_else(dummy_hash), &password);
         (ok, password)
@@ -250,6 +254,12 @@ pub async fn authenticate(
     }
     Ok(account.map(|a| a.address))
 }
+
+/// Turns at password verification: one per core (see `authenticate`).
+static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    tokio::sync::Semaphore::new(cores)
+});
 
 /// How long a verified login spares the next one its argon2 verification.
 const LOGIN_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
