@@ -11,7 +11,8 @@
 #   bench/peer.sh stop DIR
 #
 # Every address in example.test is accepted, and every user logs in with any password (the
-# loads use "bench"); TLS with a self-signed certificate made here. Durability as shipped: Postfix
+# loads use "bench"; PEER_PASSWORD_HASH makes Dovecot verify an argon2 hash, see below); TLS
+# with a self-signed certificate made here. Durability as shipped: Postfix
 # fsyncs its queue file before 250; Dovecot's LMTP fsyncs the delivered file (mail_fsync =
 # optimized, the default) before Postfix removes the queue file.
 set -euo pipefail
@@ -56,6 +57,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 dir="$(mkdir -p "$dir" && cd "$dir" && pwd)"
+# Passwords: none checked by default; with PEER_PASSWORD_HASH (a PHC string, as
+# `mailgrid admin user add --password-hash` takes) every user's password is verified against
+# that hash, as mailgrid verifies its argon2id hashes (Dovecot's auth cache standing in for
+# mailgrid's login cache).
+if [ -n "${PEER_PASSWORD_HASH:-}" ]; then
+    passdb_args="password={ARGON2ID}$PEER_PASSWORD_HASH"
+else
+    passdb_args="nopassword=y"
+fi
 mkdir -p "$dir/postfix/etc" "$dir/postfix/spool" "$dir/postfix/data" \
     "$dir/dovecot/run" "$dir/dovecot/state" "$dir/mail"
 chown postfix "$dir/postfix/data"
@@ -80,9 +90,11 @@ auth_mechanisms = plain login
 mail_location = maildir:$dir/mail/%d/%n
 mail_fsync = optimized
 first_valid_uid = 1
+auth_cache_size = 10M
+auth_cache_ttl = 5 mins
 passdb {
   driver = static
-  args = nopassword=y
+  args = $passdb_args
 }
 userdb {
   driver = static

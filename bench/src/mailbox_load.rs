@@ -77,7 +77,11 @@ impl Conn {
     }
 
     /// A POP3 command; the status line, and the body of a multi-line answer when `multi`.
-    async fn pop3(&mut self, command: &str, multi: bool) -> anyhow::Result<(String, usize)> {
+    pub(crate) async fn pop3(
+        &mut self,
+        command: &str,
+        multi: bool,
+    ) -> anyhow::Result<(String, usize)> {
         self.io
             .get_mut()
             .write_all(format!("{command}\r\n").as_bytes())
@@ -97,6 +101,27 @@ impl Conn {
             }
         }
         Ok((status, bytes))
+    }
+
+    /// A POP3 command with a multi-line answer; its lines (dot-unstuffed, without CRLF).
+    pub(crate) async fn pop3_lines(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
+        self.io
+            .get_mut()
+            .write_all(format!("{command}\r\n").as_bytes())
+            .await?;
+        let status = self.line().await?;
+        if !status.starts_with("+OK") {
+            bail!("{command}: {}", status.trim());
+        }
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line().await?;
+            if line == ".\r\n" {
+                return Ok(lines);
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            lines.push(line.strip_prefix('.').unwrap_or(line).to_string());
+        }
     }
 }
 

@@ -3,12 +3,15 @@
 //! kill -9 to its partition's next commit. `bench smtp` measures SMTP delivery (msgs/s and
 //! latency) against a cluster it starts or any SMTP server given. `bench mailbox` measures
 //! IMAP session mixes (ops/s, latency per command) and POP3 download sessions per second.
+//! `bench spec` finds the largest user count a SPECmail2001-style mix serves within its
+//! quality-of-service rules.
 //! Figures are printed and written as JSON.
 
 mod dip;
 mod mailbox_load;
 mod scale;
 mod smtp_load;
+mod spec;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -151,6 +154,58 @@ enum Cmd {
         /// must exist there, and log in with password "bench").
         #[arg(long)]
         target: Option<String>,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Prints an argon2id hash (PHC string) of PASSWORD with mailgrid's parameters.
+    Hash { password: String },
+    /// A SPECmail2001-style mix (SMTP arrivals and POP3 checks per user per busy hour,
+    /// Poisson arrivals) at rising user counts; reports the largest count that meets the
+    /// quality-of-service rules (95% of every step within 5 s, 95% of messages in the
+    /// mailbox within 60 s, under 1% failed sessions).
+    Spec {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Comma-separated user counts, one load level each, smallest first.
+        #[arg(long, default_value = "10000,20000,50000,100000")]
+        users: String,
+        /// Seconds of arrivals per level.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
+        /// Messages a user sends a day.
+        #[arg(long, default_value_t = 2.0)]
+        sent_per_day: f64,
+        /// POP3 checks a user makes a day.
+        #[arg(long, default_value_t = 4.0)]
+        checks_per_day: f64,
+        /// Share of a day's sessions in the busy hour.
+        #[arg(long, default_value_t = 0.15)]
+        busy_hour_share: f64,
+        /// Go on after a level fails (default: stop at the first failure).
+        #[arg(long)]
+        keep_going: bool,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Run against these servers instead of a mailgrid cluster:
+        /// `smtp=HOST:PORT,pop3s=HOST:PORT` (every `--user-format` account must log in with
+        /// password "bench").
+        #[arg(long)]
+        target: Option<String>,
+        /// Account addresses, `{}` replaced by the account's number.
+        #[arg(long, default_value = "scale{}@example.test")]
+        user_format: String,
+        /// The argon2 hash (PHC string) of "bench" the accounts of a cluster started here
+        /// get (default: a fresh one with mailgrid's own parameters); give a peer the same.
+        #[arg(long)]
+        password_hash: Option<String>,
+        /// Messages per user delivered before the first level (a steady-state mailbox: as
+        /// many as arrive between two checks), drawn around this mean.
+        #[arg(long, default_value_t = 1.0)]
+        prefill: f64,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -739,7 +794,7 @@ async fn main() -> anyhow::Result<()> {
             let most = counts.iter().copied().max().unwrap_or(1);
             let users: Vec<String> = (0..most).map(|i| format!("box{i}@example.test")).collect();
             let (cluster, services) = match &target {
-                Some(t) => (None, parse_services(t)?),
+                Some(t) => (None, parse_services(t, &["smtp", "imaps", "pop3s"])?),
                 None => {
                     let bin = mailgrid_binary(mailgrid)?;
                     let cluster = start_cluster(&bin, nodes, partitions)?;
@@ -803,6 +858,143 @@ async fn main() -> anyhow::Result<()> {
             drop(cluster);
             write_results(&out, "mailbox", &results)
         }
+        Cmd::Hash { password } => {
+            println!(
+                "{}",
+                mailgrid::mail::hash_password(&password).map_err(anyhow::Error::msg)?
+            );
+            Ok(())
+        }
+        Cmd::Spec {
+            nodes,
+            partitions,
+            users,
+            seconds,
+            sent_per_day,
+            checks_per_day,
+            busy_hour_share,
+            keep_going,
+            seed,
+            target,
+            user_format,
+            password_hash,
+            prefill,
+            mailgrid,
+            out,
+        } => {
+            let levels = numbers(&users, "--users")?;
+            let most = levels.iter().copied().max().unwrap_or(0);
+            let probes = 4;
+            let (cluster, services) = match &target {
+                Some(t) => (None, parse_services(t, &["smtp", "pop3s"])?),
+                None => {
+                    if user_format != "scale{}@example.test" {
+                        bail!("--user-format applies to --target only (a cluster started here has scale{{}}@example.test)");
+                    }
+                    let bin = mailgrid_binary(mailgrid)?;
+                    let cluster = start_cluster(&bin, nodes, partitions)?;
+                    let mut clients = Vec::new();
+                    for n in &cluster.nodes {
+                        clients.push(Arc::new(Client::open(&n.2, None)?));
+                    }
+                    let hash = match password_hash {
+                        Some(h) => h,
+                        None => {
+                            mailgrid::mail::hash_password("bench").map_err(anyhow::Error::msg)?
+                        }
+                    };
+                    eprintln!("provisioning {} accounts", most + probes);
+                    let rate = scale::provision(&clients, most + probes, &hash, 32).await?;
+                    eprintln!("provisioned at {rate:.0} accounts/s");
+                    let services = ["smtp", "pop3s"]
+                        .into_iter()
+                        .map(|service| (service.to_string(), cluster_listeners(&cluster, service)))
+                        .collect();
+                    (Some(cluster), services)
+                }
+            };
+            let target = Arc::new(spec::Target {
+                smtp: services["smtp"].clone(),
+                pop3s: services["pop3s"].clone(),
+                user_format,
+                password: "bench".into(),
+                probes,
+                probe_rate: 1.0,
+                max_in_flight: 2000,
+            });
+            if prefill > 0.0 {
+                let (count, rate) = spec::prefill(&target, most, prefill, seed).await?;
+                eprintln!("prefilled {count} messages at {rate:.0} msgs/s");
+            }
+            let settled = spec::settle(&target).await?;
+            eprintln!("settled: a message sent now reached its mailbox in {settled:.1?}");
+            let profile = spec::Profile {
+                sent_per_day,
+                checks_per_day,
+                busy_hour_share,
+            };
+            let rules = spec::Rules::default();
+            let mut reports = Vec::new();
+            let mut largest = None;
+            for (i, users) in levels.into_iter().enumerate() {
+                let report = spec::level(
+                    target.clone(),
+                    profile,
+                    rules,
+                    users,
+                    seconds,
+                    seed + i as u64,
+                )
+                .await?;
+                let pass = report["pass"].as_bool().unwrap_or(false);
+                eprintln!(
+                    "{users} users ({:.0} SPEC msgs/min; {:.1} SMTP sessions/s, {:.1} POP3 checks/s): {} — errors {:.2}%, delivery p95 {:.0} ms, slowest step p95 {:.0} ms, generator lag p99 {:.0} ms",
+                    report["spec_messages_per_minute"].as_f64().unwrap_or(0.0),
+                    report["offered"]["smtp_sessions_per_sec"].as_f64().unwrap_or(0.0),
+                    report["offered"]["pop3_checks_per_sec"].as_f64().unwrap_or(0.0),
+                    if pass { "PASS" } else { "FAIL" },
+                    report["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+                    report["delivery"]["p95_ms"].as_f64().unwrap_or(0.0),
+                    report["steps"]
+                        .as_object()
+                        .map(|steps| steps
+                            .values()
+                            .filter_map(|s| s["p95_ms"].as_f64())
+                            .fold(0.0, f64::max))
+                        .unwrap_or(0.0),
+                    report["generator_lag_p99_ms"].as_f64().unwrap_or(0.0),
+                );
+                reports.push(report);
+                if pass {
+                    largest = Some(users);
+                } else if !keep_going {
+                    break;
+                }
+            }
+            let results = serde_json::json!({
+                "target": target.smtp,
+                "nodes": if cluster.is_some() { Some(nodes) } else { None },
+                "profile": {
+                    "sent_per_day": sent_per_day,
+                    "checks_per_day": checks_per_day,
+                    "busy_hour_share": busy_hour_share,
+                    "mean_size_bytes": spec::mean(&spec::SIZES),
+                    "mean_recipients": spec::mean(&spec::RECIPIENTS),
+                },
+                "levels": reports,
+                "largest_users_passing": largest,
+                "largest_spec_messages_per_minute": largest.map(|u| profile.messages_per_minute(u)),
+            });
+            match largest {
+                Some(u) => eprintln!(
+                    "largest user count meeting the rules: {u} ({:.0} SPECmail2001-style msgs/min)",
+                    profile.messages_per_minute(u)
+                ),
+                None => eprintln!("no level met the rules"),
+            }
+            drop(cluster);
+            write_results(&out, "spec", &results)
+        }
     }
 }
 
@@ -820,7 +1012,10 @@ fn cluster_listeners(cluster: &DevCluster, service: &str) -> Vec<String> {
 }
 
 /// `smtp=HOST:PORT,imaps=HOST:PORT,...` as a map of service to addresses.
-fn parse_services(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
+fn parse_services(
+    text: &str,
+    needed: &[&str],
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<String>>> {
     let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     for part in text.split(',') {
         let (service, addr) = part
@@ -830,8 +1025,8 @@ fn parse_services(text: &str) -> anyhow::Result<std::collections::BTreeMap<Strin
             .or_default()
             .push(addr.to_string());
     }
-    for needed in ["smtp", "imaps", "pop3s"] {
-        if !out.contains_key(needed) {
+    for needed in needed {
+        if !out.contains_key(*needed) {
             anyhow::bail!("--target names no {needed} server");
         }
     }

@@ -70,24 +70,56 @@ impl Conn {
 
     /// One message with a pipelined envelope (MAIL, RCPT, DATA in one write).
     pub(crate) async fn send(&mut self, to: &str, body: &[u8]) -> anyhow::Result<()> {
-        let envelope = format!("MAIL FROM:<bench@remote.test>\r\nRCPT TO:<{to}>\r\nDATA\r\n");
+        self.send_to(&[to], body).await.map(|_| ())
+    }
+
+    /// One message to several recipients with a pipelined envelope; how long the envelope
+    /// took (to the 354) and how long the data took (to its 250).
+    pub(crate) async fn send_to(
+        &mut self,
+        to: &[&str],
+        body: &[u8],
+    ) -> anyhow::Result<(Duration, Duration)> {
+        let started = Instant::now();
+        let mut envelope = String::from("MAIL FROM:<bench@remote.test>\r\n");
+        for rcpt in to {
+            envelope.push_str(&format!("RCPT TO:<{rcpt}>\r\n"));
+        }
+        envelope.push_str("DATA\r\n");
         self.writer.write_all(envelope.as_bytes()).await?;
         self.expect(250).await?;
-        self.expect(250).await?;
+        for _ in to {
+            self.expect(250).await?;
+        }
         self.expect(354).await?;
+        let envelope_took = started.elapsed();
+        let started = Instant::now();
         self.writer.write_all(body).await?;
         self.writer.write_all(b".\r\n").await?;
-        self.expect(250).await
+        self.expect(250).await?;
+        Ok((envelope_took, started.elapsed()))
+    }
+
+    pub(crate) async fn quit(mut self) {
+        let _ = self.writer.write_all(b"QUIT\r\n").await;
+        let _ = self.reply().await;
     }
 }
 
 /// A message of exactly `size` bytes before the end marker, lines of 66 octets, nothing to
 /// dot-stuff; unique per (run, i).
 pub fn message(run: &str, i: usize, size: usize) -> Vec<u8> {
-    let mut m = format!(
-        "From: bench@remote.test\r\nTo: user@example.test\r\nSubject: bench {run} {i}\r\nMessage-ID: <{run}.{i}@bench>\r\n\r\n"
+    filled(
+        format!(
+            "From: bench@remote.test\r\nTo: user@example.test\r\nSubject: bench {run} {i}\r\nMessage-ID: <{run}.{i}@bench>\r\n\r\n"
+        ),
+        size,
     )
-    .into_bytes();
+}
+
+/// `header` (ending in its blank line) and a body of 66-octet lines, `size` bytes in all.
+pub fn filled(header: String, size: usize) -> Vec<u8> {
+    let mut m = header.into_bytes();
     let line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ..\r\n";
     while m.len() + line.len() <= size {
         m.extend_from_slice(line);
