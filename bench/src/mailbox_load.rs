@@ -76,12 +76,8 @@ impl Conn {
         }
     }
 
-    /// A POP3 command; the status line, and the body of a multi-line answer when `multi`.
-    pub(crate) async fn pop3(
-        &mut self,
-        command: &str,
-        multi: bool,
-    ) -> anyhow::Result<(String, usize)> {
+    /// Sends a POP3 command and reads its status line, which must be `+OK`.
+    async fn pop3_status(&mut self, command: &str) -> anyhow::Result<String> {
         self.io
             .get_mut()
             .write_all(format!("{command}\r\n").as_bytes())
@@ -90,6 +86,16 @@ impl Conn {
         if !status.starts_with("+OK") {
             bail!("{command}: {}", status.trim());
         }
+        Ok(status)
+    }
+
+    /// A POP3 command; the status line, and the body of a multi-line answer when `multi`.
+    pub(crate) async fn pop3(
+        &mut self,
+        command: &str,
+        multi: bool,
+    ) -> anyhow::Result<(String, usize)> {
+        let status = self.pop3_status(command).await?;
         let mut bytes = 0;
         if multi {
             loop {
@@ -105,14 +111,7 @@ impl Conn {
 
     /// A POP3 command with a multi-line answer; its lines (dot-unstuffed, without CRLF).
     pub(crate) async fn pop3_lines(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
-        self.io
-            .get_mut()
-            .write_all(format!("{command}\r\n").as_bytes())
-            .await?;
-        let status = self.line().await?;
-        if !status.starts_with("+OK") {
-            bail!("{command}: {}", status.trim());
-        }
+        self.pop3_status(command).await?;
         let mut lines = Vec::new();
         loop {
             let line = self.line().await?;
@@ -122,6 +121,22 @@ impl Conn {
             let line = line.trim_end_matches(['\r', '\n']);
             lines.push(line.strip_prefix('.').unwrap_or(line).to_string());
         }
+    }
+
+    /// USER and PASS.
+    pub(crate) async fn pop3_login(&mut self, user: &str, password: &str) -> anyhow::Result<()> {
+        self.pop3_status(&format!("USER {user}")).await?;
+        self.pop3_status(&format!("PASS {password}")).await?;
+        Ok(())
+    }
+
+    /// STAT: how many messages the maildrop holds.
+    pub(crate) async fn pop3_stat(&mut self) -> anyhow::Result<usize> {
+        let stat = self.pop3_status("STAT").await?;
+        stat.split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("STAT answered {}", stat.trim()))
     }
 }
 
@@ -278,14 +293,8 @@ pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
 /// One POP3 download session: USER/PASS, STAT, RETR every message, QUIT (nothing deleted).
 async fn pop3_session(addr: &str, user: &str, password: &str) -> anyhow::Result<usize> {
     let mut conn = Conn::open(addr).await?;
-    conn.pop3(&format!("USER {user}"), false).await?;
-    conn.pop3(&format!("PASS {password}"), false).await?;
-    let (stat, _) = conn.pop3("STAT", false).await?;
-    let count: usize = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .context("STAT")?;
+    conn.pop3_login(user, password).await?;
+    let count = conn.pop3_stat().await?;
     let mut bytes = 0;
     for i in 1..=count {
         bytes += conn.pop3(&format!("RETR {i}"), true).await?.1;

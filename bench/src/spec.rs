@@ -272,18 +272,11 @@ async fn pop3_check(level: &Level, server: &str, user: &str) -> anyhow::Result<(
     let mut conn = mailbox_load::Conn::open(server).await?;
     level.step("pop3 connect+tls", t.elapsed());
     let t = Instant::now();
-    conn.pop3(&format!("USER {user}"), false).await?;
-    conn.pop3(&format!("PASS {}", level.target.password), false)
-        .await?;
+    conn.pop3_login(user, &level.target.password).await?;
     level.step("pop3 login", t.elapsed());
     let t = Instant::now();
-    let (stat, _) = conn.pop3("STAT", false).await?;
+    let count = conn.pop3_stat().await?;
     level.step("pop3 stat", t.elapsed());
-    let count: usize = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .context("STAT")?;
     for i in 1..=count {
         let t = Instant::now();
         conn.pop3(&format!("RETR {i}"), true).await?;
@@ -302,15 +295,8 @@ async fn pop3_check(level: &Level, server: &str, user: &str) -> anyhow::Result<(
 /// Polls one probe mailbox: every copy found is timed from its session's start and deleted.
 async fn poll_probe(level: &Level, server: &str, user: &str) -> anyhow::Result<()> {
     let mut conn = mailbox_load::Conn::open(server).await?;
-    conn.pop3(&format!("USER {user}"), false).await?;
-    conn.pop3(&format!("PASS {}", level.target.password), false)
-        .await?;
-    let (stat, _) = conn.pop3("STAT", false).await?;
-    let count: usize = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .context("STAT")?;
+    conn.pop3_login(user, &level.target.password).await?;
+    let count = conn.pop3_stat().await?;
     for i in 1..=count {
         let lines = conn.pop3_lines(&format!("RETR {i}")).await?;
         let found = level.epoch.elapsed();
@@ -659,15 +645,8 @@ pub async fn settle(target: &Target) -> anyhow::Result<Duration> {
     let deadline = started + Duration::from_secs(600);
     loop {
         let mut pop = mailbox_load::Conn::open(&target.pop3s[0]).await?;
-        pop.pop3(&format!("USER {user}"), false).await?;
-        pop.pop3(&format!("PASS {}", target.password), false)
-            .await?;
-        let (stat, _) = pop.pop3("STAT", false).await?;
-        let count: usize = stat
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .context("STAT")?;
+        pop.pop3_login(&user, &target.password).await?;
+        let count = pop.pop3_stat().await?;
         let mut found = false;
         for i in 1..=count {
             let lines = pop.pop3_lines(&format!("RETR {i}")).await?;
