@@ -586,7 +586,7 @@ impl Handler for Dispatch {
                     Some(peer) => {
                         let t = host.config.timing();
                         host.liveness
-                            .heard(peer, beat, std::time::Instant::now(), t.dead_after);
+                            .asked(peer, beat, std::time::Instant::now(), t.dead_after);
                         codec::encode(&Reply::<Beat>::Ok(host.own_beat()))
                     }
                     None => {
@@ -733,6 +733,12 @@ async fn liveness_loop(host: Weak<RaftHost>) {
             .map(|(_, v)| (v.group, v.term))
             .collect();
         for (peer, addr) in peers {
+            if !host
+                .liveness
+                .should_call(host.config.id, peer, now, timing.beat)
+            {
+                continue; // its own beats to us carry ours back in their replies
+            }
             let flag = in_flight.entry(peer).or_default().clone();
             if flag.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 continue; // the last beat to it is still waiting for an answer

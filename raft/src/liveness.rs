@@ -5,8 +5,11 @@
 //! per node that is thousands of wake-ups and hundreds of RPCs a second doing nothing. So the
 //! groups here run with openraft's ticker off, and one loop per node does their timing instead:
 //!
-//! - every `beat` interval each node sends each peer one [`Beat`]: its incarnation and the groups
-//!   it leads (with their terms); the reply is the peer's own beat;
+//! - every `beat` interval one node of each pair sends the other one [`Beat`]: its incarnation
+//!   and the groups it leads (with their terms); the reply is the peer's own beat, so one call
+//!   tells both. Which of the two calls is fixed per pair ([`initiates`]), spreading the calls
+//!   evenly; the other calls too only when no beat has come from its peer for 1.5 intervals
+//!   (the caller is down, or does not yet know it shares a group);
 //! - a voter stands for election (Pre-Vote first) only when the group's leader is gone: its node
 //!   has been silent for `dead_after`, or it is alive but has not claimed the group for that long,
 //!   or there is no leader at all. Live voters go in a fixed order per group (rendezvous), a
@@ -67,6 +70,14 @@ struct Peers {
     views: BTreeMap<NodeId, PeerView>,
     /// Peers heard again after silence or a restart, not yet acted on.
     revived: BTreeSet<NodeId>,
+    /// When each peer last sent a beat of its own (not a reply to ours).
+    asked: BTreeMap<NodeId, Instant>,
+}
+
+/// Which node of a pair sends the beats (the other answers): the lower id when the ids' sum is
+/// even, else the higher, so each node calls about half its peers.
+pub fn initiates(me: NodeId, peer: NodeId) -> bool {
+    (me < peer) == me.wrapping_add(peer).is_multiple_of(2)
 }
 
 impl Liveness {
@@ -102,6 +113,26 @@ impl Liveness {
                 leads: beat.leads.into_iter().collect(),
             },
         );
+    }
+
+    /// Records a beat `peer` sent of its own accord (and is answered with ours).
+    pub fn asked(&self, peer: NodeId, beat: Beat, now: Instant, dead_after: Duration) {
+        self.heard(peer, beat, now, dead_after);
+        let mut peers = self.peers.lock().expect("liveness lock");
+        peers.asked.insert(peer, now);
+    }
+
+    /// Whether this node should send `peer` a beat at `now`: it is the pair's caller, or the
+    /// caller's beats stopped coming for 1.5 intervals.
+    pub fn should_call(&self, me: NodeId, peer: NodeId, now: Instant, beat: Duration) -> bool {
+        if initiates(me, peer) {
+            return true;
+        }
+        let peers = self.peers.lock().expect("liveness lock");
+        peers
+            .asked
+            .get(&peer)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= beat * 3 / 2)
     }
 
     /// A copy of every peer's view, and the peers revived since the last call.
@@ -439,5 +470,32 @@ mod tests {
         assert_eq!(l.take().1, BTreeSet::from([2]));
         l.heard(2, beat(8), t0 + ms(1500), dead_after);
         assert_eq!(l.take().1, BTreeSet::from([2]));
+    }
+
+    #[test]
+    fn one_node_of_each_pair_calls_and_the_other_only_when_its_beats_stop() {
+        // Goal: exactly one of every pair sends beats, each node calls about half its peers,
+        // and the answering side takes over as soon as the caller's beats stop arriving.
+        for a in 1..=9u64 {
+            for b in (a + 1)..=9 {
+                assert_ne!(initiates(a, b), initiates(b, a), "pair {a},{b}");
+            }
+            let calls = (1..=9).filter(|b| *b != a && initiates(a, *b)).count();
+            assert!(
+                (3..=5).contains(&calls),
+                "node {a} calls {calls} of 8 peers"
+            );
+        }
+        let (caller, answerer) = if initiates(1, 2) { (1, 2) } else { (2, 1) };
+        let l = Liveness::new();
+        let t0 = Instant::now();
+        let beat = Beat::default();
+        let b = ms(200);
+        assert!(l.should_call(caller, answerer, t0, b));
+        assert!(l.should_call(answerer, caller, t0, b), "never asked yet");
+        l.asked(caller, beat, t0, ms(600));
+        assert!(!l.should_call(answerer, caller, t0 + ms(200), b));
+        assert!(!l.should_call(answerer, caller, t0 + ms(299), b));
+        assert!(l.should_call(answerer, caller, t0 + ms(300), b));
     }
 }
