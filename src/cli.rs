@@ -256,8 +256,9 @@ enum UserCmd {
         /// The password (read from standard input when absent).
         #[arg(long, conflicts_with = "password_hash")]
         password: Option<String>,
-        /// An existing argon2 hash (PHC string, e.g. from Dovecot's `{ARGON2ID}` passdb)
-        /// instead of a password: for moving users over without knowing their passwords.
+        /// An existing hash instead of a password, for moving users over without knowing
+        /// their passwords: an argon2 PHC string (Dovecot's `{ARGON2ID}`), or SHA-crypt
+        /// (`$6$...`/`$5$...`: Dovecot's `{SHA512-CRYPT}`/`{SHA256-CRYPT}`, /etc/shadow).
         #[arg(long)]
         password_hash: Option<String>,
         #[arg(long, default_value_t = 0)]

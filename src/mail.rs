@@ -180,18 +180,87 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| format!("hashing password: {e}"))
 }
 
-/// Accepts an argon2 (id, i or d) hash in PHC string form, which verification understands
-/// with the parameters it names; anything else is refused with what was expected.
-pub fn check_password_hash(hash: &str) -> Result<(), String> {
+/// The stored form of an imported password hash, or why it is refused. Accepted: an argon2
+/// (id, i or d) PHC string, verified with the parameters it names; and SHA-crypt
+/// (`$6$...` SHA-512, `$5$...` SHA-256), what Dovecot's SHA512-CRYPT / SHA256-CRYPT schemes
+/// and `/etc/shadow` hold, so users moving over keep their passwords. Dovecot's `{SCHEME}`
+/// prefix is dropped.
+pub fn check_password_hash(hash: &str) -> Result<String, String> {
     use argon2::password_hash::PasswordHash;
-    let expected = "expected an argon2 PHC string like $argon2id$v=19$m=19456,t=2,p=1$SALT$HASH";
+    let expected = "expected an argon2 PHC string ($argon2id$v=19$m=19456,t=2,p=1$SALT$HASH) \
+                    or a SHA-crypt one ($6$SALT$HASH, $5$SALT$HASH, optionally $6$rounds=N$...)";
+    let hash = match hash.strip_prefix('{').and_then(|rest| rest.split_once('}')) {
+        Some((scheme, rest)) => {
+            let known = [
+                "SHA512-CRYPT",
+                "SHA256-CRYPT",
+                "CRYPT",
+                "ARGON2ID",
+                "ARGON2I",
+            ];
+            if !known.contains(&scheme.to_ascii_uppercase().as_str()) {
+                return Err(format!(
+                    "password hash: scheme {{{scheme}}} is not supported; {expected}"
+                ));
+            }
+            rest
+        }
+        None => hash,
+    };
+    if hash.starts_with("$5$") || hash.starts_with("$6$") {
+        return check_sha_crypt(hash)
+            .map(|()| hash.to_string())
+            .map_err(|e| format!("password hash: {e}; {expected}"));
+    }
     let parsed = PasswordHash::new(hash).map_err(|e| format!("password hash: {e}; {expected}"))?;
     match parsed.algorithm.as_str() {
-        "argon2id" | "argon2i" | "argon2d" if parsed.hash.is_some() => Ok(()),
+        "argon2id" | "argon2i" | "argon2d" if parsed.hash.is_some() => Ok(hash.to_string()),
         other => Err(format!(
             "password hash: algorithm {other:?} (or no hash part) is not supported; {expected}"
         )),
     }
+}
+
+/// Most rounds an imported SHA-crypt hash may name: each login costs them (about 0.5 µs
+/// each), and far more than the 5,000 default would turn logins into a CPU drain.
+const SHA_CRYPT_ROUNDS_MAX: usize = 1_000_000;
+
+/// The layout of a SHA-crypt string: `$5$` or `$6$`, optional `rounds=N$` (1,000 to
+/// `SHA_CRYPT_ROUNDS_MAX`), a salt of at most 16 characters, and the hash in crypt's base64
+/// (43 characters for SHA-256, 86 for SHA-512).
+fn check_sha_crypt(hash: &str) -> Result<(), String> {
+    let (id, rest) = hash[1..]
+        .split_once('$')
+        .ok_or("no $ after the scheme id")?;
+    let mut parts: Vec<&str> = rest.split('$').collect();
+    if let Some(rounds) = parts.first().and_then(|p| p.strip_prefix("rounds=")) {
+        let rounds: usize = rounds
+            .parse()
+            .map_err(|_| format!("rounds={rounds:?} is not a number"))?;
+        if !(1_000..=SHA_CRYPT_ROUNDS_MAX).contains(&rounds) {
+            return Err(format!(
+                "rounds={rounds} is outside 1000..={SHA_CRYPT_ROUNDS_MAX}"
+            ));
+        }
+        parts.remove(0);
+    }
+    let [salt, digest] = parts[..] else {
+        return Err("expected SALT$HASH after the scheme (and rounds)".into());
+    };
+    let crypt64 = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    };
+    if salt.is_empty() || salt.len() > 16 || salt.bytes().any(|b| b == b':' || b == b'\n') {
+        return Err(format!("salt {salt:?} must be 1 to 16 characters"));
+    }
+    let digest_len = if id == "6" { 86 } else { 43 };
+    if digest.len() != digest_len || !crypt64(digest) {
+        return Err(format!(
+            "the hash part must be {digest_len} characters of crypt's base64 (./0-9A-Za-z)"
+        ));
+    }
+    Ok(())
 }
 
 pub fn account_command(address: &str, password_hash: String, quota: Quota) -> Command {
@@ -239,8 +308,9 @@ pub async fn authenticate(
     }
     let password = password.to_string();
     // One verification per core at a time, the rest wait their turn in order: argon2id takes
-    // 19 MiB and ~50 ms of CPU each, so a burst of logins verified all at once would share
-    // the cores until every one of them was slow, and a flood would take memory without limit.
+    // 19 MiB and 20-50 ms of CPU each (by machine), so a burst of logins verified all at once
+    // would share the cores until every one of them was slow, and a flood would take memory
+    // without limit.
     let _turn = HASHING.acquire().await;
     let (matches, password) = tokio::task::spawn_blocking(move || {
         let ok = verify_password(&hash.unwrap_or_else(dummy_hash), &password);
@@ -324,8 +394,16 @@ impl LoginCache {
     }
 }
 
+/// Whether `password` matches the stored `hash` (argon2 PHC or SHA-crypt, see
+/// `check_password_hash`).
 fn verify_password(hash: &str, password: &str) -> bool {
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    if hash.starts_with("$6$") {
+        return sha_crypt::sha512_check(password, hash).is_ok();
+    }
+    if hash.starts_with("$5$") {
+        return sha_crypt::sha256_check(password, hash).is_ok();
+    }
     match PasswordHash::new(hash) {
         Ok(parsed) => argon2::Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
@@ -432,14 +510,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_argon2_phc_hashes_are_imported() {
+    fn argon2_and_sha_crypt_hashes_are_imported_and_others_refused() {
         let made = hash_password("pw").unwrap();
-        assert!(check_password_hash(&made).is_ok());
+        assert_eq!(check_password_hash(&made).as_deref(), Ok(made.as_str()));
         let e = check_password_hash("$2y$10$abcdefghijklmnopqrstuuhLUiD7aNWB3Bk6Z1HVV0ZZEoTp7v5me")
             .unwrap_err();
-        assert!(e.contains("argon2"), "{e}");
+        assert!(e.contains("argon2") && e.contains("$6$"), "{e}");
         assert!(check_password_hash("plain").is_err());
         assert!(check_password_hash("$argon2id$v=19$m=19456,t=2,p=1").is_err());
+        // crypt(3)'s own form, and Dovecot's (`doveadm pw -s SHA512-CRYPT`) with its prefix.
+        let sha512 = SHA512_SECRET;
+        assert_eq!(check_password_hash(sha512).as_deref(), Ok(sha512));
+        let dovecot = format!("{{SHA512-CRYPT}}{sha512}");
+        assert_eq!(check_password_hash(&dovecot).as_deref(), Ok(sha512));
+        let e = check_password_hash(&format!("{{PLAIN-MD5}}{sha512}")).unwrap_err();
+        assert!(e.contains("PLAIN-MD5"), "{e}");
+        assert!(check_password_hash(&sha512[..sha512.len() - 1]).is_err());
+        let rounds = sha512.replacen("$6$", "$6$rounds=5000000$", 1);
+        assert!(check_password_hash(&rounds).unwrap_err().contains("rounds"));
+        let rounds = sha512.replacen("$6$", "$6$rounds=20000$", 1);
+        assert!(check_password_hash(&rounds).is_ok());
+        assert!(check_password_hash(SHA256_SECRET).is_ok());
+    }
+
+    /// `secret` hashed by glibc's crypt(3) with salt `saltsalt` (Python's
+    /// `crypt.crypt('secret', '$6$saltsalt$')`; `mkpasswd -m sha-512 -S saltsalt` agrees).
+    const SHA512_SECRET: &str =
+        "$6$saltsalt$TVLlQcbpFVof5W3Yz4DTP6gRstiNuHwwTt6GLc1E5n0U0aDehy0S5knV8wiOQSpT0Y77vwPZN.Pq.H91p5hVO1";
+    /// The same with SHA-256 (`$5$saltsalt$`).
+    const SHA256_SECRET: &str = "$5$saltsalt$0IyaXrmV7.sGNS6tirgqHLqX/G.FBvgkYA.lpPdS5sA";
+
+    #[test]
+    fn sha_crypt_hashes_from_glibc_verify_the_right_password_only() {
+        assert!(verify_password(SHA512_SECRET, "secret"));
+        assert!(!verify_password(SHA512_SECRET, "Secret"));
+        assert!(verify_password(SHA256_SECRET, "secret"));
+        assert!(!verify_password(SHA256_SECRET, "secre"));
+        assert!(!verify_password("$6$saltsalt$garbage", "secret"));
     }
 
     #[test]

@@ -287,7 +287,7 @@ impl Node {
                 quota,
             } => {
                 let address = self.served_address(&address).await?;
-                mail::check_password_hash(&password_hash)?;
+                let password_hash = mail::check_password_hash(&password_hash)?;
                 self.partition_write_command(
                     &address,
                     mail::account_command(&address, password_hash, quota),

@@ -200,9 +200,10 @@ fn fetchmail_downloads_and_deletes_over_pop3s() {
 
 #[test]
 fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
-    // Goal: `user add --password-hash` moves a user over with the argon2 hash another server
-    // stored (here one made by the library): the old password logs in over POP3S (curl), a
-    // wrong one does not, and a hash of another scheme is refused with what is expected.
+    // Goal: `user add --password-hash` moves a user over with the hash another server stored
+    // — argon2 (here made by the library), and SHA512-CRYPT made by OpenSSL (`passwd -6`) in
+    // Dovecot's `{SHA512-CRYPT}` form: the old password logs in over POP3S (curl), a wrong
+    // one does not, and a hash of another scheme is refused with what is expected.
     let _g = serial();
     let c = Cluster::start(3, PARTITIONS, 5000, 0);
     let hash = mailgrid::mail::hash_password("moved-pw").unwrap();
@@ -213,21 +214,42 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
         "--password-hash",
         &hash,
     ]);
-    let list = |password: &str| {
+    let sha512 = Command::new("openssl")
+        .args(["passwd", "-6", "shadow-pw"])
+        .output()
+        .expect("openssl is installed by scripts/test");
+    let sha512 = String::from_utf8(sha512.stdout).unwrap();
+    assert!(
+        sha512.starts_with("$6$"),
+        "openssl passwd -6 printed {sha512:?}"
+    );
+    c.admin(&[
+        "user",
+        "add",
+        "shadow@example.test",
+        "--password-hash",
+        &format!("{{SHA512-CRYPT}}{}", sha512.trim()),
+    ]);
+    let list = |user: &str, password: &str| {
         Command::new("curl")
             .args(["-sSk", "--max-time", "30"])
             .arg(format!("pop3s://{}/", c.listener(2, "pop3s")))
-            .args(["-u", &format!("moved@example.test:{password}")])
+            .args(["-u", &format!("{user}:{password}")])
             .output()
             .expect("curl is installed by scripts/test")
     };
-    let ok = list("moved-pw");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    assert!(!list("other-pw").status.success());
+    for (user, password) in [
+        ("moved@example.test", "moved-pw"),
+        ("shadow@example.test", "shadow-pw"),
+    ] {
+        let ok = list(user, password);
+        assert!(
+            ok.status.success(),
+            "{user}: {}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        assert!(!list(user, "other-pw").status.success(), "{user}");
+    }
     let add_with_hash = |address: &str, hash: &str| {
         let args = [
             "admin",
@@ -245,6 +267,10 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
     let out = add_with_hash("b@example.test", bcrypt);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("argon2"), "{err}");
+    assert!(err.contains("argon2") && err.contains("$6$"), "{err}");
     assert!(!add_with_hash("c@example.test", "x").status.success());
+    let too_costly = sha512.trim().replacen("$6$", "$6$rounds=900000000$", 1);
+    let out = add_with_hash("d@example.test", &too_costly);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("rounds"), "{err}");
 }
