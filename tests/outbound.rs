@@ -201,13 +201,18 @@ fn queue(c: &Cluster) -> Vec<serde_json::Value> {
 fn metric_sum(c: &Cluster, name: &str) -> u64 {
     let mut total = 0;
     for n in c.nodes.iter().filter(|n| n.child.is_some()) {
-        let url = format!("http://{}/metrics", c.listener(n.id, "http"));
-        let out = Command::new("curl")
-            .args(["-sf", &url])
-            .output()
-            .expect("curl runs");
-        assert!(out.status.success(), "GET {url} failed");
-        let text = String::from_utf8(out.stdout).unwrap();
+        // A restarted node listens on new ports and publishes them shortly after it starts;
+        // until then the cluster status still names the old ones.
+        let (url, text) = eventually(Duration::from_secs(30), "GET /metrics", || {
+            let url = format!("http://{}/metrics", c.listener(n.id, "http"));
+            let out = Command::new("curl")
+                .args(["-sf", "--max-time", "10", &url])
+                .output()
+                .expect("curl runs");
+            out.status
+                .success()
+                .then(|| (url, String::from_utf8(out.stdout).unwrap()))
+        });
         let value = text
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
