@@ -9,6 +9,7 @@ SMTP.json files are what `bench smtp` writes (for `nodes`, one per cluster size,
 `bench/scaling.sh --keep DIR`); DIP.json is what `bench dip` writes.
 """
 import json
+import statistics
 import sys
 from xml.sax.saxutils import escape
 
@@ -101,13 +102,15 @@ def dip(src, dst):
 
 
 def nodes(prefix, files):
-    rows = []
+    by_size = {}
     for f in files:
         r = json.load(open(f))
-        n = len(r["servers"])
-        run = r["runs"][0]
-        rows.append((n, run["msgs_per_sec"], run["cpu_ms_per_msg"], run["p99_ms"]))
-    rows.sort()
+        by_size.setdefault(len(r["servers"]), []).append(r["runs"][0])
+    # Several runs of one size (rounds): each measure's median.
+    rows = sorted((n, statistics.median(r["msgs_per_sec"] for r in runs),
+                   statistics.median(r["cpu_ms_per_msg"] for r in runs),
+                   statistics.median(r["p99_ms"] for r in runs))
+                  for n, runs in by_size.items())
     line_chart(f"{prefix}-throughput.svg", "SMTP 4 KiB, 32 senders, RF 3, one 2-vCPU machine",
                "nodes", "messages/s", [("msgs/s", [(n, t) for n, t, _, _ in rows])],
                x_from_zero=False)
