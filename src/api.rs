@@ -112,7 +112,7 @@ pub enum QueryResult {
     Vanished(Option<Vanished>),
     Messages(Option<(Mailbox, Vec<(Uid, MessageRecord)>)>),
     Changes(Option<MailboxChanges>),
-    Body(Option<Vec<u8>>),
+    Body(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     Digest([u8; 32]),
     Cluster(Option<ClusterInfo>),
     Nodes(Vec<NodeRecord>),
@@ -197,6 +197,7 @@ pub enum ClientRequest {
     QuotaShow(String),
     Deliver {
         recipients: Vec<String>,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
         delivery_id: Option<String>,
     },
@@ -286,6 +287,7 @@ pub struct FetchedMessage {
     pub uid: u32,
     pub uid_validity: u32,
     pub flags: Vec<String>,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
 }
 

@@ -43,7 +43,7 @@ pub enum Request {
         rpc: TransferLeaderRequest<TypeConfig>,
     },
     /// An application request, passed to the node's service handler as bytes.
-    Service(Vec<u8>),
+    Service(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Node liveness: answered with the receiver's own beat.
     Beat(crate::liveness::Beat),
     PreVote {

@@ -87,4 +87,57 @@ mod tests {
         ];
         assert!(decode::<Vec<u8>>(&bomb).is_err());
     }
+
+    /// The same two shapes, with byte fields as serde sequences (as stored before
+    /// `serde_bytes`) and as byte strings (as message bodies are declared now).
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum AsSequence {
+        Deliver { key: u8, body: Vec<u8> },
+        Body(Option<Vec<u8>>),
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    enum AsBytes {
+        Deliver {
+            key: u8,
+            #[serde(with = "serde_bytes")]
+            body: Vec<u8>,
+        },
+        Body(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    }
+
+    #[test]
+    fn byte_fields_encode_the_same_as_sequences_and_as_byte_strings() {
+        // Goal: declaring a body `serde_bytes` (one copy instead of a call per byte) changes
+        // no stored or sent byte, so logs, snapshots and peers of either build agree.
+        let body: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let pairs = [
+            (
+                AsSequence::Deliver {
+                    key: 7,
+                    body: body.clone(),
+                },
+                AsBytes::Deliver {
+                    key: 7,
+                    body: body.clone(),
+                },
+            ),
+            (
+                AsSequence::Body(Some(body.clone())),
+                AsBytes::Body(Some(body)),
+            ),
+            (AsSequence::Body(None), AsBytes::Body(None)),
+            (AsSequence::Body(Some(vec![])), AsBytes::Body(Some(vec![]))),
+        ];
+        for (seq, bytes) in pairs {
+            let encoded = encode(&seq);
+            assert_eq!(encoded, encode(&bytes), "{seq:?}");
+            assert_eq!(decode::<AsBytes>(&encoded).unwrap(), bytes);
+            assert_eq!(decode::<AsSequence>(&encode(&bytes)).unwrap(), seq);
+        }
+        // The length bound holds for byte strings too.
+        let mut bomb = vec![FORMAT_VERSION, 1, 1, 0xfd];
+        bomb.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert!(decode::<AsBytes>(&bomb).is_err());
+    }
 }

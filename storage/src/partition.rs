@@ -180,6 +180,7 @@ pub enum PartitionCommand {
     Deliver {
         key: [u8; 32],
         recipients: Vec<String>,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
         internal_date: UnixSeconds,
         now: UnixSeconds,
@@ -187,6 +188,7 @@ pub enum PartitionCommand {
     Append {
         address: String,
         mailbox: String,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
         flags: Vec<String>,
         internal_date: UnixSeconds,
@@ -244,6 +246,7 @@ pub enum PartitionCommand {
     /// Queues a message for remote recipients (a repeat of the id changes nothing).
     Enqueue {
         entry: QueueEntry,
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     /// The outcome of one delivery attempt of a queue entry, and when to try again.
