@@ -291,6 +291,7 @@ pub async fn authenticate(
     user: &str,
     password: &str,
 ) -> Result<Option<String>, MailServiceError> {
+    let started = tokio::time::Instant::now();
     let address = normalize_address(user);
     let account = if is_valid_address(&address) {
         match lookup(router, &address).await? {
@@ -311,19 +312,27 @@ pub async fn authenticate(
     // 19 MiB and 20-50 ms of CPU each (by machine), so a burst of logins verified all at once
     // would share the cores until every one of them was slow, and a flood would take memory
     // without limit.
-    let _turn = HASHING.acquire().await;
+    let turn = HASHING.acquire().await;
     let (matches, password) = tokio::task::spawn_blocking(move || {
         let ok = verify_password(&hash.unwrap_or_else(dummy_hash), &password);
         (ok, password)
     })
     .await
     .unwrap_or((false, String::new()));
+    drop(turn);
     let account = account.filter(|_| matches);
-    if let Some(account) = &account {
-        LOGINS.remember(&account.address, &account.password_hash, &password);
+    match &account {
+        Some(account) => LOGINS.remember(&account.address, &account.password_hash, &password),
+        None => tokio::time::sleep_until(started + FAILED_LOGIN_FLOOR).await,
     }
     Ok(account.map(|a| a.address))
 }
+
+/// Least time a refused password takes to answer. Verification time depends on how the
+/// account's hash is stored (argon2id tens of ms, an imported SHA-crypt hash under 2 ms) and
+/// an unknown address is checked against a dummy argon2id hash, so without a floor the timing
+/// of a wrong password would tell which addresses exist with imported hashes.
+const FAILED_LOGIN_FLOOR: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Turns at password verification: one per core (see `authenticate`).
 static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {

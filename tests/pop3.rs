@@ -203,9 +203,17 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
     // Goal: `user add --password-hash` moves a user over with the hash another server stored
     // — argon2 (here made by the library), and SHA512-CRYPT made by OpenSSL (`passwd -6`) in
     // Dovecot's `{SHA512-CRYPT}` form: the old password logs in over POP3S (curl), a wrong
-    // one does not, and a hash of another scheme is refused with what is expected.
+    // one does not, and does not answer sooner for a cheap hash than for an unknown address;
+    // a hash of another scheme is refused with what is expected.
     let _g = serial();
-    let c = Cluster::start(3, PARTITIONS, 5000, 0);
+    // No throttle delay, so the refusal floor is the only wait in a refused login's timing.
+    let c = Cluster::start_with(
+        3,
+        PARTITIONS,
+        5000,
+        0,
+        "[auth]\ndelay_step_ms = 0\nfailures_per_ip_max = 100\nfailures_per_account_max = 100\n",
+    );
     let hash = mailgrid::mail::hash_password("moved-pw").unwrap();
     c.admin(&[
         "user",
@@ -249,6 +257,22 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
             String::from_utf8_lossy(&ok.stderr)
         );
         assert!(!list(user, "other-pw").status.success(), "{user}");
+    }
+    // A wrong password answers no sooner than the refusal floor (250 ms) whether the account
+    // has a fast SHA-crypt hash, an argon2id one, or does not exist: its timing does not
+    // tell which addresses exist. (A lower bound only: the machine may always be slower.)
+    for user in [
+        "shadow@example.test",
+        "moved@example.test",
+        "nobody@example.test",
+    ] {
+        let started = std::time::Instant::now();
+        assert!(!list(user, "wrong-pw").status.success(), "{user}");
+        let took = started.elapsed();
+        assert!(
+            took >= std::time::Duration::from_millis(250),
+            "{user}: refused after {took:?}"
+        );
     }
     let add_with_hash = |address: &str, hash: &str| {
         let args = [
