@@ -247,6 +247,58 @@ fn a_wiped_node_rejoins_under_a_new_id_and_catches_up_by_snapshot() {
 }
 
 #[test]
+fn a_leadership_transfer_that_never_arrives_does_not_stop_the_group() {
+    // Goal: a leader hands a partition to its preferred replica and the replica never takes
+    // over (it died as the request left, or the request was lost). openraft cannot cancel a
+    // transfer: the old leader refuses writes and membership changes for the rest of its term.
+    // CI caught this as a group left on a removed node for good. Here every transfer request
+    // is dropped, so node 1, which leads every group after `init`, strands each group it hands
+    // to another node; mail to the users of that group must still be accepted.
+    let _g = serial();
+    let lost: Vec<String> = (1..=PARTITIONS)
+        .map(|g| format!("transfer-lost@{g}:1000"))
+        .collect();
+    let users = 16;
+    let mut c = Cluster::start_env(
+        3,
+        PARTITIONS,
+        5000,
+        users,
+        &[("MAILGRID_FAILPOINTS", &lost.join(","))],
+    );
+    // Leadership is balanced once the replicas have caught up: wait for a dropped transfer.
+    let stranded: u64 = eventually(
+        Duration::from_secs(60),
+        "a leadership transfer dropped",
+        || {
+            (1..=3).find_map(|n| {
+                let log = c.log(n);
+                let line = log.lines().find(|l| l.contains("failpoint fired"))?;
+                let group = line.split("group=").nth(1)?;
+                group
+                    .trim_matches(|ch: char| !ch.is_ascii_digit())
+                    .parse()
+                    .ok()
+            })
+        },
+    );
+    let user = (0..users)
+        .map(|i| format!("user{i}@example.test"))
+        .find(|u| mailgrid::router::partition_of(u, PARTITIONS) as u64 + 1 == stranded)
+        .expect("some user in every partition");
+    eventually(
+        Duration::from_secs(60),
+        &format!("a delivery to {user} (group {stranded}) acknowledged"),
+        || {
+            c.deliver(c.any(), &[&user], b"Subject: t\r\n\r\nx\r\n", "t-1")
+                .ok()
+        },
+    );
+    let n2 = c.node(2).data().to_string();
+    assert_eq!(c.fetch(&n2, &user).len(), 1);
+}
+
+#[test]
 fn kill_during_a_stream_of_deliveries_loses_and_doubles_nothing() {
     // Goal (e): kill -9 of a node in the middle of acknowledged deliveries: after restart every
     // acknowledged message is present exactly once (retries reuse the delivery id).

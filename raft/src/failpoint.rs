@@ -2,8 +2,9 @@
 //!
 //! `MAILGRID_FAILPOINTS="apply@5:1,apply@7:2"` makes the named point fail for group 5 once and
 //! for group 7 twice, then never again. Unset, as in production, every check is one read of
-//! an initialised `OnceLock` (no lock is taken). Points: `apply` (the state machine refuses the next command entry: the group's
-//! raft core stops with a storage error).
+//! an initialised `OnceLock` (no lock is taken). Points: `apply` (the state machine refuses
+//! the next command entry: the group's raft core stops with a storage error); `transfer-lost`
+//! (a leadership transfer request this node sends is dropped, as when its target dies).
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};

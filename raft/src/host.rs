@@ -142,8 +142,9 @@ pub struct RaftHost {
     liveness: Liveness,
     /// The groups this node led at the last liveness round, as its beats announce them.
     leads: std::sync::Mutex<Vec<(GroupId, u64)>>,
-    /// When this node last handed each group's leadership away (see [`RaftHost::read`]).
-    transfers: std::sync::Mutex<BTreeMap<GroupId, std::time::Instant>>,
+    /// When this node last handed each group's leadership away, and at which term (see
+    /// [`RaftHost::read`] and `liveness_loop`).
+    transfers: std::sync::Mutex<BTreeMap<GroupId, Transfer>>,
 }
 
 impl std::fmt::Debug for RaftHost {
@@ -428,7 +429,24 @@ impl RaftHost {
             .lock()
             .expect("transfers lock")
             .get(&group)
-            .is_some_and(|at| at.elapsed() < window)
+            .is_some_and(|t| t.at.elapsed() < window)
+    }
+
+    /// The groups this node leads and may still write to, as its beats announce them. A
+    /// leader that started a leadership transfer in its current term refuses every write
+    /// and membership change for the rest of that term (openraft has no way to cancel a
+    /// transfer). If the target never takes over (it died, the request was lost) the
+    /// group would be stuck under a live leader, so that leader stops claiming the group
+    /// and its followers elect a new one once `dead_after` has passed (see `liveness`).
+    fn announced_leads(&self, views: &[(Group, GroupView)]) -> Vec<(GroupId, u64)> {
+        let transfers = self.transfers.lock().expect("transfers lock");
+        views
+            .iter()
+            .map(|(_, v)| v)
+            .filter(|v| v.leading)
+            .filter(|v| transfers.get(&v.group).is_none_or(|t| t.term != v.term))
+            .map(|v| (v.group, v.term))
+            .collect()
     }
 
     /// This node's own replica, however stale (status and replica comparison only).
@@ -557,6 +575,15 @@ impl RaftHost {
             }
         }
     }
+}
+
+/// A leadership transfer this node started as a group's leader.
+#[derive(Clone, Copy, Debug)]
+struct Transfer {
+    at: std::time::Instant,
+    /// The leader's term: the transfer disables writes until the leader of this term steps
+    /// down.
+    term: u64,
 }
 
 struct Dispatch(Weak<RaftHost>);
@@ -727,11 +754,7 @@ async fn liveness_loop(host: Weak<RaftHost>) {
         }
         last_round = now;
         let (groups, peers) = host.group_views();
-        *host.leads.lock().expect("leads lock") = groups
-            .iter()
-            .filter(|(_, v)| v.leading)
-            .map(|(_, v)| (v.group, v.term))
-            .collect();
+        *host.leads.lock().expect("leads lock") = host.announced_leads(&groups);
         for (peer, addr) in peers {
             if !host
                 .liveness
@@ -818,7 +841,9 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         .collect();
     let ids: Vec<NodeId> = addrs.keys().copied().collect();
     let groups = host.groups_by_id();
-    for (group, g) in groups {
+    // A group that cannot take a step now (no quorum, a leader handing over) is logged and
+    // passed over, so it never holds up the groups after it.
+    'groups: for (group, g) in groups {
         if !g.raft.is_leader() {
             continue;
         }
@@ -832,9 +857,10 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
                         partition: record.id,
                         replicas: wanted,
                     });
-                    host.write(META_GROUP, cmd)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    if let Err(e) = host.write(META_GROUP, cmd).await {
+                        tracing::debug!(group, error = %e, "reconcile step: partition map");
+                        continue 'groups;
+                    }
                 }
             }
             let voters: BTreeSet<NodeId> = ids.iter().copied().take(META_VOTERS_MAX).collect();
@@ -854,9 +880,10 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
             continue;
         }
         let lease = Duration::from_millis(host.config.election_max_ms);
-        let settled = reconcile_group(&g, &voters, &learners, &addrs, lease).await?;
-        if settled && group != META_GROUP {
-            balance_leader(host, group, &g, &voters).await;
+        match reconcile_group(&g, &voters, &learners, &addrs, lease).await {
+            Ok(true) if group != META_GROUP => balance_leader(host, group, &g, &voters).await,
+            Ok(_) => {}
+            Err(e) => tracing::debug!(group, error = %e, "reconcile step"),
         }
     }
     Ok(())
@@ -872,7 +899,7 @@ async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, voters: &BTr
     let Some(&preferred) = rendezvous(group as u32, &ids, 1).first() else {
         return;
     };
-    if preferred == me {
+    if preferred == me || !host.peer_alive(preferred) {
         return;
     }
     let m = g.raft.metrics().borrow_watched().clone();
@@ -885,10 +912,13 @@ async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, voters: &BTr
     if m.state == ServerState::Leader && last > 0 && matched == Some(last) {
         tracing::debug!(group, to = preferred, "transferring leadership");
         // Lease reads stop before the transfer starts (see `RaftHost::read`).
-        host.transfers
-            .lock()
-            .expect("transfers lock")
-            .insert(group, std::time::Instant::now());
+        host.transfers.lock().expect("transfers lock").insert(
+            group,
+            Transfer {
+                at: std::time::Instant::now(),
+                term: m.current_term,
+            },
+        );
         let _ = g.raft.trigger().transfer_leader(preferred).await;
     }
 }

@@ -13,7 +13,9 @@
 //! - a voter stands for election (Pre-Vote first) only when the group's leader is gone: its node
 //!   has been silent for `dead_after`, or it is alive but has not claimed the group for that long,
 //!   or there is no leader at all. Live voters go in a fixed order per group (rendezvous), a
-//!   beat apart, so two rarely stand at once;
+//!   beat apart, so two rarely stand at once. A leader that started a leadership transfer no
+//!   longer claims the group (openraft refuses its writes until it steps down), so if the
+//!   transfer's target never takes over, the followers elect another leader;
 //! - a leader sends its followers a raft heartbeat only when it has a reason: a peer came back
 //!   (silent, then heard; or restarted: new incarnation), another node claims the group at a
 //!   higher term (the heartbeat makes this one step down), or a slow sweep comes due.

@@ -215,6 +215,11 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         rpc: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        if crate::failpoint::fire("transfer-lost", self.group) {
+            return Err(unreachable(
+                "failpoint transfer-lost: the request was dropped",
+            ));
+        }
         self.call(
             &Request::TransferLeader {
                 group: self.group,

@@ -71,12 +71,50 @@ pub struct Cluster {
     pub nodes: Vec<TestNode>,
     pub token: String,
     pub config: PathBuf,
+    /// Environment every node process starts with (failpoints).
+    pub env: Vec<(String, String)>,
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if failed && self.nodes.iter().any(|n| n.child.is_some()) {
+            let out = run(&["status", "--data", self.any(), "--json"], None);
+            eprintln!(
+                "---- cluster status at failure ----\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         for n in &mut self.nodes {
             n.kill9();
+        }
+        if failed {
+            self.print_log_tails(80);
+            if std::env::var_os("MAILGRID_TEST_KEEP").is_some() {
+                self.root.disable_cleanup(true);
+                eprintln!("kept {}", self.root.path().display());
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Everything node `id` has logged so far.
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.root.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+
+    /// Prints the last `lines` lines of every node's log, so a failed test (in CI, where the
+    /// temporary directory is gone afterwards) shows what the nodes were doing.
+    fn print_log_tails(&self, lines: usize) {
+        for n in &self.nodes {
+            let text = self.log(n.id);
+            let all: Vec<&str> = text.lines().collect();
+            eprintln!("---- last {lines} lines of node {} log ----", n.id);
+            for l in &all[all.len().saturating_sub(lines)..] {
+                eprintln!("{l}");
+            }
         }
     }
 }
@@ -113,6 +151,17 @@ impl Cluster {
         Self::start_with(n, partitions, snapshot_logs, users, "")
     }
 
+    /// Like [`Cluster::start`], every node started with `env` (failpoints) from the first.
+    pub fn start_env(
+        n: u64,
+        partitions: u32,
+        snapshot_logs: u64,
+        users: usize,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        Self::start_full(n, partitions, snapshot_logs, users, "", env)
+    }
+
     /// Like [`Cluster::start`], with more config sections (`[smtp]`, `[auth]`, ...) for every
     /// node. Every listener is on 127.0.0.1 with a port the system picks.
     pub fn start_with(
@@ -121,6 +170,17 @@ impl Cluster {
         snapshot_logs: u64,
         users: usize,
         extra_config: &str,
+    ) -> Cluster {
+        Self::start_full(n, partitions, snapshot_logs, users, extra_config, &[])
+    }
+
+    fn start_full(
+        n: u64,
+        partitions: u32,
+        snapshot_logs: u64,
+        users: usize,
+        extra_config: &str,
+        env: &[(&str, &str)],
     ) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let config = root.path().join("node.toml");
@@ -134,6 +194,10 @@ impl Cluster {
             nodes: Vec::new(),
             token: String::new(),
             config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let replicas = n.min(3).to_string();
         let first = cluster.new_node_dir(1);
@@ -213,6 +277,7 @@ impl Cluster {
                 "--config",
                 self.config.to_str().unwrap(),
             ])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
