@@ -823,8 +823,11 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         ClientReply::Accounts(accounts) => {
             for a in accounts {
                 println!(
-                    "{}\t{} bytes\t{} messages",
-                    a.address, a.usage.bytes, a.usage.messages
+                    "{}\t{} bytes\t{} messages\t{}",
+                    a.address,
+                    a.usage.bytes,
+                    a.usage.messages,
+                    crate::mail::password_scheme_name(&a.password_hash)
                 );
             }
         }

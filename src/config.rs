@@ -18,6 +18,7 @@
 //! recipients_max = 100
 //! [auth]
 //! failures_per_ip_max = 10
+//! password_scheme = "argon2id"           # or "sha512-crypt", for passwords set from now on
 //! [raft]
 //! heartbeat_ms = 200
 //! [outbound]                             # mail to other domains
@@ -423,6 +424,7 @@ struct AuthSection {
     lockout_s: Option<u64>,
     delay_step_ms: Option<u64>,
     delay_max_ms: Option<u64>,
+    password_scheme: Option<String>,
 }
 
 /// The machine's host name, for banners when the config names none.
@@ -569,6 +571,11 @@ impl ServeConfig {
         if auth.failures_per_ip_max == 0 || auth.failures_per_account_max == 0 {
             bail!("auth failure limits must be at least 1");
         }
+        if let Some(scheme) = &a.password_scheme {
+            node.password_scheme = scheme
+                .parse()
+                .map_err(|e| anyhow::anyhow!("auth.password_scheme: {e}"))?;
+        }
         let outbound = outbound(file.outbound)?;
         Ok(ServeConfig {
             node,
@@ -670,7 +677,17 @@ mod tests {
             toml::from_str("[outbound.relay]\nhost = \"gw.corp\"\ntls = \"implicit\"\n").unwrap();
         let relay = ServeConfig::from_file(f).unwrap().outbound.relay.unwrap();
         assert_eq!((relay.port, relay.tls), (465, RelayTls::Implicit));
+        let f: File = toml::from_str("[auth]\npassword_scheme = \"SHA512-CRYPT\"\n").unwrap();
+        let c = ServeConfig::from_file(f).unwrap();
+        assert_eq!(
+            c.node.password_scheme,
+            crate::mail::PasswordScheme::Sha512Crypt
+        );
         for (bad, key) in [
+            (
+                "[auth]\npassword_scheme = \"md5-crypt\"\n",
+                "auth.password_scheme",
+            ),
             (
                 "[outbound]\nresolver = \"dns.example\"\n",
                 "outbound.resolver",

@@ -170,14 +170,63 @@ pub async fn deliver(
     Ok(outcomes)
 }
 
-/// Argon2id hash of a password, computed here (the proposer) so apply stays deterministic.
-pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-    let salt = SaltString::generate(&mut OsRng);
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| format!("hashing password: {e}"))
+/// How passwords set here (`user add --password`, `user passwd`) are stored. Either form
+/// verifies whatever the node's setting; it only chooses the hash of new passwords.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PasswordScheme {
+    /// argon2id, RFC 9106's memory-hard hash (19 MiB, 2 passes): 20-50 ms of CPU per first
+    /// login, by machine. The default.
+    #[default]
+    Argon2id,
+    /// SHA512-CRYPT with 5000 rounds (glibc's `$6$`, the usual Dovecot scheme): about 1.5 ms
+    /// per first login, and no memory cost, so cheaper to guess offline.
+    Sha512Crypt,
+}
+
+impl std::str::FromStr for PasswordScheme {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PasswordScheme, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "argon2id" => Ok(PasswordScheme::Argon2id),
+            "sha512-crypt" => Ok(PasswordScheme::Sha512Crypt),
+            _ => Err(format!(
+                "unknown password scheme {s:?}: expected \"argon2id\" or \"sha512-crypt\""
+            )),
+        }
+    }
+}
+
+/// The scheme a stored password hash is in, as operators name it (`user list` shows it).
+pub fn password_scheme_name(hash: &str) -> &'static str {
+    match hash.split('$').nth(1) {
+        Some("argon2id") => "argon2id",
+        Some("argon2i") => "argon2i",
+        Some("argon2d") => "argon2d",
+        Some("6") => "sha512-crypt",
+        Some("5") => "sha256-crypt",
+        _ => "unknown",
+    }
+}
+
+/// Hash of a password in `scheme`, computed here (the proposer) so apply stays deterministic.
+pub fn hash_password(password: &str, scheme: PasswordScheme) -> Result<String, String> {
+    match scheme {
+        PasswordScheme::Argon2id => {
+            use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+            let salt = SaltString::generate(&mut OsRng);
+            argon2::Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+                .map_err(|e| format!("hashing password: {e}"))
+        }
+        PasswordScheme::Sha512Crypt => {
+            let params = sha_crypt::Sha512Params::new(sha_crypt::ROUNDS_DEFAULT)
+                .map_err(|e| format!("hashing password: {e:?}"))?;
+            sha_crypt::sha512_simple(password, &params)
+                .map_err(|e| format!("hashing password: {e:?}"))
+        }
+    }
 }
 
 /// The stored form of an imported password hash, or why it is refused. Accepted: an argon2
@@ -278,7 +327,7 @@ fn dummy_hash() -> String {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| {
         let random = hex::encode(rand::random::<[u8; 16]>());
-        hash_password(&random).unwrap_or_default()
+        hash_password(&random, PasswordScheme::Argon2id).unwrap_or_default()
     })
     .clone()
 }
@@ -519,8 +568,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn new_passwords_are_hashed_in_the_configured_scheme_and_verify() {
+        for (scheme, prefix) in [
+            (PasswordScheme::Argon2id, "$argon2id$"),
+            (PasswordScheme::Sha512Crypt, "$6$"),
+        ] {
+            let hash = hash_password("secret", scheme).unwrap();
+            assert!(hash.starts_with(prefix), "{scheme:?}: {hash}");
+            let name = password_scheme_name(&hash);
+            assert_eq!(name.parse::<PasswordScheme>(), Ok(scheme));
+            assert!(verify_password(&hash, "secret"));
+            assert!(!verify_password(&hash, "Secret"));
+            // What a node stores, it would also accept as an import.
+            assert_eq!(check_password_hash(&hash).as_deref(), Ok(hash.as_str()));
+        }
+        assert_eq!(
+            "sha512-crypt".parse::<PasswordScheme>(),
+            Ok(PasswordScheme::Sha512Crypt)
+        );
+        let e = "bcrypt".parse::<PasswordScheme>().unwrap_err();
+        assert!(e.contains("argon2id") && e.contains("sha512-crypt"), "{e}");
+    }
+
+    #[test]
     fn argon2_and_sha_crypt_hashes_are_imported_and_others_refused() {
-        let made = hash_password("pw").unwrap();
+        let made = hash_password("pw", PasswordScheme::Argon2id).unwrap();
         assert_eq!(check_password_hash(&made).as_deref(), Ok(made.as_str()));
         let e = check_password_hash("$2y$10$abcdefghijklmnopqrstuuhLUiD7aNWB3Bk6Z1HVV0ZZEoTp7v5me")
             .unwrap_err();

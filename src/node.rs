@@ -30,6 +30,8 @@ pub struct NodeOptions {
     pub election_max_ms: u64,
     pub snapshot_logs: u64,
     pub write_timeout: Duration,
+    /// How passwords set through this node are hashed (`[auth] password_scheme`).
+    pub password_scheme: mail::PasswordScheme,
 }
 
 impl Default for NodeOptions {
@@ -42,6 +44,7 @@ impl Default for NodeOptions {
             election_max_ms: 1000,
             snapshot_logs: 5_000,
             write_timeout: Duration::from_secs(5),
+            password_scheme: mail::PasswordScheme::default(),
         }
     }
 }
@@ -51,6 +54,7 @@ pub struct Node {
     pub router: Router,
     ca: ClusterCa,
     join_secret: String,
+    password_scheme: mail::PasswordScheme,
 }
 
 impl std::fmt::Debug for Node {
@@ -122,6 +126,7 @@ impl Node {
             router: Router::new(host.clone()),
             ca,
             join_secret,
+            password_scheme: options.password_scheme,
         });
         host.set_service(Arc::new(Service(Arc::downgrade(&node))));
         Ok(node)
@@ -277,7 +282,7 @@ impl Node {
                 if password.is_empty() {
                     return Err("password must not be empty".into());
                 }
-                let hash = mail::hash_password(&password)?;
+                let hash = mail::hash_password(&password, self.password_scheme)?;
                 self.partition_write_command(&address, mail::account_command(&address, hash, quota))
                     .await
             }
@@ -296,7 +301,7 @@ impl Node {
             }
             ClientRequest::UserPasswd { address, password } => {
                 let address = normalize_address(&address);
-                let password_hash = mail::hash_password(&password)?;
+                let password_hash = mail::hash_password(&password, self.password_scheme)?;
                 let cmd = PartitionCommand::SetPassword {
                     address: address.clone(),
                     password_hash,

@@ -199,8 +199,10 @@ fn fetchmail_downloads_and_deletes_over_pop3s() {
 }
 
 #[test]
-fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
-    // Goal: `user add --password-hash` moves a user over with the hash another server stored
+fn imported_and_configured_password_hashes_log_in_and_other_hashes_are_refused() {
+    // Goal: `[auth] password_scheme` chooses how passwords set here are stored (SHA512-CRYPT
+    // here, `user list` names each account's scheme), and `user add --password-hash` moves a
+    // user over with the hash another server stored
     // — argon2 (here made by the library), and SHA512-CRYPT made by OpenSSL (`passwd -6`) in
     // Dovecot's `{SHA512-CRYPT}` form: the old password logs in over POP3S (curl), a wrong
     // one does not, and does not answer sooner for a cheap hash than for an unknown address;
@@ -212,9 +214,19 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
         PARTITIONS,
         5000,
         0,
-        "[auth]\ndelay_step_ms = 0\nfailures_per_ip_max = 100\nfailures_per_account_max = 100\n",
+        "[auth]\ndelay_step_ms = 0\nfailures_per_ip_max = 100\nfailures_per_account_max = 100\n\
+         password_scheme = \"sha512-crypt\"\n",
     );
-    let hash = mailgrid::mail::hash_password("moved-pw").unwrap();
+    // Passwords set here are stored in the configured scheme; imports keep theirs.
+    c.admin(&[
+        "user",
+        "add",
+        "fresh@example.test",
+        "--password",
+        "fresh-pw",
+    ]);
+    let hash = mailgrid::mail::hash_password("moved-pw", mailgrid::mail::PasswordScheme::Argon2id)
+        .unwrap();
     c.admin(&[
         "user",
         "add",
@@ -246,9 +258,19 @@ fn an_imported_password_hash_logs_in_and_other_hashes_are_refused() {
             .output()
             .expect("curl is installed by scripts/test")
     };
+    let users = c.admin(&["user", "list", "--domain", "example.test"]);
+    for (user, scheme) in [
+        ("fresh@example.test", "sha512-crypt"),
+        ("moved@example.test", "argon2id"),
+        ("shadow@example.test", "sha512-crypt"),
+    ] {
+        let line = users.lines().find(|l| l.starts_with(user)).unwrap_or("");
+        assert!(line.ends_with(&format!("\t{scheme}")), "{user}: {users}");
+    }
     for (user, password) in [
         ("moved@example.test", "moved-pw"),
         ("shadow@example.test", "shadow-pw"),
+        ("fresh@example.test", "fresh-pw"),
     ] {
         let ok = list(user, password);
         assert!(

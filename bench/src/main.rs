@@ -109,8 +109,9 @@ enum Cmd {
         #[arg(long, default_value_t = 50.0)]
         login_rate: f64,
         /// The stored hash of every account's password, which must be `bench` (default: an
-        /// argon2id hash of it, as `user add` makes). `$(openssl passwd -6 bench)` times
-        /// accounts imported with SHA512-CRYPT hashes, as moved over from Dovecot.
+        /// argon2id hash of it, as `user add` makes by default). `$(bench hash bench --scheme
+        /// sha512-crypt)` times accounts made with `[auth] password_scheme = "sha512-crypt"`,
+        /// and `$(openssl passwd -6 bench)` ones imported from Dovecot with SHA512-CRYPT.
         #[arg(long)]
         password_hash: Option<String>,
         #[arg(long)]
@@ -169,8 +170,14 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
-    /// Prints an argon2id hash (PHC string) of PASSWORD with mailgrid's parameters.
-    Hash { password: String },
+    /// Prints a hash of PASSWORD as a node with `[auth] password_scheme = SCHEME` stores it
+    /// (for `--password-hash`).
+    Hash {
+        password: String,
+        /// argon2id or sha512-crypt.
+        #[arg(long, default_value = "argon2id")]
+        scheme: String,
+    },
     /// A SPECmail2001-style mix (SMTP arrivals and POP3 checks per user per busy hour,
     /// Poisson arrivals) at rising user counts; reports the largest count that meets the
     /// quality-of-service rules (95% of every step within 5 s, 95% of messages in the
@@ -707,7 +714,10 @@ async fn main() -> anyhow::Result<()> {
             }
             let hash = match password_hash {
                 Some(h) => mailgrid::mail::check_password_hash(&h).map_err(anyhow::Error::msg)?,
-                None => mailgrid::mail::hash_password("bench").map_err(anyhow::Error::msg)?,
+                None => {
+                    mailgrid::mail::hash_password("bench", mailgrid::mail::PasswordScheme::Argon2id)
+                        .map_err(anyhow::Error::msg)?
+                }
             };
             let scheme = hash.split('$').nth(1).unwrap_or_default().to_string();
             let bin = mailgrid_binary(mailgrid)?;
@@ -937,10 +947,11 @@ async fn main() -> anyhow::Result<()> {
             drop(cluster);
             write_results(&out, "mailbox", &results)
         }
-        Cmd::Hash { password } => {
+        Cmd::Hash { password, scheme } => {
+            let scheme = scheme.parse().map_err(anyhow::Error::msg)?;
             println!(
                 "{}",
-                mailgrid::mail::hash_password(&password).map_err(anyhow::Error::msg)?
+                mailgrid::mail::hash_password(&password, scheme).map_err(anyhow::Error::msg)?
             );
             Ok(())
         }
@@ -978,9 +989,11 @@ async fn main() -> anyhow::Result<()> {
                     }
                     let hash = match password_hash {
                         Some(h) => h,
-                        None => {
-                            mailgrid::mail::hash_password("bench").map_err(anyhow::Error::msg)?
-                        }
+                        None => mailgrid::mail::hash_password(
+                            "bench",
+                            mailgrid::mail::PasswordScheme::Argon2id,
+                        )
+                        .map_err(anyhow::Error::msg)?,
                     };
                     eprintln!("provisioning {} accounts", most + probes);
                     let rate = scale::provision(&clients, most + probes, &hash, 32).await?;
