@@ -9,6 +9,8 @@
 # Each round starts a fresh cluster of every size in turn, so the sizes alternate and slow
 # spells of a shared machine fall on all of them; the table gives each size's median over the
 # rounds (and the spread), idle CPU from the first round. MAILGRID=path measures that binary.
+# DIRECT=1 sends each message to its recipient's partition leader (bench smtp --direct), so no
+# node forwards: compared with a default run, it tells forwarding's share of the work.
 # Results (bench smtp's JSON per run, and SVG plots by bench/plot.py) go to
 # bench/results/scaling-<unix time>/.
 # On a machine with fewer cores than nodes the nodes share cores, so msgs/s does not grow
@@ -26,6 +28,7 @@ mkdir -p "$out"
 cargo build --release -q -p mailgrid -p bench
 binary=()
 if [ -n "${MAILGRID:-}" ]; then binary=(--mailgrid "$MAILGRID"); fi
+if [ -n "${DIRECT:-}" ]; then binary+=(--direct); fi
 for round in $(seq 1 "$rounds"); do
     idle=0
     if [ "$round" = 1 ]; then idle=20; fi

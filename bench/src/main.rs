@@ -82,6 +82,11 @@ enum Cmd {
         /// After the runs, measure each node's idle CPU over this many seconds (own cluster).
         #[arg(long, default_value_t = 0)]
         idle_seconds: u64,
+        /// Send each message to the node leading its recipient's partition (as it led when
+        /// the run began), so no node forwards it to another: the cost of forwarding,
+        /// measured apart. Own cluster only.
+        #[arg(long, conflicts_with = "target")]
+        direct: bool,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -439,6 +444,24 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
 }
 
+/// fdatasyncs and cluster calls served, summed over every node of the cluster.
+async fn cluster_counters(cluster: &DevCluster) -> anyhow::Result<(u64, u64)> {
+    let (mut syncs, mut calls) = (0, 0);
+    for n in &cluster.nodes {
+        match Client::open(&n.2, None)?
+            .request(ClientRequest::NodeStats)
+            .await?
+        {
+            ClientReply::NodeStats(s) => {
+                syncs += s.syncs;
+                calls += s.calls_served;
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    Ok((syncs, calls))
+}
+
 async fn stats(client: &Client) -> anyhow::Result<u64> {
     match client.request(ClientRequest::NodeStats).await? {
         ClientReply::NodeStats(s) => Ok(s.calls_served),
@@ -464,6 +487,41 @@ async fn idle(
             .push(serde_json::json!({ "node": n.0, "rpcs_per_sec": rpcs, "cpu_percent": cpu[i] }));
     }
     Ok(serde_json::json!({ "seconds": seconds, "nodes": per_node }))
+}
+
+/// For each user, the index in `servers` (SMTP listeners, in node order) of the node that
+/// leads the user's partition now.
+async fn leader_route(
+    client: &Client,
+    users: &[String],
+    partitions: u32,
+    servers: &[String],
+) -> anyhow::Result<Vec<usize>> {
+    let ClientReply::Status(s) = client.request(ClientRequest::Status).await? else {
+        bail!("unexpected answer to status");
+    };
+    users
+        .iter()
+        .map(|u| {
+            let group = group_of(u, partitions);
+            let leader = s
+                .partitions
+                .iter()
+                .find(|p| p.group == group)
+                .and_then(|p| p.leader)
+                .with_context(|| format!("group {group} has no leader"))?;
+            let smtp = s
+                .nodes
+                .iter()
+                .find(|n| n.id == leader)
+                .and_then(|n| n.listeners.get("smtp"))
+                .with_context(|| format!("node {leader} has no SMTP listener"))?;
+            servers
+                .iter()
+                .position(|a| a == smtp)
+                .with_context(|| format!("node {leader}'s SMTP listener {smtp} is not a target"))
+        })
+        .collect()
 }
 
 /// Group of a user, per the router's pinned hash.
@@ -622,6 +680,7 @@ async fn main() -> anyhow::Result<()> {
             users,
             user_format,
             idle_seconds,
+            direct,
             mailgrid,
             out,
         } => {
@@ -629,6 +688,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(|i| user_format.replace("{}", &i.to_string()))
                 .collect();
             let mut cluster = None;
+            let mut route = None;
             let servers: Vec<String> = match target {
                 Some(t) => t.split(',').map(|s| s.trim().to_string()).collect(),
                 None => {
@@ -636,12 +696,15 @@ async fn main() -> anyhow::Result<()> {
                     let c = start_cluster(&bin, nodes, partitions).await?;
                     let client = Client::open(&c.nodes[0].2, None)?;
                     add_users(&client, &users).await?;
-                    let servers = c.info["nodes"]
+                    let servers: Vec<String> = c.info["nodes"]
                         .as_array()
                         .context("nodes")?
                         .iter()
                         .filter_map(|n| n["listeners"]["smtp"].as_str().map(str::to_string))
                         .collect();
+                    if direct {
+                        route = Some(leader_route(&client, &users, partitions, &servers).await?);
+                    }
                     cluster = Some(c);
                     servers
                 }
@@ -657,13 +720,26 @@ async fn main() -> anyhow::Result<()> {
                         size,
                         concurrency: c,
                         run: format!("{stamp}-{size}-{c}"),
+                        route: route.clone(),
                     };
                     let pids: Vec<u32> = cluster
                         .as_ref()
                         .map(|c| c.nodes.iter().map(|n| n.1).collect())
                         .unwrap_or_default();
+                    let counters_before = match &cluster {
+                        Some(c) => Some(cluster_counters(c).await?),
+                        None => None,
+                    };
                     let cpu_before = total_cpu_ticks(&pids);
                     let mut r = smtp_load::run(load).await?;
+                    if let (Some(c), Some((syncs, calls))) = (&cluster, counters_before) {
+                        // What the nodes did per message besides CPU: group commits (each one
+                        // fdatasync covering whatever was ready) and calls between nodes.
+                        let (syncs_after, calls_after) = cluster_counters(c).await?;
+                        let per = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / messages as f64;
+                        r["syncs_per_msg"] = per(syncs_after, syncs).into();
+                        r["cluster_calls_per_msg"] = per(calls_after, calls).into();
+                    }
                     let cpu_note = match (cpu_before, total_cpu_ticks(&pids)) {
                         (Some(a), Some(b)) if !pids.is_empty() => {
                             // CPU of every node process together, per stored message.
@@ -687,8 +763,22 @@ async fn main() -> anyhow::Result<()> {
             let mut results = serde_json::json!({
                 "target": if cluster.is_some() { format!("mailgrid {nodes} nodes, {partitions} partitions") } else { servers.join(",") },
                 "servers": servers,
+                "direct": direct,
                 "runs": runs,
             });
+            if let (Some(c), Some(route)) = (&cluster, &route) {
+                // Leaders may have moved during the runs; what share of users no longer
+                // went straight to theirs tells how direct the runs stayed.
+                let client = Client::open(&c.nodes[0].2, None)?;
+                let now = leader_route(&client, &users, partitions, &servers).await?;
+                let moved = now.iter().zip(route).filter(|(a, b)| a != b).count();
+                let share = moved as f64 / users.len().max(1) as f64;
+                eprintln!(
+                    "direct: {:.1}% of users' leaders moved during the runs",
+                    share * 100.0
+                );
+                results["direct_moved_share"] = share.into();
+            }
             if let (Some(c), true) = (&cluster, idle_seconds > 0) {
                 let idle = idle_cpu(c, idle_seconds).await;
                 eprintln!("idle CPU per node over {idle_seconds} s: {idle:?} %");
@@ -908,6 +998,7 @@ async fn main() -> anyhow::Result<()> {
                 size,
                 concurrency: 32,
                 run: format!("preload-{}", std::process::id()),
+                route: None,
             };
             smtp_load::run(preload).await?;
             // A peer may answer 250 before the message is in the mailbox: wait until it is.

@@ -19,6 +19,9 @@ pub struct Load {
     pub concurrency: usize,
     /// Distinguishes runs so no message repeats an earlier one (which would be deduplicated).
     pub run: String,
+    /// Per user (same index), the server to send its mail to; `None`: each sender keeps one
+    /// connection to one server, round robin, as DNS would spread clients.
+    pub route: Option<Vec<usize>>,
 }
 
 pub(crate) struct Conn {
@@ -148,21 +151,32 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
         let load = load.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
-            let server = &load.servers[w % load.servers.len()];
-            let mut conn = Conn::open(server).await?;
+            // This sender's connections, by server, opened when first needed.
+            let mut conns: Vec<Option<Conn>> = load.servers.iter().map(|_| None).collect();
             let mut latencies = Vec::new();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= load.messages {
-                    let _ = conn.writer.write_all(b"QUIT\r\n").await;
+                    for conn in conns.iter_mut().flatten() {
+                        let _ = conn.writer.write_all(b"QUIT\r\n").await;
+                    }
                     return Ok::<_, anyhow::Error>(latencies);
                 }
                 let body = message(&load.run, i, load.size);
-                let to = &load.users[i % load.users.len()];
+                let user = i % load.users.len();
+                let to = &load.users[user];
+                let server = match &load.route {
+                    Some(route) => route[user],
+                    None => w % load.servers.len(),
+                };
+                let conn = match &mut conns[server] {
+                    Some(conn) => conn,
+                    empty => empty.insert(Conn::open(&load.servers[server]).await?),
+                };
                 let t = Instant::now();
                 conn.send(to, &body)
                     .await
-                    .with_context(|| format!("message {i} via {server}"))?;
+                    .with_context(|| format!("message {i} via {}", load.servers[server]))?;
                 latencies.push(t.elapsed());
             }
         }));
