@@ -79,7 +79,12 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         let failed = std::thread::panicking();
         if failed && self.nodes.iter().any(|n| n.child.is_some()) {
-            let out = run(&["status", "--data", self.any(), "--json"], None);
+            // Bounded: a wedged cluster must not turn a failure into a hang.
+            let out = Command::new("timeout")
+                .args(["30", BIN, "status", "--data", self.any(), "--json"])
+                .stdin(Stdio::null())
+                .output()
+                .expect("spawn timeout (coreutils)");
             eprintln!(
                 "---- cluster status at failure ----\n{}{}",
                 String::from_utf8_lossy(&out.stdout),
