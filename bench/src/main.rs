@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use mailgrid::api::{ClientReply, ClientRequest};
+use mailgrid::api::{ClientReply, ClientRequest, NodeStats};
 use mailgrid::client::Client;
 use storage::partition::Quota;
 
@@ -448,23 +448,16 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
 async fn cluster_counters(cluster: &DevCluster) -> anyhow::Result<(u64, u64)> {
     let (mut syncs, mut calls) = (0, 0);
     for n in &cluster.nodes {
-        match Client::open(&n.2, None)?
-            .request(ClientRequest::NodeStats)
-            .await?
-        {
-            ClientReply::NodeStats(s) => {
-                syncs += s.syncs;
-                calls += s.calls_served;
-            }
-            other => bail!("unexpected {other:?}"),
-        }
+        let s = stats(&Client::open(&n.2, None)?).await?;
+        syncs += s.syncs;
+        calls += s.calls_served;
     }
     Ok((syncs, calls))
 }
 
-async fn stats(client: &Client) -> anyhow::Result<u64> {
+async fn stats(client: &Client) -> anyhow::Result<NodeStats> {
     match client.request(ClientRequest::NodeStats).await? {
-        ClientReply::NodeStats(s) => Ok(s.calls_served),
+        ClientReply::NodeStats(s) => Ok(s),
         other => bail!("unexpected {other:?}"),
     }
 }
@@ -474,15 +467,16 @@ async fn idle(
     clients: &[Arc<Client>],
     seconds: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let before_calls: Vec<u64> =
-        futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
+    let before = futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
     let cpu = idle_cpu(cluster, seconds).await;
-    let after_calls: Vec<u64> =
-        futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
+    let after = futures::future::try_join_all(clients.iter().map(|c| stats(c))).await?;
     let mut per_node = Vec::new();
     for (i, n) in cluster.nodes.iter().enumerate() {
         // Two of the calls counted are our own stats requests.
-        let rpcs = after_calls[i].saturating_sub(before_calls[i] + 1) as f64 / seconds as f64;
+        let calls = after[i]
+            .calls_served
+            .saturating_sub(before[i].calls_served + 1);
+        let rpcs = calls as f64 / seconds as f64;
         per_node
             .push(serde_json::json!({ "node": n.0, "rpcs_per_sec": rpcs, "cpu_percent": cpu[i] }));
     }
