@@ -57,10 +57,18 @@ fn nix_kill(pid: i32, sig: i32) -> std::io::Result<()> {
     }
 }
 
-/// A UDP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(socket.local_addr()?.port())
+/// A UDP port on 127.0.0.1 that was free a moment ago and is not in `taken` (recorded
+/// there). The system may hand out the same free port twice in a row, and a node spawned
+/// a moment ago may not have bound its port yet: two nodes were once given one address.
+fn free_port(taken: &mut std::collections::HashSet<u16>) -> anyhow::Result<u16> {
+    for _ in 0..1000 {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("finding a free port")?;
+        let port = socket.local_addr()?.port();
+        if taken.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free UDP port on 127.0.0.1 that is not already given to a node")
 }
 
 fn run_step(exe: &Path, args: &[&str]) -> anyhow::Result<String> {
@@ -146,18 +154,22 @@ pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow:
     let replicas = nodes.min(3);
     let mut children = Children(Vec::new());
     let mut token = String::new();
+    let mut taken = std::collections::HashSet::new();
     for id in 1..=nodes as u64 {
         let data = dir.join(format!("node{id}"));
         let data_s = data.to_string_lossy().to_string();
         // A directory from an earlier run is started again as it is.
         if let Ok(existing) = crate::datadir::NodeFile::load(&data) {
+            if let Some((_, port)) = existing.cluster_addr.rsplit_once(':') {
+                taken.extend(port.parse::<u16>().ok());
+            }
             let child = spawn_serve(&exe, &data, &dir.join(format!("node{id}.log")))?;
             children
                 .0
                 .push((id, data.clone(), existing.cluster_addr, child));
             continue;
         }
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = format!("127.0.0.1:{}", free_port(&mut taken)?);
         if id == 1 {
             let out = run_step(
                 &exe,

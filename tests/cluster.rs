@@ -363,11 +363,7 @@ fn a_peer_with_a_certificate_from_another_ca_is_refused() {
     let c = Cluster::start(1, PARTITIONS, 5000, 0);
     let other = tempfile::tempdir().unwrap();
     let other_dir = other.path().join("n");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     ok(
         &[
             "init",
@@ -443,11 +439,7 @@ fn bad_data_and_config_fail_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a mailgrid data directory"));
 
     let node = dir.path().join("n");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     ok(
         &[
             "init",
