@@ -11,6 +11,9 @@
 # rounds (and the spread), idle CPU from the first round. MAILGRID=path measures that binary.
 # DIRECT=1 sends each message to its recipient's partition leader (bench smtp --direct), so no
 # node forwards: compared with a default run, it tells forwarding's share of the work.
+# RATE=R offers R msgs/s (bench smtp --rate) instead of as many as the senders can push: below
+# saturation the nodes do not fight over the cores, so CPU per message is the work a message
+# costs (every size then makes one fsync per replica write, with nothing to batch).
 # Results (bench smtp's JSON per run, and SVG plots by bench/plot.py) go to
 # bench/results/scaling-<unix time>/.
 # On a machine with fewer cores than nodes the nodes share cores, so msgs/s does not grow
@@ -29,6 +32,7 @@ cargo build --release -q -p mailgrid -p bench
 binary=()
 if [ -n "${MAILGRID:-}" ]; then binary=(--mailgrid "$MAILGRID"); fi
 if [ -n "${DIRECT:-}" ]; then binary+=(--direct); fi
+if [ -n "${RATE:-}" ]; then binary+=(--rate "$RATE"); fi
 for round in $(seq 1 "$rounds"); do
     idle=0
     if [ "$round" = 1 ]; then idle=20; fi

@@ -22,6 +22,10 @@ pub struct Load {
     /// Per user (same index), the server to send its mail to; `None`: each sender keeps one
     /// connection to one server, round robin, as DNS would spread clients.
     pub route: Option<Vec<usize>>,
+    /// Open-loop arrivals: message `i` is due `i / rate` seconds after the start, and its
+    /// latency counts from then (so a server falling behind shows as latency, not as a
+    /// slower sender). `None`: each sender sends its next message as soon as one is done.
+    pub rate: Option<f64>,
 }
 
 pub(crate) struct Conn {
@@ -173,7 +177,14 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
                     Some(conn) => conn,
                     empty => empty.insert(Conn::open(&load.servers[server]).await?),
                 };
-                let t = Instant::now();
+                let t = match load.rate {
+                    Some(rate) => {
+                        let due = started + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 conn.send(to, &body)
                     .await
                     .with_context(|| format!("message {i} via {}", load.servers[server]))?;
@@ -212,4 +223,65 @@ pub fn summary(
         "p99_ms": percentile(&latencies, 0.99),
         "max_ms": percentile(&latencies, 1.0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepts every message: enough SMTP for `Conn` (greeting, EHLO, pipelined envelope,
+    /// data, QUIT) and nothing else.
+    async fn accepting_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    w.write_all(b"220 test\r\n").await.unwrap();
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply: &[u8] = match (in_data, line.as_str()) {
+                            (true, ".") => {
+                                in_data = false;
+                                b"250 queued\r\n"
+                            }
+                            (true, _) => continue,
+                            (false, "DATA") => {
+                                in_data = true;
+                                b"354 go on\r\n"
+                            }
+                            (false, "QUIT") => return,
+                            (false, _) => b"250 ok\r\n",
+                        };
+                        if w.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_rate_spaces_the_messages_and_every_one_is_counted() {
+        // Goal: `--rate R` releases message i no earlier than i/R seconds after the start,
+        // so 11 messages at 50/s take at least 200 ms (unpaced, they take a few ms here).
+        let load = Load {
+            servers: vec![accepting_server().await],
+            users: vec!["a@example.test".into(), "b@example.test".into()],
+            messages: 11,
+            size: 512,
+            concurrency: 4,
+            run: "rate-test".into(),
+            route: None,
+            rate: Some(50.0),
+        };
+        let started = Instant::now();
+        let summary = run(load).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert_eq!(summary["messages"], 11);
+    }
 }
