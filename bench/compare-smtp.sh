@@ -10,12 +10,24 @@
 # the messages are stored in Dovecot's maildirs (counted until all have arrived) — the
 # figure comparable to mailgrid's 250, which comes only once the message is stored on 2 of
 # 3 replicas with fdatasync.
+#
+# SIZE=spec draws each message's size from SPECmail2001's distribution instead of 4 KiB;
+# TLS=1 sends with STARTTLS (Postfix offers it with the peer's self-signed certificate);
+# REPLICAS=1 gives mailgrid replication factor 1 (each message fsynced on one node).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 messages="${1:-4000}"
 senders="${2:-32}"
 peer="$(mktemp -d /tmp/mailgrid-peer.XXXXXX)"
 trap 'bench/peer.sh stop "$peer" >/dev/null 2>&1 || true; rm -rf "$peer"' EXIT
+
+size="${SIZE:-4096}"
+replicas="${REPLICAS:-3}"
+extra=()
+if [ -n "${TLS:-}" ]; then extra+=(--tls); fi
+label="$size-byte messages"
+if [ "$size" = spec ]; then label="SPECmail2001-sized messages"; fi
+if [ -n "${TLS:-}" ]; then label="$label, STARTTLS"; fi
 
 cargo build --release -q -p mailgrid -p bench
 bench/peer.sh start "$peer" >/dev/null
@@ -25,17 +37,17 @@ rate() { awk '/senders:/ { for (i = 1; i <= NF; i++) if ($i == "msgs/s,") print 
 
 start=$(date +%s.%N)
 peer_accept=$(target/release/bench smtp --target 127.0.0.1:"${PEER_SMTP_PORT:-2525}" \
-    --messages "$messages" --sizes 4096 --concurrency "$senders" 2>&1 | rate)
+    --messages "$messages" --sizes "$size" --concurrency "$senders" "${extra[@]}" 2>&1 | rate)
 while [ "$(stored)" -lt "$messages" ]; do sleep 0.2; done
 peer_store=$(echo "scale=0; $messages / ($(date +%s.%N) - $start)" | bc)
 
-mailgrid=$(target/release/bench smtp --nodes 3 --partitions 64 \
-    --messages "$messages" --sizes 4096 --concurrency "$senders" 2>&1 | rate)
+mailgrid=$(target/release/bench --replicas "$replicas" smtp --nodes 3 --partitions 64 \
+    --messages "$messages" --sizes "$size" --concurrency "$senders" "${extra[@]}" 2>&1 | rate)
 
-printf '%-52s %10s\n' "4 KiB messages, $senders senders" "msgs/s"
+printf '%-52s %10s\n' "$label, $senders senders" "msgs/s"
 printf '%-52s %10s\n' "Postfix 250 (queue file fsynced)" "$peer_accept"
 printf '%-52s %10s\n' "Postfix -> LMTP -> Dovecot, stored in maildirs" "$peer_store"
-printf '%-52s %10s\n' "mailgrid 3 nodes, RF 3 (250 = fsynced on 2 of 3)" "$mailgrid"
+printf '%-52s %10s\n' "mailgrid 3 nodes, RF $replicas (250 = fsynced on a majority)" "$mailgrid"
 printf '%-52s %10s\n' "ratio mailgrid / Postfix->Dovecot stored" \
     "$(echo "scale=2; $mailgrid / $peer_store" | bc)"
 printf '%-52s %10s\n' "ratio mailgrid / Postfix 250" \

@@ -12,7 +12,8 @@
 #
 # Every address in example.test is accepted, and every user logs in with any password (the
 # loads use "bench"; PEER_PASSWORD_HASH makes Dovecot verify an argon2 hash, see below); TLS
-# with a self-signed certificate made here. Durability as shipped: Postfix
+# (IMAPS, POP3S, and STARTTLS on Postfix's SMTP for `bench smtp --tls`) with a self-signed
+# certificate made here. Durability as shipped: Postfix
 # fsyncs its queue file before 250; Dovecot's LMTP fsyncs the delivered file (mail_fsync =
 # optimized, the default) before Postfix removes the queue file.
 set -euo pipefail
@@ -147,6 +148,9 @@ virtual_mailbox_domains = example.test
 virtual_mailbox_maps = static:ok
 virtual_transport = lmtp:unix:$dir/dovecot/run/lmtp
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = $dir/dovecot/cert.pem
+smtpd_tls_key_file = $dir/dovecot/key.pem
 maillog_file = $dir/postfix/maillog
 maillog_file_prefixes = $dir
 EOF
@@ -170,6 +174,7 @@ services=(
     "scache unix - - n - 1 scache"
     "postlog unix-dgram n - n - 1 postlogd"
     "flush unix n - n 1000? 0 flush"
+    "tlsmgr unix - - n 1000? 1 tlsmgr"
 )
 printf '%s\n' "${services[@]}" | sed "1s/^/127.0.0.1:/" > "$dir/postfix/etc/master.cf"
 postfix -c "$dir/postfix/etc" start </dev/null >"$dir/postfix/start.log" 2>&1 ||

@@ -87,6 +87,10 @@ enum Cmd {
         json: bool,
         #[arg(long, default_value_t = 16)]
         partitions: u32,
+        /// Replicas of each partition (voters of its raft group): 1 to --nodes. Default 3, or
+        /// the node count when that is smaller.
+        #[arg(long)]
+        replicas: Option<u32>,
     },
     /// Administer domains, users, aliases and quotas through any node.
     Admin {
@@ -395,7 +399,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             dir,
             json,
             partitions,
-        } => crate::dev::run(nodes, &dir, json, partitions).await,
+            replicas,
+        } => crate::dev::run(nodes, &dir, json, partitions, replicas).await,
         Cmd::Admin { target, command } => admin(&target, command).await,
         Cmd::Deliver {
             target,

@@ -144,14 +144,23 @@ async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<ClusterSta
     }
 }
 
-pub async fn run(nodes: u32, dir: &Path, json: bool, partitions: u32) -> anyhow::Result<()> {
+pub async fn run(
+    nodes: u32,
+    dir: &Path,
+    json: bool,
+    partitions: u32,
+    replicas: Option<u32>,
+) -> anyhow::Result<()> {
     if !(1..=9).contains(&nodes) {
         bail!("--nodes must be between 1 and 9");
+    }
+    let replicas = replicas.unwrap_or(nodes.min(3));
+    if !(1..=nodes).contains(&replicas) {
+        bail!("--replicas must be between 1 and --nodes ({nodes})");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let exe = std::env::current_exe().context("locating the mailgrid binary")?;
-    let replicas = nodes.min(3);
     let mut children = Children(Vec::new());
     let mut token = String::new();
     let mut taken = std::collections::HashSet::new();

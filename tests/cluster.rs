@@ -575,3 +575,72 @@ fn dev_cluster_starts_serves_the_demo_users_and_stops_its_children() {
     signal(dev.id() as i32, "TERM");
     assert!(dev.wait().unwrap().success());
 }
+
+#[test]
+fn dev_cluster_takes_a_replication_factor() {
+    // Goal: `mailgrid dev --replicas` (what bench uses for replication factor 1) places each
+    // partition on that many nodes and still serves mail; a factor above the node count is
+    // refused, naming the option.
+    let _g = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let dir_s = path(dir.path());
+    let out = run(
+        &["dev", "--nodes", "2", "--replicas", "3", "--dir", dir_s],
+        None,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--replicas must be between 1 and --nodes (2)"),
+        "{err}"
+    );
+
+    let mut dev = std::process::Command::new(BIN)
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--partitions",
+            "4",
+            "--replicas",
+            "1",
+        ])
+        .args(["--json", "--dir", dir_s])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(dev.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let info: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let node1 = info["nodes"][0]["data"].as_str().unwrap().to_string();
+    let partitions = eventually(Duration::from_secs(60), "4 partitions of one voter", || {
+        let out = run(&["status", "--data", &node1, "--json"], None);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let parts: Vec<serde_json::Value> = s["groups"]
+            .as_array()?
+            .iter()
+            .filter(|g| !g["partition"].is_null())
+            .cloned()
+            .collect();
+        let one_voter = parts
+            .iter()
+            .all(|g| g["healthy"] == true && g["voters"].as_array().map(Vec::len) == Some(1));
+        (parts.len() == 4 && one_voter).then_some(parts)
+    });
+    assert_eq!(partitions.len(), 4);
+    let user = info["users"][0]["address"].as_str().unwrap().to_string();
+    let node3 = info["nodes"][2]["data"].as_str().unwrap().to_string();
+    ok(
+        &["deliver", "--data", &node3, "--to", &user],
+        Some(b"Subject: rf1\r\n\r\none copy\r\n"),
+    );
+    assert!(ok(&["admin", "--data", &node1, "fetch", &user], None).contains("one copy"));
+    signal(dev.id() as i32, "TERM");
+    assert!(dev.wait().unwrap().success());
+}

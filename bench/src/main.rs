@@ -26,8 +26,28 @@ use storage::partition::Quota;
 
 #[derive(Parser, Debug)]
 struct Cli {
+    /// Replicas of each partition in the clusters bench starts (1 to --nodes). Default 3, or
+    /// the node count when that is smaller.
+    #[arg(long, global = true)]
+    replicas: Option<u32>,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `--replicas` of this run: every cluster a command starts has the same shape.
+static REPLICAS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+
+/// The replication factor a cluster of `nodes` gets (what `mailgrid dev` picks by default).
+fn replicas(nodes: u32) -> u32 {
+    REPLICAS.get().copied().flatten().unwrap_or(nodes.min(3))
+}
+
+/// How results name a cluster bench started.
+fn cluster_label(nodes: u32, partitions: u32) -> String {
+    format!(
+        "mailgrid {nodes} nodes, {partitions} partitions, replication factor {}",
+        replicas(nodes)
+    )
 }
 
 #[derive(Subcommand, Debug)]
@@ -64,7 +84,9 @@ enum Cmd {
         /// Messages per (size, concurrency) run.
         #[arg(long, default_value_t = 2000)]
         messages: usize,
-        /// Comma-separated message sizes in bytes.
+        /// Comma-separated message sizes in bytes, one run each; `spec` is a run whose
+        /// messages draw their sizes from SPECmail2001's distribution (most a few KiB, a tail
+        /// to 1 MiB).
         #[arg(long, default_value = "4096,102400")]
         sizes: String,
         /// Comma-separated numbers of concurrent senders.
@@ -93,6 +115,9 @@ enum Cmd {
         /// with other node processes adds to it. Latency counts from each message's due time.
         #[arg(long)]
         rate: Option<f64>,
+        /// STARTTLS on every connection (the server's certificate is not verified).
+        #[arg(long)]
+        tls: bool,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -327,6 +352,8 @@ fn spawn_cluster(bin: &Path, nodes: u32, partitions: u32) -> anyhow::Result<DevC
             &nodes.to_string(),
             "--partitions",
             &partitions.to_string(),
+            "--replicas",
+            &replicas(nodes).to_string(),
             "--json",
             "--dir",
         ])
@@ -644,7 +671,9 @@ fn write_results(out: &Path, name: &str, results: &serde_json::Value) -> anyhow:
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    REPLICAS.get_or_init(|| cli.replicas);
+    match cli.command {
         Cmd::Core {
             nodes,
             partitions,
@@ -682,6 +711,7 @@ async fn main() -> anyhow::Result<()> {
             idle_seconds,
             direct,
             rate,
+            tls,
             mailgrid,
             out,
         } => {
@@ -715,7 +745,11 @@ async fn main() -> anyhow::Result<()> {
             };
             let mut runs = Vec::new();
             let stamp = std::process::id();
-            for size in numbers(&sizes, "--sizes")? {
+            let sizes = sizes
+                .split(',')
+                .map(smtp_load::Size::parse)
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for size in sizes {
                 for c in numbers(&concurrency, "--concurrency")? {
                     let load = smtp_load::Load {
                         servers: servers.clone(),
@@ -723,9 +757,10 @@ async fn main() -> anyhow::Result<()> {
                         messages,
                         size,
                         concurrency: c,
-                        run: format!("{stamp}-{size}-{c}"),
+                        run: format!("{stamp}-{}-{c}", size.tag()),
                         route: route.clone(),
                         rate,
+                        tls,
                     };
                     let pids: Vec<u32> = cluster
                         .as_ref()
@@ -758,7 +793,7 @@ async fn main() -> anyhow::Result<()> {
                     };
                     let offered = rate.map(|r| format!(" ({r} offered)")).unwrap_or_default();
                     eprintln!(
-                        "smtp {size} B x{messages}, {c} senders: {:.0} msgs/s{offered}, p50 {:.2} ms, p99 {:.2} ms{cpu_note}",
+                        "smtp {size} x{messages}, {c} senders: {:.0} msgs/s{offered}, p50 {:.2} ms, p99 {:.2} ms{cpu_note}",
                         r["msgs_per_sec"].as_f64().unwrap_or(0.0),
                         r["p50_ms"].as_f64().unwrap_or(0.0),
                         r["p99_ms"].as_f64().unwrap_or(0.0)
@@ -767,7 +802,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
             let mut results = serde_json::json!({
-                "target": if cluster.is_some() { format!("mailgrid {nodes} nodes, {partitions} partitions") } else { servers.join(",") },
+                "target": if cluster.is_some() { cluster_label(nodes, partitions) } else { servers.join(",") },
                 "servers": servers,
                 "direct": direct,
                 "rate": rate,
@@ -882,6 +917,7 @@ async fn main() -> anyhow::Result<()> {
             let results = serde_json::json!({
                 "nodes": nodes,
                 "partitions": partitions,
+                "replicas": replicas(nodes),
                 "users": users,
                 "password_scheme": scheme,
                 "provision_per_sec": rate,
@@ -951,6 +987,7 @@ async fn main() -> anyhow::Result<()> {
             let results = serde_json::json!({
                 "nodes": nodes,
                 "partitions": partitions,
+                "replicas": replicas(nodes),
                 "senders": senders,
                 "size": size,
                 "killed_node": victim.0,
@@ -1002,11 +1039,12 @@ async fn main() -> anyhow::Result<()> {
                 servers: listeners("smtp"),
                 users: users.clone(),
                 messages: per_user * users.len(),
-                size,
+                size: smtp_load::Size::Fixed(size),
                 concurrency: 32,
                 run: format!("preload-{}", std::process::id()),
                 route: None,
                 rate: None,
+                tls: false,
             };
             smtp_load::run(preload).await?;
             // A peer may answer 250 before the message is in the mailbox: wait until it is.
@@ -1038,7 +1076,7 @@ async fn main() -> anyhow::Result<()> {
                 pop3_runs.push(r);
             }
             let results = serde_json::json!({
-                "target": target.clone().unwrap_or_else(|| format!("mailgrid {nodes} nodes, {partitions} partitions")),
+                "target": target.clone().unwrap_or_else(|| cluster_label(nodes, partitions)),
                 "message_size": size,
                 "imap": imap_runs,
                 "pop3": pop3_runs,
@@ -1249,6 +1287,9 @@ async fn core(
     failovers: usize,
     out: &Path,
 ) -> anyhow::Result<()> {
+    if failovers > 0 && replicas(nodes) < 3 {
+        bail!("--failovers needs 3 or more replicas: with fewer, a killed leader leaves no majority to elect another");
+    }
     let bin = bin.to_path_buf();
     let mut cluster = start_cluster(&bin, nodes, partitions).await?;
     eprintln!("cluster of {nodes} nodes up in {}", cluster.dir.display());
@@ -1284,5 +1325,6 @@ async fn core(
     results.insert("failover_seconds".into(), times.into());
     results.insert("nodes".into(), nodes.into());
     results.insert("partitions".into(), partitions.into());
+    results.insert("replicas".into(), replicas(nodes).into());
     write_results(out, "core", &serde_json::Value::Object(results))
 }

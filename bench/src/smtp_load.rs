@@ -8,14 +8,71 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf,
+};
 use tokio::net::TcpStream;
+
+/// How big the messages of a run are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    /// Every message this many bytes.
+    Fixed(usize),
+    /// Each message's size drawn from SPECmail2001's distribution (`spec::SIZES`), the same
+    /// for message `i` in every run.
+    Spec,
+}
+
+impl Size {
+    /// One item of `--sizes`: a number of bytes or `spec`.
+    pub fn parse(item: &str) -> anyhow::Result<Size> {
+        match item.trim() {
+            "spec" => Ok(Size::Spec),
+            n => n
+                .parse()
+                .map(Size::Fixed)
+                .with_context(|| format!("--sizes: {n:?} is neither a number of bytes nor spec")),
+        }
+    }
+
+    pub fn of(self, i: usize) -> usize {
+        match self {
+            Size::Fixed(n) => n,
+            Size::Spec => crate::spec::Rng::new(i as u64).weighted(&crate::spec::SIZES),
+        }
+    }
+
+    /// For message ids and file names: the number of bytes, or `spec`.
+    pub fn tag(self) -> String {
+        match self {
+            Size::Fixed(n) => n.to_string(),
+            Size::Spec => "spec".into(),
+        }
+    }
+
+    /// As results record it: the number of bytes, or "spec".
+    pub fn json(self) -> serde_json::Value {
+        match self {
+            Size::Fixed(n) => n.into(),
+            Size::Spec => "spec".into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Size::Fixed(n) => write!(f, "{n} B"),
+            Size::Spec => write!(f, "SPECmail2001 sizes"),
+        }
+    }
+}
 
 pub struct Load {
     pub servers: Vec<String>,
     pub users: Vec<String>,
     pub messages: usize,
-    pub size: usize,
+    pub size: Size,
     pub concurrency: usize,
     /// Distinguishes runs so no message repeats an earlier one (which would be deduplicated).
     pub run: String,
@@ -26,28 +83,75 @@ pub struct Load {
     /// latency counts from then (so a server falling behind shows as latency, not as a
     /// slower sender). `None`: each sender sends its next message as soon as one is done.
     pub rate: Option<f64>,
+    /// STARTTLS on every connection before the first message.
+    pub tls: bool,
 }
 
+/// What a connection runs over: plain TCP, or TLS after STARTTLS.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
 pub(crate) struct Conn {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    reader: BufReader<ReadHalf<Box<dyn Stream>>>,
+    writer: WriteHalf<Box<dyn Stream>>,
 }
 
 impl Conn {
+    fn over(io: Box<dyn Stream>) -> Conn {
+        let (r, w) = tokio::io::split(io);
+        Conn {
+            reader: BufReader::new(r),
+            writer: w,
+        }
+    }
+
     pub(crate) async fn open(addr: &str) -> anyhow::Result<Conn> {
+        Conn::connect(addr, false).await
+    }
+
+    /// A session greeted and past EHLO; with `tls`, also past STARTTLS and the second EHLO.
+    /// The server's certificate is not verified (the nodes of a local cluster have their own).
+    pub(crate) async fn connect(addr: &str, tls: bool) -> anyhow::Result<Conn> {
         let s = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         s.set_nodelay(true)?;
-        let (r, w) = s.into_split();
-        let mut c = Conn {
-            reader: BufReader::new(r),
-            writer: w,
-        };
+        let mut c = Conn::over(Box::new(s));
         c.expect(220).await?;
-        c.writer.write_all(b"EHLO bench.test\r\n").await?;
-        c.expect(250).await?;
+        let extensions = c.ehlo().await?;
+        if !tls {
+            return Ok(c);
+        }
+        if !extensions.lines().any(|l| {
+            l.get(4..)
+                .is_some_and(|e| e.trim().eq_ignore_ascii_case("STARTTLS"))
+        }) {
+            bail!("{addr} does not offer STARTTLS");
+        }
+        c.writer.write_all(b"STARTTLS\r\n").await?;
+        c.expect(220).await?;
+        if !c.reader.buffer().is_empty() {
+            bail!("{addr} sent data after its 220 to STARTTLS");
+        }
+        let io = c.reader.into_inner().unsplit(c.writer);
+        let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
+        let tls = mailgrid::client_tls::unverified_connector()
+            .connect(name, io)
+            .await
+            .with_context(|| format!("TLS with {addr}"))?;
+        let mut c = Conn::over(Box::new(tls));
+        c.ehlo().await?;
         Ok(c)
+    }
+
+    /// EHLO; the server's reply (its extensions).
+    async fn ehlo(&mut self) -> anyhow::Result<String> {
+        self.writer.write_all(b"EHLO bench.test\r\n").await?;
+        let (code, text) = self.reply().await?;
+        if code != 250 {
+            bail!("expected 250 to EHLO, got {}", text.trim_end());
+        }
+        Ok(text)
     }
 
     async fn reply(&mut self) -> anyhow::Result<(u16, String)> {
@@ -158,15 +262,16 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
             // This sender's connections, by server, opened when first needed.
             let mut conns: Vec<Option<Conn>> = load.servers.iter().map(|_| None).collect();
             let mut latencies = Vec::new();
+            let mut bytes = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= load.messages {
                     for conn in conns.iter_mut().flatten() {
                         let _ = conn.writer.write_all(b"QUIT\r\n").await;
                     }
-                    return Ok::<_, anyhow::Error>(latencies);
+                    return Ok::<_, anyhow::Error>((latencies, bytes));
                 }
-                let body = message(&load.run, i, load.size);
+                let body = message(&load.run, i, load.size.of(i));
                 let user = i % load.users.len();
                 let to = &load.users[user];
                 let server = match &load.route {
@@ -175,7 +280,7 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
                 };
                 let conn = match &mut conns[server] {
                     Some(conn) => conn,
-                    empty => empty.insert(Conn::open(&load.servers[server]).await?),
+                    empty => empty.insert(Conn::connect(&load.servers[server], load.tls).await?),
                 };
                 let t = match load.rate {
                     Some(rate) => {
@@ -189,19 +294,21 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
                     .await
                     .with_context(|| format!("message {i} via {}", load.servers[server]))?;
                 latencies.push(t.elapsed());
+                bytes += body.len() as u64;
             }
         }));
     }
-    let mut all = Vec::new();
+    let (mut all, mut bytes) = (Vec::new(), 0u64);
     for t in tasks {
-        all.extend(t.await??);
+        let (latencies, sent) = t.await??;
+        all.extend(latencies);
+        bytes += sent;
     }
-    Ok(summary(
-        all,
-        load.concurrency,
-        load.size,
-        started.elapsed().as_secs_f64(),
-    ))
+    let messages = all.len().max(1) as u64;
+    let mut r = summary(all, load.concurrency, 0, started.elapsed().as_secs_f64());
+    r["size"] = load.size.json();
+    r["mean_size"] = (bytes / messages).into();
+    Ok(r)
 }
 
 /// Throughput and latency percentiles of one run, as the JSON every bench run writes.
@@ -265,6 +372,119 @@ mod tests {
         addr
     }
 
+    /// Like `accepting_server`, but offers STARTTLS (a real rustls handshake, the node's own
+    /// self-signed certificate code) and refuses mail until the session is encrypted.
+    async fn starttls_server(dir: &std::path::Path) -> String {
+        let (cert, key) = mailgrid::server_tls::default_paths(dir);
+        std::fs::create_dir_all(cert.parent().unwrap()).unwrap();
+        mailgrid::server_tls::ensure_self_signed(dir, "bench.test").unwrap();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(mailgrid::server_tls::load(&cert, &key).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut plain = BufReader::new(stream);
+                    plain.get_mut().write_all(b"220 test\r\n").await.unwrap();
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if plain.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let reply: &[u8] = match line.trim_end() {
+                            "EHLO bench.test" => b"250-test\r\n250 STARTTLS\r\n",
+                            "STARTTLS" => break,
+                            _ => b"530 5.7.0 Must issue a STARTTLS command first\r\n",
+                        };
+                        plain.get_mut().write_all(reply).await.unwrap();
+                    }
+                    plain
+                        .get_mut()
+                        .write_all(b"220 go ahead\r\n")
+                        .await
+                        .unwrap();
+                    let Ok(tls) = acceptor.accept(plain.into_inner()).await else {
+                        return;
+                    };
+                    let (r, mut w) = tokio::io::split(tls);
+                    let mut lines = BufReader::new(r).lines();
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply: &[u8] = match (in_data, line.as_str()) {
+                            (true, ".") => {
+                                in_data = false;
+                                b"250 queued over TLS\r\n"
+                            }
+                            (true, _) => continue,
+                            (false, "DATA") => {
+                                in_data = true;
+                                b"354 go on\r\n"
+                            }
+                            (false, "QUIT") => return,
+                            (false, _) => b"250 ok\r\n",
+                        };
+                        if w.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn load(server: String, tls: bool) -> Load {
+        Load {
+            servers: vec![server],
+            users: vec!["a@example.test".into(), "b@example.test".into()],
+            messages: 11,
+            size: Size::Fixed(512),
+            concurrency: 4,
+            run: "test".into(),
+            route: None,
+            rate: None,
+            tls,
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_sends_every_message_after_starttls_and_a_server_without_it_is_named() {
+        // Goal: `--tls` sends over STARTTLS (the fixture refuses MAIL before it), and a server
+        // that does not offer STARTTLS fails the run with an error that says so.
+        let dir = tempfile::tempdir().unwrap();
+        let summary = run(load(starttls_server(dir.path()).await, true))
+            .await
+            .unwrap();
+        assert_eq!(summary["messages"], 11);
+        let plain = run(load(starttls_server(dir.path()).await, false)).await;
+        assert!(format!("{:#}", plain.unwrap_err()).contains("530"));
+        let err = run(load(accepting_server().await, true)).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("does not offer STARTTLS"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn spec_sizes_follow_specmail_and_repeat_per_message() {
+        // Goal: `--sizes spec` gives each message a size from SPECmail2001's table, the same
+        // for the same message number, with the table's mean over many messages.
+        let sizes: Vec<usize> = (0..20_000).map(|i| Size::Spec.of(i)).collect();
+        assert!(sizes
+            .iter()
+            .all(|s| crate::spec::SIZES.iter().any(|(v, _)| v == s)));
+        assert_eq!(Size::Spec.of(7), sizes[7]);
+        let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+        let expected = crate::spec::mean(&crate::spec::SIZES);
+        assert!((mean / expected - 1.0).abs() < 0.1, "{mean} vs {expected}");
+        assert_eq!(Size::parse("spec").unwrap(), Size::Spec);
+        assert_eq!(Size::parse(" 4096").unwrap(), Size::Fixed(4096));
+        assert!(Size::parse("4k").is_err());
+    }
+
     #[tokio::test]
     async fn a_rate_spaces_the_messages_and_every_one_is_counted() {
         // Goal: `--rate R` releases message i no earlier than i/R seconds after the start,
@@ -273,11 +493,12 @@ mod tests {
             servers: vec![accepting_server().await],
             users: vec!["a@example.test".into(), "b@example.test".into()],
             messages: 11,
-            size: 512,
+            size: Size::Fixed(512),
             concurrency: 4,
             run: "rate-test".into(),
             route: None,
             rate: Some(50.0),
+            tls: false,
         };
         let started = Instant::now();
         let summary = run(load).await.unwrap();
