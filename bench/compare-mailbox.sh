@@ -17,7 +17,7 @@ target="smtp=127.0.0.1:${PEER_SMTP_PORT:-2525},imaps=127.0.0.1:${PEER_IMAPS_PORT
 target="$target,pop3s=127.0.0.1:${PEER_POP3S_PORT:-11995}"
 
 echo "== Postfix -> LMTP -> Dovecot"
-target/release/bench mailbox --target "$target" --clients "$clients" 2>&1 | grep -E "sessions?.*clients"
+target/release/bench mailbox --target "$target" --clients "$clients" 2>&1 | grep -E "(sessions?|wake-ups).*clients|rror"
 echo "== mailgrid, 3 nodes, RF 3"
 target/release/bench mailbox --nodes 3 --partitions 64 --clients "$clients" 2>&1 |
-    grep -E "sessions?.*clients"
+    grep -E "(sessions?|wake-ups).*clients|rror"

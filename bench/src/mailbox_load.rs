@@ -1,5 +1,6 @@
-//! Mailbox access load: IMAP session mixes and POP3 download sessions, over implicit TLS,
-//! each client its own user, through every node in turn (as DNS round robin spreads them).
+//! Mailbox access load: IMAP session mixes, IMAP IDLE wake-ups and POP3 download sessions,
+//! over implicit TLS, each client its own user, through every node in turn (as DNS round
+//! robin spreads them).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::smtp_load::percentile;
+
+/// How long a session waits for the next line of an answer before it gives up (a server
+/// that stops answering fails the run instead of hanging it).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Test nodes have self-signed certificates: the load generator accepts any.
 fn connector() -> tokio_rustls::TlsConnector {
@@ -39,7 +44,10 @@ impl Conn {
 
     async fn line(&mut self) -> anyhow::Result<String> {
         let mut line = String::new();
-        if self.io.read_line(&mut line).await? == 0 {
+        let read = tokio::time::timeout(ANSWER_TIMEOUT, self.io.read_line(&mut line))
+            .await
+            .with_context(|| format!("no answer within {ANSWER_TIMEOUT:?}"))??;
+        if read == 0 {
             bail!("connection closed");
         }
         Ok(line)
@@ -53,9 +61,14 @@ impl Conn {
             .get_mut()
             .write_all(format!("{tag} {command}\r\n").as_bytes())
             .await?;
+        // TLS holds written bytes until flushed: an unflushed command may never leave.
+        self.io.get_mut().flush().await?;
         let mut lines = Vec::new();
         loop {
-            let line = self.line().await?;
+            let line = self.line().await.with_context(|| {
+                let verb = command.split(' ').next().unwrap_or_default();
+                format!("{verb}, after {} lines of its answer", lines.len())
+            })?;
             if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
                 if !rest.starts_with("OK") {
                     bail!("{command}: {}", line.trim());
@@ -76,12 +89,63 @@ impl Conn {
         }
     }
 
+    /// Starts IDLE: sends it and waits for the server's continuation.
+    async fn idle_start(&mut self) -> anyhow::Result<()> {
+        self.tag += 1;
+        let tag = format!("b{}", self.tag);
+        self.io
+            .get_mut()
+            .write_all(format!("{tag} IDLE\r\n").as_bytes())
+            .await?;
+        self.io.get_mut().flush().await?;
+        loop {
+            let line = self.line().await?;
+            if line.starts_with('+') {
+                return Ok(());
+            }
+            if line.starts_with(&format!("{tag} ")) {
+                bail!("IDLE: {}", line.trim());
+            }
+        }
+    }
+
+    /// While idling: waits for `* N EXISTS` with N at least `count`.
+    async fn wait_exists(&mut self, count: u32) -> anyhow::Result<()> {
+        loop {
+            let line = self.line().await?;
+            let n = line
+                .strip_prefix("* ")
+                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
+                .and_then(|n| n.parse::<u32>().ok());
+            if n.is_some_and(|n| n >= count) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Ends IDLE with DONE and reads the tagged OK.
+    async fn idle_done(&mut self) -> anyhow::Result<()> {
+        let tag = format!("b{} ", self.tag);
+        self.io.get_mut().write_all(b"DONE\r\n").await?;
+        self.io.get_mut().flush().await?;
+        loop {
+            let line = self.line().await?;
+            if let Some(rest) = line.strip_prefix(&tag) {
+                if !rest.starts_with("OK") {
+                    bail!("DONE: {}", line.trim());
+                }
+                return Ok(());
+            }
+        }
+    }
+
     /// Sends a POP3 command and reads its status line, which must be `+OK`.
     async fn pop3_status(&mut self, command: &str) -> anyhow::Result<String> {
         self.io
             .get_mut()
             .write_all(format!("{command}\r\n").as_bytes())
             .await?;
+        self.io.get_mut().flush().await?;
         let status = self.line().await?;
         if !status.starts_with("+OK") {
             bail!("{command}: {}", status.trim());
@@ -142,6 +206,8 @@ impl Conn {
 
 pub struct Load {
     pub servers: Vec<String>,
+    /// SMTP servers for the mail that IDLE wake-ups wait for.
+    pub smtp: Vec<String>,
     /// One user per client.
     pub users: Vec<String>,
     pub password: String,
@@ -154,25 +220,28 @@ fn ops_summary(name: &str, mut latencies: Vec<Duration>, seconds: f64) -> serde_
         "op": name,
         "count": latencies.len(),
         "p50_ms": percentile(&latencies, 0.5),
+        "p90_ms": percentile(&latencies, 0.9),
         "p99_ms": percentile(&latencies, 0.99),
+        "max_ms": percentile(&latencies, 1.0),
         "per_sec": latencies.len() as f64 / seconds,
     })
 }
 
-const IMAP_OPS: [&str; 7] = [
+const IMAP_OPS: [&str; 8] = [
     "LOGIN",
     "SELECT",
     "FETCH headers",
+    "SEARCH",
     "FETCH body",
     "STORE flags",
     "EXPUNGE",
     "LOGOUT",
 ];
 
-/// The IMAP session mix: LOGIN, SELECT INBOX, FETCH the headers of every message, FETCH the
-/// newest message's body, mark it \Deleted, EXPUNGE, LOGOUT.
-async fn imap_session(addr: &str, user: &str, password: &str) -> anyhow::Result<[Duration; 7]> {
-    let mut t = [Duration::ZERO; 7];
+/// The IMAP session mix: LOGIN, SELECT INBOX, FETCH the headers of every message, SEARCH by
+/// subject, FETCH the newest message's body, mark it \Deleted, EXPUNGE, LOGOUT.
+async fn imap_session(addr: &str, user: &str, password: &str) -> anyhow::Result<[Duration; 8]> {
+    let mut t = [Duration::ZERO; 8];
     let mut conn = Conn::open(addr).await?;
     let timed = Instant::now();
     conn.imap(&format!("LOGIN \"{user}\" \"{password}\""))
@@ -197,18 +266,28 @@ async fn imap_session(addr: &str, user: &str, password: &str) -> anyhow::Result<
         .await?;
     t[2] = timed.elapsed();
     let timed = Instant::now();
-    conn.imap(&format!("FETCH {exists} BODY[]")).await?;
+    // Every preloaded message's subject holds "bench": the server reads every header.
+    let found = conn.imap("SEARCH SUBJECT \"bench\"").await?;
     t[3] = timed.elapsed();
+    if !found
+        .iter()
+        .any(|l| l.starts_with("* SEARCH ") && l.len() > 10)
+    {
+        bail!("SEARCH SUBJECT found none of {user}'s {exists} messages");
+    }
+    let timed = Instant::now();
+    conn.imap(&format!("FETCH {exists} BODY[]")).await?;
+    t[4] = timed.elapsed();
     let timed = Instant::now();
     conn.imap(&format!("STORE {exists} +FLAGS.SILENT (\\Deleted)"))
         .await?;
-    t[4] = timed.elapsed();
-    let timed = Instant::now();
-    conn.imap("EXPUNGE").await?;
     t[5] = timed.elapsed();
     let timed = Instant::now();
-    conn.imap("LOGOUT").await?;
+    conn.imap("EXPUNGE").await?;
     t[6] = timed.elapsed();
+    let timed = Instant::now();
+    conn.imap("LOGOUT").await?;
+    t[7] = timed.elapsed();
     Ok(t)
 }
 
@@ -285,20 +364,28 @@ pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
         "seconds": seconds,
         "ops_per_sec": total["per_sec"],
         "p50_ms": total["p50_ms"],
+        "p90_ms": total["p90_ms"],
         "p99_ms": total["p99_ms"],
+        "max_ms": total["max_ms"],
         "ops": ops,
     }))
 }
 
-/// One POP3 download session: USER/PASS, STAT, RETR every message, QUIT (nothing deleted).
+/// One POP3 download session: USER/PASS, STAT, RETR every message, DELE the oldest, QUIT
+/// (which removes it; the rest stay for the next session, as a client that keeps mail on the
+/// server for a while does).
 async fn pop3_session(addr: &str, user: &str, password: &str) -> anyhow::Result<usize> {
     let mut conn = Conn::open(addr).await?;
     conn.pop3_login(user, password).await?;
     let count = conn.pop3_stat().await?;
+    if count == 0 {
+        bail!("{user}'s maildrop is empty: preload more messages");
+    }
     let mut bytes = 0;
     for i in 1..=count {
         bytes += conn.pop3(&format!("RETR {i}"), true).await?.1;
     }
+    conn.pop3("DELE 1", false).await?;
     conn.pop3("QUIT", false).await?;
     Ok(bytes)
 }
@@ -336,7 +423,84 @@ pub async fn pop3(load: Load) -> anyhow::Result<serde_json::Value> {
         "seconds": seconds,
         "sessions_per_sec": summary["per_sec"],
         "p50_ms": summary["p50_ms"],
+        "p90_ms": summary["p90_ms"],
         "p99_ms": summary["p99_ms"],
+        "max_ms": summary["max_ms"],
         "mbytes_per_sec": bytes as f64 / seconds / 1e6,
     }))
+}
+
+/// IDLE wake-ups: each client selects its INBOX and idles; the load generator then sends it
+/// one message by SMTP and times from that message's `250` to the `* N EXISTS` that reports
+/// it on the idling connection. `sessions_per_client` rounds per client, all clients at once.
+pub async fn idle_wakeups(load: Load) -> anyhow::Result<serde_json::Value> {
+    if load.smtp.is_empty() {
+        bail!("IDLE wake-ups need an SMTP server to send the mail they wait for");
+    }
+    let load = Arc::new(load);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (c, user) in load.users.iter().enumerate() {
+        let load = load.clone();
+        let user = user.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for s in 0..load.sessions_per_client {
+                let addr = &load.servers[(c + s) % load.servers.len()];
+                let smtp = &load.smtp[(c + s + 1) % load.smtp.len()];
+                let waited = idle_wakeup(addr, smtp, &user, &load.password, s)
+                    .await
+                    .with_context(|| format!("{user} idling via {addr}, mail via {smtp}"))?;
+                out.push(waited);
+            }
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut waits = Vec::new();
+    for t in tasks {
+        waits.extend(t.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut summary = ops_summary("IDLE wake-up", waits, seconds);
+    summary["clients"] = load.users.len().into();
+    Ok(summary)
+}
+
+async fn idle_wakeup(
+    addr: &str,
+    smtp: &str,
+    user: &str,
+    password: &str,
+    round: usize,
+) -> anyhow::Result<Duration> {
+    let mut conn = Conn::open(addr).await?;
+    conn.imap(&format!("LOGIN \"{user}\" \"{password}\""))
+        .await?;
+    let lines = conn.imap("SELECT INBOX").await?;
+    let exists = lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("* ")
+                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .context("no EXISTS")?;
+    conn.idle_start().await?;
+    let mut sender = crate::smtp_load::Conn::open(smtp).await?;
+    // Unique in the process: mailgrid drops a repeat of a message it already delivered.
+    static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let i = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let run = format!("idle-{}-{round}", std::process::id());
+    sender
+        .send(user, &crate::smtp_load::message(&run, i, 2048))
+        .await?;
+    let accepted = Instant::now();
+    sender.quit().await;
+    tokio::time::timeout(Duration::from_secs(60), conn.wait_exists(exists + 1))
+        .await
+        .context("no EXISTS within 60 s of the 250")??;
+    let waited = accepted.elapsed();
+    conn.idle_done().await?;
+    conn.imap("LOGOUT").await?;
+    Ok(waited)
 }

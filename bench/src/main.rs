@@ -793,10 +793,12 @@ async fn main() -> anyhow::Result<()> {
                     };
                     let offered = rate.map(|r| format!(" ({r} offered)")).unwrap_or_default();
                     eprintln!(
-                        "smtp {size} x{messages}, {c} senders: {:.0} msgs/s{offered}, p50 {:.2} ms, p99 {:.2} ms{cpu_note}",
+                        "smtp {size} x{messages}, {c} senders: {:.0} msgs/s{offered}, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms{cpu_note}",
                         r["msgs_per_sec"].as_f64().unwrap_or(0.0),
                         r["p50_ms"].as_f64().unwrap_or(0.0),
-                        r["p99_ms"].as_f64().unwrap_or(0.0)
+                        r["p90_ms"].as_f64().unwrap_or(0.0),
+                        r["p99_ms"].as_f64().unwrap_or(0.0),
+                        r["max_ms"].as_f64().unwrap_or(0.0)
                     );
                     runs.push(r);
                 }
@@ -1033,8 +1035,9 @@ async fn main() -> anyhow::Result<()> {
             let listeners = |service: &str| -> Vec<String> {
                 services.get(service).cloned().unwrap_or_default()
             };
-            // Every session expunges one message; the first users serve every run.
-            let per_user = sessions * counts.len() + 10;
+            // Every IMAP and every POP3 session removes one message (IDLE wake-ups add one);
+            // the first users serve every run.
+            let per_user = 2 * sessions * counts.len() + 10;
             let preload = smtp_load::Load {
                 servers: listeners("smtp"),
                 users: users.clone(),
@@ -1050,28 +1053,43 @@ async fn main() -> anyhow::Result<()> {
             // A peer may answer 250 before the message is in the mailbox: wait until it is.
             mailbox_load::wait_loaded(&listeners("imaps"), &users, "bench", per_user).await?;
             let mut imap_runs = Vec::new();
+            let mut idle_runs = Vec::new();
             let mut pop3_runs = Vec::new();
             for c in counts {
                 let load = |servers: Vec<String>| mailbox_load::Load {
                     servers,
+                    smtp: listeners("smtp"),
                     users: users[..c].to_vec(),
                     password: "bench".into(),
                     sessions_per_client: sessions,
                 };
                 let r = mailbox_load::imap(load(listeners("imaps"))).await?;
                 eprintln!(
-                    "imap session mix, {c} clients: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms",
+                    "imap session mix, {c} clients: {:.0} ops/s, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
                     r["ops_per_sec"].as_f64().unwrap_or(0.0),
                     r["p50_ms"].as_f64().unwrap_or(0.0),
-                    r["p99_ms"].as_f64().unwrap_or(0.0)
+                    r["p90_ms"].as_f64().unwrap_or(0.0),
+                    r["p99_ms"].as_f64().unwrap_or(0.0),
+                    r["max_ms"].as_f64().unwrap_or(0.0)
                 );
                 imap_runs.push(r);
+                let r = mailbox_load::idle_wakeups(load(listeners("imaps"))).await?;
+                eprintln!(
+                    "imap idle wake-ups, {c} clients: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms after the 250",
+                    r["p50_ms"].as_f64().unwrap_or(0.0),
+                    r["p90_ms"].as_f64().unwrap_or(0.0),
+                    r["p99_ms"].as_f64().unwrap_or(0.0),
+                    r["max_ms"].as_f64().unwrap_or(0.0)
+                );
+                idle_runs.push(r);
                 let r = mailbox_load::pop3(load(listeners("pop3s"))).await?;
                 eprintln!(
-                    "pop3 download sessions, {c} clients: {:.1} sessions/s, p50 {:.1} ms, p99 {:.1} ms",
+                    "pop3 download sessions, {c} clients: {:.1} sessions/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
                     r["sessions_per_sec"].as_f64().unwrap_or(0.0),
                     r["p50_ms"].as_f64().unwrap_or(0.0),
-                    r["p99_ms"].as_f64().unwrap_or(0.0)
+                    r["p90_ms"].as_f64().unwrap_or(0.0),
+                    r["p99_ms"].as_f64().unwrap_or(0.0),
+                    r["max_ms"].as_f64().unwrap_or(0.0)
                 );
                 pop3_runs.push(r);
             }
@@ -1079,6 +1097,7 @@ async fn main() -> anyhow::Result<()> {
                 "target": target.clone().unwrap_or_else(|| cluster_label(nodes, partitions)),
                 "message_size": size,
                 "imap": imap_runs,
+                "imap_idle": idle_runs,
                 "pop3": pop3_runs,
             });
             drop(cluster);

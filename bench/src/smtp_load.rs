@@ -147,6 +147,8 @@ impl Conn {
     /// EHLO; the server's reply (its extensions).
     async fn ehlo(&mut self) -> anyhow::Result<String> {
         self.writer.write_all(b"EHLO bench.test\r\n").await?;
+        // Over TLS written bytes wait in the session until flushed.
+        self.writer.flush().await?;
         let (code, text) = self.reply().await?;
         if code != 250 {
             bail!("expected 250 to EHLO, got {}", text.trim_end());
@@ -198,6 +200,7 @@ impl Conn {
         }
         envelope.push_str("DATA\r\n");
         self.writer.write_all(envelope.as_bytes()).await?;
+        self.writer.flush().await?;
         self.expect(250).await?;
         for _ in to {
             self.expect(250).await?;
@@ -207,12 +210,14 @@ impl Conn {
         let started = Instant::now();
         self.writer.write_all(body).await?;
         self.writer.write_all(b".\r\n").await?;
+        self.writer.flush().await?;
         self.expect(250).await?;
         Ok((envelope_took, started.elapsed()))
     }
 
     pub(crate) async fn quit(mut self) {
         let _ = self.writer.write_all(b"QUIT\r\n").await;
+        let _ = self.writer.flush().await;
         let _ = self.reply().await;
     }
 }
@@ -268,6 +273,7 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
                 if i >= load.messages {
                     for conn in conns.iter_mut().flatten() {
                         let _ = conn.writer.write_all(b"QUIT\r\n").await;
+                        let _ = conn.writer.flush().await;
                     }
                     return Ok::<_, anyhow::Error>((latencies, bytes));
                 }
@@ -362,7 +368,7 @@ mod tests {
                             (false, "QUIT") => return,
                             (false, _) => b"250 ok\r\n",
                         };
-                        if w.write_all(reply).await.is_err() {
+                        if w.write_all(reply).await.is_err() || w.flush().await.is_err() {
                             return;
                         }
                     }
@@ -426,7 +432,7 @@ mod tests {
                             (false, "QUIT") => return,
                             (false, _) => b"250 ok\r\n",
                         };
-                        if w.write_all(reply).await.is_err() {
+                        if w.write_all(reply).await.is_err() || w.flush().await.is_err() {
                             return;
                         }
                     }
