@@ -511,38 +511,35 @@ fn bad_data_and_config_fail_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid cluster address"));
 }
 
+/// Starts `mailgrid dev --json` with `args` on `dir`; the process and the line it printed
+/// once the cluster was ready.
+fn spawn_dev(args: &[&str], dir: &std::path::Path) -> (std::process::Child, serde_json::Value) {
+    let mut child = std::process::Command::new(BIN)
+        .arg("dev")
+        .args(args)
+        .args(["--json", "--dir", path(dir)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (child, v)
+}
+
 #[test]
 fn dev_cluster_starts_serves_the_demo_users_and_stops_its_children() {
     // Goal: `mailgrid dev --json` (README's main command) reports a ready cluster whose demo
     // users receive mail, restarts from its directory, and stops its node processes on SIGTERM.
     let _g = serial();
     let dir = tempfile::tempdir().unwrap();
-    let start = || {
-        let mut child = std::process::Command::new(BIN)
-            .args([
-                "dev",
-                "--nodes",
-                "2",
-                "--partitions",
-                "2",
-                "--json",
-                "--dir",
-                path(dir.path()),
-            ])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        let v: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        (child, v)
-    };
+    let start = || spawn_dev(&["--nodes", "2", "--partitions", "2"], dir.path());
     let (mut dev, info) = start();
     let nodes = info["nodes"].as_array().unwrap().clone();
     assert_eq!(nodes.len(), 2);
@@ -595,29 +592,10 @@ fn dev_cluster_takes_a_replication_factor() {
         "{err}"
     );
 
-    let mut dev = std::process::Command::new(BIN)
-        .args([
-            "dev",
-            "--nodes",
-            "3",
-            "--partitions",
-            "4",
-            "--replicas",
-            "1",
-        ])
-        .args(["--json", "--dir", dir_s])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(dev.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let info: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    let (mut dev, info) = spawn_dev(
+        &["--nodes", "3", "--partitions", "4", "--replicas", "1"],
+        dir.path(),
+    );
     let node1 = info["nodes"][0]["data"].as_str().unwrap().to_string();
     let partitions = eventually(Duration::from_secs(60), "4 partitions of one voter", || {
         let out = run(&["status", "--data", &node1, "--json"], None);

@@ -250,14 +250,7 @@ async fn imap_session(addr: &str, user: &str, password: &str) -> anyhow::Result<
     let timed = Instant::now();
     let lines = conn.imap("SELECT INBOX").await?;
     t[1] = timed.elapsed();
-    let exists = lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("* ")
-                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
-                .and_then(|n| n.parse::<u32>().ok())
-        })
-        .context("no EXISTS")?;
+    let exists = exists(&lines)?;
     if exists == 0 {
         bail!("{user}'s INBOX is empty: preload more messages");
     }
@@ -326,30 +319,54 @@ pub async fn wait_loaded(
     Ok(())
 }
 
-pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
-    let load = Arc::new(load);
-    let started = Instant::now();
+/// Runs `session` `sessions_per_client` times in a row for every client, all clients at
+/// once (client `c` on user `c`, round `s`); every outcome, in no particular order.
+async fn every_client<T, F, Fut>(load: &Arc<Load>, session: F) -> anyhow::Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(Arc<Load>, usize, usize, String) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send,
+{
     let mut tasks = Vec::new();
     for (c, user) in load.users.iter().enumerate() {
-        let load = load.clone();
-        let user = user.clone();
+        let (load, user) = (load.clone(), user.clone());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for s in 0..load.sessions_per_client {
-                let addr = &load.servers[(c + s) % load.servers.len()];
-                out.push(
-                    imap_session(addr, &user, &load.password)
-                        .await
-                        .with_context(|| format!("{user} via {addr}"))?,
-                );
+                out.push(session(load.clone(), c, s, user.clone()).await?);
             }
             Ok::<_, anyhow::Error>(out)
         }));
     }
-    let mut sessions = Vec::new();
+    let mut all = Vec::new();
     for t in tasks {
-        sessions.extend(t.await??);
+        all.extend(t.await??);
     }
+    Ok(all)
+}
+
+/// The `* N EXISTS` count in a SELECT's answer.
+fn exists(lines: &[String]) -> anyhow::Result<u32> {
+    lines
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("* ")
+                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
+                .and_then(|n| n.parse::<u32>().ok())
+        })
+        .context("no EXISTS")
+}
+
+pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
+    let load = Arc::new(load);
+    let started = Instant::now();
+    let sessions = every_client(&load, |load, c, s, user| async move {
+        let addr = &load.servers[(c + s) % load.servers.len()];
+        imap_session(addr, &user, &load.password)
+            .await
+            .with_context(|| format!("{user} via {addr}"))
+    })
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     let ops: Vec<serde_json::Value> = IMAP_OPS
         .iter()
@@ -393,27 +410,15 @@ async fn pop3_session(addr: &str, user: &str, password: &str) -> anyhow::Result<
 pub async fn pop3(load: Load) -> anyhow::Result<serde_json::Value> {
     let load = Arc::new(load);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (c, user) in load.users.iter().enumerate() {
-        let load = load.clone();
-        let user = user.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            for s in 0..load.sessions_per_client {
-                let addr = &load.servers[(c + s) % load.servers.len()];
-                let t = Instant::now();
-                let bytes = pop3_session(addr, &user, &load.password)
-                    .await
-                    .with_context(|| format!("{user} via {addr}"))?;
-                out.push((t.elapsed(), bytes));
-            }
-            Ok::<_, anyhow::Error>(out)
-        }));
-    }
-    let mut sessions = Vec::new();
-    for t in tasks {
-        sessions.extend(t.await??);
-    }
+    let sessions = every_client(&load, |load, c, s, user| async move {
+        let addr = &load.servers[(c + s) % load.servers.len()];
+        let t = Instant::now();
+        let bytes = pop3_session(addr, &user, &load.password)
+            .await
+            .with_context(|| format!("{user} via {addr}"))?;
+        Ok((t.elapsed(), bytes))
+    })
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     let bytes: usize = sessions.iter().map(|s| s.1).sum();
     let summary = ops_summary("session", sessions.iter().map(|s| s.0).collect(), seconds);
@@ -439,27 +444,14 @@ pub async fn idle_wakeups(load: Load) -> anyhow::Result<serde_json::Value> {
     }
     let load = Arc::new(load);
     let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (c, user) in load.users.iter().enumerate() {
-        let load = load.clone();
-        let user = user.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut out = Vec::new();
-            for s in 0..load.sessions_per_client {
-                let addr = &load.servers[(c + s) % load.servers.len()];
-                let smtp = &load.smtp[(c + s + 1) % load.smtp.len()];
-                let waited = idle_wakeup(addr, smtp, &user, &load.password, s)
-                    .await
-                    .with_context(|| format!("{user} idling via {addr}, mail via {smtp}"))?;
-                out.push(waited);
-            }
-            Ok::<_, anyhow::Error>(out)
-        }));
-    }
-    let mut waits = Vec::new();
-    for t in tasks {
-        waits.extend(t.await??);
-    }
+    let waits = every_client(&load, |load, c, s, user| async move {
+        let addr = &load.servers[(c + s) % load.servers.len()];
+        let smtp = &load.smtp[(c + s + 1) % load.smtp.len()];
+        idle_wakeup(addr, smtp, &user, &load.password, s)
+            .await
+            .with_context(|| format!("{user} idling via {addr}, mail via {smtp}"))
+    })
+    .await?;
     let seconds = started.elapsed().as_secs_f64();
     let mut summary = ops_summary("IDLE wake-up", waits, seconds);
     summary["clients"] = load.users.len().into();
@@ -476,15 +468,7 @@ async fn idle_wakeup(
     let mut conn = Conn::open(addr).await?;
     conn.imap(&format!("LOGIN \"{user}\" \"{password}\""))
         .await?;
-    let lines = conn.imap("SELECT INBOX").await?;
-    let exists = lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("* ")
-                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
-                .and_then(|n| n.parse::<u32>().ok())
-        })
-        .context("no EXISTS")?;
+    let exists = exists(&conn.imap("SELECT INBOX").await?)?;
     conn.idle_start().await?;
     let mut sender = crate::smtp_load::Conn::open(smtp).await?;
     // Unique in the process: mailgrid drops a repeat of a message it already delivered.

@@ -342,6 +342,31 @@ pub fn summary(
 mod tests {
     use super::*;
 
+    /// Answers a greeted session's commands until QUIT: 250 to each, 354 to DATA, 250 to
+    /// the end of the data.
+    async fn accept_mail(r: impl AsyncRead + Unpin, mut w: impl AsyncWrite + Unpin) {
+        let mut lines = BufReader::new(r).lines();
+        let mut in_data = false;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let reply: &[u8] = match (in_data, line.as_str()) {
+                (true, ".") => {
+                    in_data = false;
+                    b"250 queued\r\n"
+                }
+                (true, _) => continue,
+                (false, "DATA") => {
+                    in_data = true;
+                    b"354 go on\r\n"
+                }
+                (false, "QUIT") => return,
+                (false, _) => b"250 ok\r\n",
+            };
+            if w.write_all(reply).await.is_err() || w.flush().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Accepts every message: enough SMTP for `Conn` (greeting, EHLO, pipelined envelope,
     /// data, QUIT) and nothing else.
     async fn accepting_server() -> String {
@@ -351,27 +376,8 @@ mod tests {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
-                    let mut lines = BufReader::new(r).lines();
                     w.write_all(b"220 test\r\n").await.unwrap();
-                    let mut in_data = false;
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let reply: &[u8] = match (in_data, line.as_str()) {
-                            (true, ".") => {
-                                in_data = false;
-                                b"250 queued\r\n"
-                            }
-                            (true, _) => continue,
-                            (false, "DATA") => {
-                                in_data = true;
-                                b"354 go on\r\n"
-                            }
-                            (false, "QUIT") => return,
-                            (false, _) => b"250 ok\r\n",
-                        };
-                        if w.write_all(reply).await.is_err() || w.flush().await.is_err() {
-                            return;
-                        }
-                    }
+                    accept_mail(r, w).await;
                 });
             }
         });
@@ -415,27 +421,8 @@ mod tests {
                     let Ok(tls) = acceptor.accept(plain.into_inner()).await else {
                         return;
                     };
-                    let (r, mut w) = tokio::io::split(tls);
-                    let mut lines = BufReader::new(r).lines();
-                    let mut in_data = false;
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let reply: &[u8] = match (in_data, line.as_str()) {
-                            (true, ".") => {
-                                in_data = false;
-                                b"250 queued over TLS\r\n"
-                            }
-                            (true, _) => continue,
-                            (false, "DATA") => {
-                                in_data = true;
-                                b"354 go on\r\n"
-                            }
-                            (false, "QUIT") => return,
-                            (false, _) => b"250 ok\r\n",
-                        };
-                        if w.write_all(reply).await.is_err() || w.flush().await.is_err() {
-                            return;
-                        }
-                    }
+                    let (r, w) = tokio::io::split(tls);
+                    accept_mail(r, w).await;
                 });
             }
         });
