@@ -112,12 +112,7 @@ impl Conn {
     /// While idling: waits for `* N EXISTS` with N at least `count`.
     async fn wait_exists(&mut self, count: u32) -> anyhow::Result<()> {
         loop {
-            let line = self.line().await?;
-            let n = line
-                .strip_prefix("* ")
-                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
-                .and_then(|n| n.parse::<u32>().ok());
-            if n.is_some_and(|n| n >= count) {
+            if exists_in(&self.line().await?).is_some_and(|n| n >= count) {
                 return Ok(());
             }
         }
@@ -345,16 +340,17 @@ where
     Ok(all)
 }
 
+/// N of an untagged `* N EXISTS` line.
+fn exists_in(line: &str) -> Option<u32> {
+    line.strip_prefix("* ")?
+        .strip_suffix(" EXISTS\r\n")?
+        .parse()
+        .ok()
+}
+
 /// The `* N EXISTS` count in a SELECT's answer.
 fn exists(lines: &[String]) -> anyhow::Result<u32> {
-    lines
-        .iter()
-        .find_map(|l| {
-            l.strip_prefix("* ")
-                .and_then(|r| r.strip_suffix(" EXISTS\r\n"))
-                .and_then(|n| n.parse::<u32>().ok())
-        })
-        .context("no EXISTS")
+    lines.iter().find_map(|l| exists_in(l)).context("no EXISTS")
 }
 
 pub async fn imap(load: Load) -> anyhow::Result<serde_json::Value> {
@@ -447,7 +443,7 @@ pub async fn idle_wakeups(load: Load) -> anyhow::Result<serde_json::Value> {
     let waits = every_client(&load, |load, c, s, user| async move {
         let addr = &load.servers[(c + s) % load.servers.len()];
         let smtp = &load.smtp[(c + s + 1) % load.smtp.len()];
-        idle_wakeup(addr, smtp, &user, &load.password, s)
+        idle_wakeup(addr, smtp, &user, &load.password)
             .await
             .with_context(|| format!("{user} idling via {addr}, mail via {smtp}"))
     })
@@ -463,7 +459,6 @@ async fn idle_wakeup(
     smtp: &str,
     user: &str,
     password: &str,
-    round: usize,
 ) -> anyhow::Result<Duration> {
     let mut conn = Conn::open(addr).await?;
     conn.imap(&format!("LOGIN \"{user}\" \"{password}\""))
@@ -474,7 +469,7 @@ async fn idle_wakeup(
     // Unique in the process: mailgrid drops a repeat of a message it already delivered.
     static SENT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let i = SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let run = format!("idle-{}-{round}", std::process::id());
+    let run = format!("idle-{}", std::process::id());
     sender
         .send(user, &crate::smtp_load::message(&run, i, 2048))
         .await?;

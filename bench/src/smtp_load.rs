@@ -54,7 +54,7 @@ impl Size {
     pub fn json(self) -> serde_json::Value {
         match self {
             Size::Fixed(n) => n.into(),
-            Size::Spec => "spec".into(),
+            Size::Spec => self.tag().into(),
         }
     }
 }
@@ -271,9 +271,8 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= load.messages {
-                    for conn in conns.iter_mut().flatten() {
-                        let _ = conn.writer.write_all(b"QUIT\r\n").await;
-                        let _ = conn.writer.flush().await;
+                    for conn in conns.into_iter().flatten() {
+                        conn.quit().await;
                     }
                     return Ok::<_, anyhow::Error>((latencies, bytes));
                 }
@@ -311,8 +310,12 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
         bytes += sent;
     }
     let messages = all.len().max(1) as u64;
-    let mut r = summary(all, load.concurrency, 0, started.elapsed().as_secs_f64());
-    r["size"] = load.size.json();
+    let mut r = summary(
+        all,
+        load.concurrency,
+        load.size.json(),
+        started.elapsed().as_secs_f64(),
+    );
     r["mean_size"] = (bytes / messages).into();
     Ok(r)
 }
@@ -321,9 +324,10 @@ pub async fn run(load: Load) -> anyhow::Result<serde_json::Value> {
 pub fn summary(
     mut latencies: Vec<Duration>,
     concurrency: usize,
-    size: usize,
+    size: impl Into<serde_json::Value>,
     seconds: f64,
 ) -> serde_json::Value {
+    let size = size.into();
     latencies.sort();
     serde_json::json!({
         "concurrency": concurrency,
