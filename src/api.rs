@@ -99,6 +99,12 @@ pub enum Query {
     Partitions,
     Domains,
     Limits,
+    /// Several stored messages of one partition in one read, or only their headers (each up
+    /// to and with the empty line that ends it). New variants go last: the tag is the index.
+    Contents {
+        hashes: Vec<BodyHash>,
+        headers_only: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -123,7 +129,13 @@ pub enum QueryResult {
     Queue(Vec<QueueEntry>),
     QueueEntry(Option<QueueEntry>),
     Dkim(Option<storage::meta::DkimKey>),
+    /// One entry per asked hash, in order; `None` for a message no longer stored.
+    Contents(Vec<Content>),
 }
+
+/// A stored message (or its header) as a read returns it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Content(#[serde(with = "serde_bytes")] pub Option<Vec<u8>>);
 
 /// What was expunged from a mailbox after some MODSEQ.
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -180,6 +180,9 @@ pub struct ImapConfig {
     pub idle_poll: Duration,
     /// Allow LOGIN and AUTHENTICATE without TLS (tests, trusted networks only).
     pub auth_without_tls: bool,
+    /// Memory for the headers of messages this node has read (FETCH of header fields, and
+    /// SEARCH on them, then need no read at the partition leader); 0 turns it off.
+    pub header_cache_bytes: usize,
 }
 
 impl Default for ImapConfig {
@@ -191,6 +194,7 @@ impl Default for ImapConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             idle_poll: Duration::from_millis(500),
             auth_without_tls: false,
+            header_cache_bytes: 64 << 20,
         }
     }
 }
@@ -369,6 +373,7 @@ struct ImapSection {
     tls_handshake_timeout_s: Option<u64>,
     idle_poll_ms: Option<u64>,
     auth_without_tls: Option<bool>,
+    header_cache_mib: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -548,6 +553,11 @@ impl ServeConfig {
                 .map(Duration::from_millis)
                 .unwrap_or(d.idle_poll),
             auth_without_tls: i.auth_without_tls.unwrap_or(d.auth_without_tls),
+            header_cache_bytes: match i.header_cache_mib {
+                Some(mib) if mib > 4096 => bail!("imap.header_cache_mib must be at most 4096"),
+                Some(mib) => mib << 20,
+                None => d.header_cache_bytes,
+            },
         };
         if imap.connections_max == 0 || imap.connections_per_ip_max == 0 {
             bail!("imap.connections_max and imap.connections_per_ip_max must be at least 1");
@@ -677,6 +687,12 @@ mod tests {
             toml::from_str("[outbound.relay]\nhost = \"gw.corp\"\ntls = \"implicit\"\n").unwrap();
         let relay = ServeConfig::from_file(f).unwrap().outbound.relay.unwrap();
         assert_eq!((relay.port, relay.tls), (465, RelayTls::Implicit));
+        assert_eq!(c.imap.header_cache_bytes, 64 << 20);
+        let f: File = toml::from_str("[imap]\nheader_cache_mib = 0\n").unwrap();
+        assert_eq!(
+            ServeConfig::from_file(f).unwrap().imap.header_cache_bytes,
+            0
+        );
         let f: File = toml::from_str("[auth]\npassword_scheme = \"SHA512-CRYPT\"\n").unwrap();
         let c = ServeConfig::from_file(f).unwrap();
         assert_eq!(
@@ -697,6 +713,7 @@ mod tests {
                 "outbound.retry_min_s",
             ),
             ("[outbound]\nport = 0\n", "outbound.port"),
+            ("[imap]\nheader_cache_mib = 5000\n", "imap.header_cache_mib"),
             (
                 "[outbound.relay]\nhost = \"gw\"\ntls = \"none\"\nuser = \"u\"\npassword = \"p\"\n",
                 "never sent without TLS",

@@ -538,6 +538,27 @@ pub async fn body(
     }
 }
 
+/// Several stored messages of the partition of `address` (or only their headers), in one
+/// read at its leader: one entry per hash, in order, `None` for one no longer stored.
+pub async fn contents(
+    router: &Router,
+    address: &str,
+    hashes: Vec<BodyHash>,
+    headers_only: bool,
+) -> Result<Vec<Option<Vec<u8>>>, MailServiceError> {
+    let asked = hashes.len();
+    let query = Query::Contents {
+        hashes,
+        headers_only,
+    };
+    match router.read(router.group_of(address), query).await? {
+        QueryResult::Contents(found) if found.len() == asked => {
+            Ok(found.into_iter().map(|c| c.0).collect())
+        }
+        other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
+    }
+}
+
 /// Proposes a partition command for `address` and returns the partition's answer.
 /// Wraps `cmd` so that the cluster applies it at most once however often the write is
 /// retried (the router retries such writes through failures of unknown outcome).

@@ -4,7 +4,8 @@ use storage::machine::GroupKind;
 use storage::partition::{Lookup as StoredLookup, Usage};
 use storage::{GroupMachine, StorageError};
 
-use crate::api::{Lookup, MailboxChanges, Query, QueryResult, Vanished};
+use crate::api::{Content, Lookup, MailboxChanges, Query, QueryResult, Vanished};
+use crate::imap::mime::header_end;
 
 /// Most messages one read returns.
 pub const MESSAGES_PER_READ_MAX: usize = 10_000;
@@ -100,6 +101,24 @@ pub fn run(machine: &GroupMachine, query: &Query) -> Result<QueryResult, Storage
                 None => None,
             }),
             Query::Body(hash) => QueryResult::Body(p.body(*hash)?),
+            Query::Contents {
+                hashes,
+                headers_only,
+            } => {
+                let mut out = Vec::with_capacity(hashes.len());
+                for hash in hashes {
+                    out.push(Content(if *headers_only {
+                        p.body_until(*hash, |so_far| header_end(so_far).is_some())?
+                            .map(|mut head| {
+                                head.truncate(header_end(&head).unwrap_or(head.len()));
+                                head
+                            })
+                    } else {
+                        p.body(*hash)?
+                    }));
+                }
+                QueryResult::Contents(out)
+            }
             Query::Queue { after, limit } => {
                 QueryResult::Queue(p.queue(after.as_ref(), (*limit).min(QUEUE_READ_MAX))?)
             }

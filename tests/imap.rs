@@ -106,6 +106,26 @@ fn imap_commands_bad_input_and_curl() {
         "bad_input",
         json!({ "imaps": c.listener(3, "imaps"), "user": user, "password": "pw", "count": count }),
     );
+    // A header of three stored pieces (each piece is at most 60 KiB): headers-only reads
+    // must go on past the first piece, and stop at the empty line.
+    let mut header = String::from("Subject: big header\r\nFrom: a@example.test\r\n");
+    for i in 0..1800 {
+        header.push_str(&format!("X-Filler-{i:04}: {}\r\n", "f".repeat(80)));
+    }
+    header.push_str("X-Last: at-the-end\r\n\r\n");
+    assert!(header.len() > 2 * storage::chunk::CHUNK_BYTES_MAX);
+    let whole = format!("{header}the body\r\n\r\nwith an empty line\r\n");
+    c.deliver(c.any(), &[user], whole.as_bytes(), "big-header")
+        .expect("delivered");
+    let nodes: Vec<String> = (1..=3).map(|n| c.listener(n, "imaps")).collect();
+    // Too long for an argument: the scenario reads the message from a file.
+    let file = c.root.path().join("big-header.eml");
+    std::fs::write(&file, &whole).unwrap();
+    python(
+        "big_header",
+        json!({ "nodes": nodes, "user": user, "password": "pw", "message": file,
+                "header_len": header.len(), "last": "at-the-end" }),
+    );
     match Command::new("curl").arg("--version").output() {
         Err(_) => eprintln!("SKIPPED curl check: curl is not installed"),
         Ok(_) => {

@@ -247,6 +247,37 @@ def bad_input(a):
     print(json.dumps({}))
 
 
+def big_header(a):
+    """The message whose header spans several stored pieces reads the same through every
+    node, header items (from the leader's headers-only read or a node's header cache) and
+    whole alike, whichever of the two a node read first."""
+    whole = open(a["message"], "rb").read()
+    header = whole[:a["header_len"]]
+
+    def check_header(m, n):
+        data = ok(m.fetch(n, "(ENVELOPE BODY.PEEK[HEADER] BODY.PEEK[HEADER.FIELDS (X-LAST)])"))
+        assert data[0][1] == header, (len(data[0][1]), len(header))
+        assert data[1][1] == f"X-Last: {a['last']}\r\n\r\n".encode(), data[1]
+        assert b'"big header"' in data[0][0], data[0][0][:200]
+        assert ok(m.search(None, "HEADER", "X-Last", a["last"]))[0].split() == [n.encode()]
+        assert n.encode() in ok(m.search(None, "SUBJECT", '"big header"'))[0].split()
+
+    def check_whole(m, n):
+        data = ok(m.fetch(n, "(RFC822.SIZE BODY.PEEK[])"))
+        assert data[0][1] == whole, (len(data[0][1]), len(whole))
+        assert f"RFC822.SIZE {len(whole)} " in data[0][0].decode(), data[0][0]
+
+    for i, addr in enumerate(a["nodes"]):
+        m = imaps(addr)
+        ok(m.login(a["user"], a["password"]))
+        n = ok(m.select("INBOX", readonly=True))[0].decode()  # the newest message
+        checks = [check_header, check_whole] if i % 2 == 0 else [check_whole, check_header]
+        for check in checks + checks:
+            check(m, n)
+        m.logout()
+    print(json.dumps({}))
+
+
 def watch(a):
     """Session A (node 1) sees session B's (node 2) flag changes and expunges on its next
     command, and a delivery made elsewhere while it is in IDLE."""

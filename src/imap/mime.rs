@@ -1271,6 +1271,20 @@ fn write_envelope(out: &mut Vec<u8>, header: &[u8]) {
 }
 
 /// The top-level header block (including the empty line, if any).
+/// Where the top-level header of a message ends: just after the empty line that ends it,
+/// `None` while no complete empty line has been seen (the header is the whole of `raw`).
+pub fn header_end(raw: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    while pos < raw.len() {
+        let end = line_end(raw, pos);
+        if is_empty_line(bytes(raw, pos..end)) {
+            return Some(end);
+        }
+        pos = end;
+    }
+    None
+}
+
 fn message_header(raw: &[u8]) -> &[u8] {
     let mut parser = Parser::new(raw);
     parser.skip_header();
@@ -2089,6 +2103,49 @@ Content-Type: multipart/alternative; boundary=b2\r\n\r\n"
             vec!["Hello", "second"]
         );
         assert_eq!(header_values(HEADERS_ONLY, "x-folded"), vec!["one two"]);
+    }
+
+    #[test]
+    fn the_header_alone_answers_every_header_item_as_the_whole_message_does() {
+        // Goal: what a node serves from a headers-only read or its header cache is what it
+        // would serve from the whole message, for every item that needs no more.
+        let specs = [
+            SectionSpec::Header,
+            SectionSpec::HeaderFields(vec!["subject".into(), "FROM".into()]),
+            SectionSpec::HeaderFieldsNot(vec!["subject".into()]),
+        ];
+        for raw in [
+            SIMPLE,
+            ALTERNATIVE,
+            MIXED,
+            FORWARD,
+            INNER_MESSAGE,
+            HEADERS_ONLY,
+        ] {
+            let end = header_end(raw).expect("a header that ends");
+            let head = &raw[..end];
+            assert!(head.ends_with(b"\r\n\r\n"), "{}", show(head));
+            assert_eq!(header_end(head), Some(end));
+            for spec in &specs {
+                assert_eq!(
+                    section(head, &[], spec),
+                    section(raw, &[], spec),
+                    "{spec:?}"
+                );
+            }
+            assert_eq!(envelope(head), envelope(raw));
+            assert_eq!(sent_date(head), sent_date(raw));
+            assert_eq!(
+                header_values(head, "subject"),
+                header_values(raw, "subject")
+            );
+        }
+        // Bare LF; no empty line yet (also a piece cut inside a CRLF); nothing but the line.
+        assert_eq!(header_end(b"A: 1\nB: 2\n\nbody\n"), Some(11));
+        assert_eq!(header_end(b"A: 1\r\nB: 2\r\n"), None);
+        assert_eq!(header_end(b"A: 1\r\n\r"), None);
+        assert_eq!(header_end(b"\r\nbody"), Some(2));
+        assert_eq!(header_end(b""), None);
     }
 
     #[test]

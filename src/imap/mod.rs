@@ -8,6 +8,7 @@
 //! so sessions on different nodes see each other's changes.
 
 pub mod framing;
+pub mod headers;
 pub mod mime;
 pub mod search;
 mod selected;
@@ -51,6 +52,8 @@ pub struct Imap {
     pub throttle: Arc<AuthThrottle>,
     /// Message size limits and domain quotas, as SMTP applies them.
     pub policy: Policy,
+    /// Headers of messages read here, for every session.
+    pub headers: headers::HeaderCache,
     connections: ConnectionLimits,
 }
 
@@ -69,6 +72,7 @@ impl Imap {
     ) -> Arc<Imap> {
         Arc::new(Imap {
             policy: Policy::new(node.clone()),
+            headers: headers::HeaderCache::new(config.imap.header_cache_bytes),
             node,
             config: config.imap.clone(),
             tls,

@@ -1,6 +1,7 @@
 //! SEARCH (RFC 3501 §6.4.4, WITHIN RFC 5032, MODSEQ RFC 7162): whether a message matches a
 //! search key. Keys on flags, sizes, dates and numbers use the session's view; header and
-//! text keys need the message, which the caller loads only when [`needs_body`] says so.
+//! text keys need the message (header keys only its header), which the caller loads as
+//! [`need`] says.
 //! String matching is a case-insensitive substring match on the decoded (UTF-8) text.
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -28,15 +29,30 @@ pub struct Bounds {
     pub now: i64,
 }
 
-/// Whether evaluating `key` needs the message itself.
-pub fn needs_body(key: &SearchKey<'_>) -> bool {
+/// How much of each message a command needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Need {
+    /// Only what the session's view holds (flags, sizes, dates, numbers).
+    Nothing,
+    /// The top-level header, up to and with the empty line that ends it.
+    Header,
+    /// The whole message.
+    Whole,
+}
+
+/// How much of each message evaluating `key` needs.
+pub fn need(key: &SearchKey<'_>) -> Need {
     use SearchKey as K;
     match key {
-        K::And(keys) => keys.as_ref().iter().any(needs_body),
-        K::Not(k) => needs_body(k),
-        K::Or(a, b) => needs_body(a) || needs_body(b),
+        K::And(keys) => keys
+            .as_ref()
+            .iter()
+            .map(need)
+            .max()
+            .unwrap_or(Need::Nothing),
+        K::Not(k) => need(k),
+        K::Or(a, b) => need(a).max(need(b)),
         K::Bcc(_)
-        | K::Body(_)
         | K::Cc(_)
         | K::From(_)
         | K::Header(..)
@@ -44,9 +60,9 @@ pub fn needs_body(key: &SearchKey<'_>) -> bool {
         | K::SentOn(_)
         | K::SentSince(_)
         | K::Subject(_)
-        | K::Text(_)
-        | K::To(_) => true,
-        _ => false,
+        | K::To(_) => Need::Header,
+        K::Body(_) | K::Text(_) => Need::Whole,
+        _ => Need::Nothing,
     }
 }
 
@@ -257,9 +273,21 @@ mod tests {
             "MODSEQ 12",
             "(SEEN UNDELETED) UNANSWERED",
         ];
+        // What needs no more than the header answers the same from the header alone (as
+        // the cache and a headers-only read give it); what needs the message answers no.
+        let header = &MAIL[..mime::header_end(MAIL).unwrap()];
+        let from_header = Candidate {
+            body: Some(header),
+            ..c
+        };
         for k in yes {
             assert!(matches(&key(k), &c, &b), "{k} should match");
+            let k = key(k);
+            if need(&k) != Need::Whole {
+                assert!(matches(&k, &from_header, &b), "{k:?} on the header only");
+            }
         }
+        assert!(!matches(&key("BODY noon"), &from_header, &b));
         let no = [
             "UNSEEN",
             "NEW",
@@ -277,8 +305,11 @@ mod tests {
         for k in no {
             assert!(!matches(&key(k), &c, &b), "{k} should not match");
         }
-        assert!(needs_body(&key("OR SEEN BODY x")));
-        assert!(!needs_body(&key("OR SEEN UID 1")));
+        assert_eq!(need(&key("OR SEEN BODY x")), Need::Whole);
+        assert_eq!(need(&key("OR SEEN UID 1")), Need::Nothing);
+        assert_eq!(need(&key("SEEN NOT SUBJECT x")), Need::Header);
+        assert_eq!(need(&key("OR FROM a TEXT b")), Need::Whole);
+        assert_eq!(need(&key("SENTSINCE 1-Feb-2020 UNSEEN")), Need::Header);
         assert!(uses_modseq(&key("NOT MODSEQ 3")));
     }
 }

@@ -1,12 +1,14 @@
 //! Commands of the selected state: CHECK, CLOSE, UNSELECT, EXPUNGE, UID EXPUNGE, SEARCH,
 //! FETCH, STORE, COPY, MOVE (and their UID forms).
 //!
-//! Message content is read from the partition leader only for the items that need it,
-//! a few messages at a time, so a FETCH of a large mailbox streams with bounded memory.
+//! Message content is read from the partition leader only for the items that need it, and
+//! only the header where that is all they need: one read per run of messages (bounded in
+//! count and bytes), so a FETCH of a large mailbox streams with bounded memory. Headers come
+//! from the node's header cache when it holds them.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-use futures::future::join_all;
 use imap_codec::imap_types::command::{CommandBody, FetchModifier, StoreModifier};
 use imap_codec::imap_types::fetch::{
     Macro, MacroOrMessageDataItemNames, MessageDataItemName, Part, Section,
@@ -19,14 +21,37 @@ use storage::partition::{FlagOp, MailError, PartitionCommand, PartitionResponse}
 use storage::types::{domain_of, ModSeq, Uid};
 
 use super::mime::{self, SectionSpec};
-use super::search::{self, Bounds, Candidate};
+use super::search::{self, Bounds, Candidate, Need};
 use super::session::{mail_error, mailbox_name, Done, Session, FLUSH_BYTES};
 use super::view::{flag_list, uid_set, Msg, Resolve};
 use crate::api::{Query, QueryResult};
 use crate::mail;
 
-/// Messages whose content is read at once during FETCH and SEARCH.
-const BODIES_AT_ONCE: usize = 8;
+/// Most messages whose content one read at the partition leader returns.
+const MESSAGES_PER_READ: usize = 64;
+/// Most bytes of messages (by stored size) one read returns, unless one alone is larger.
+const BYTES_PER_READ: u64 = 4 << 20;
+
+/// Splits `items` into the runs whose content is read at once: at most
+/// [`MESSAGES_PER_READ`] and [`BYTES_PER_READ`] each, never empty.
+fn runs<T>(items: &[T], size: impl Fn(&T) -> u64) -> Vec<&[T]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, item) in items.iter().enumerate() {
+        let full = i - start == MESSAGES_PER_READ || bytes + size(item) > BYTES_PER_READ;
+        if i > start && full {
+            out.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size(item);
+    }
+    if start < items.len() {
+        out.push(&items[start..]);
+    }
+    out
+}
 
 /// One FETCH data item, as we answer it.
 #[derive(Clone, Debug)]
@@ -53,11 +78,20 @@ enum Item {
 }
 
 impl Item {
-    fn needs_body(&self) -> bool {
-        matches!(
-            self,
-            Item::Envelope | Item::Structure { .. } | Item::Section { .. }
-        )
+    fn need(&self) -> Need {
+        match self {
+            Item::Envelope => Need::Header,
+            Item::Section {
+                part,
+                spec:
+                    SectionSpec::Header | SectionSpec::HeaderFields(_) | SectionSpec::HeaderFieldsNot(_),
+                ..
+            } if part.is_empty() => Need::Header,
+            Item::Structure { .. } | Item::Section { .. } => Need::Whole,
+            Item::Uid | Item::Flags | Item::InternalDate | Item::Size | Item::ModSeq => {
+                Need::Nothing
+            }
+        }
     }
 }
 
@@ -359,18 +393,45 @@ impl Session {
         }
     }
 
-    /// Reads the content of `msgs` (in order), a few at a time. `None` for a message that
-    /// no longer exists.
-    async fn bodies(&self, msgs: &[Msg]) -> Vec<Option<Vec<u8>>> {
+    /// What `need` asks of each of `msgs` (in order), in one read at the partition leader
+    /// for what the node's header cache does not hold. `None` for a message no longer
+    /// stored, and for every message when nothing is needed.
+    async fn contents(&self, msgs: &[&Msg], need: Need) -> Result<Vec<Option<Arc<[u8]>>>, Done> {
+        let mut out: Vec<Option<Arc<[u8]>>> = vec![None; msgs.len()];
+        if need == Need::Nothing {
+            return Ok(out);
+        }
+        let cache = &self.imap.headers;
+        let mut wanted = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            match cache.get(&m.body) {
+                Some(header) if need == Need::Header => out[i] = Some(header),
+                _ => wanted.push(i),
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let hashes = wanted.iter().map(|&i| msgs[i].body).collect();
         let router = &self.imap.node.router;
-        let reads = msgs
-            .iter()
-            .map(|m| mail::body(router, self.address(), m.body));
-        join_all(reads)
+        let found = mail::contents(router, self.address(), hashes, need == Need::Header)
             .await
-            .into_iter()
-            .map(|r| r.ok().flatten())
-            .collect()
+            .map_err(Done::unavailable)?;
+        for (i, content) in wanted.into_iter().zip(found) {
+            let Some(content) = content else { continue };
+            let hash = msgs[i].body;
+            let content: Arc<[u8]> = content.into();
+            match need {
+                Need::Header => cache.insert(hash, content.clone()),
+                _ if cache.get(&hash).is_none() => {
+                    let end = mime::header_end(&content).unwrap_or(content.len());
+                    cache.insert(hash, content[..end].into());
+                }
+                _ => {}
+            }
+            out[i] = Some(content);
+        }
+        Ok(out)
     }
 
     async fn search(&mut self, key: &SearchKey<'_>, by_uid: bool) -> Done {
@@ -380,19 +441,20 @@ impl Session {
             largest_uid: view.messages.last().map(|m| m.uid.0).unwrap_or(0),
             now: mail::now(),
         };
-        let need_body = search::needs_body(key);
+        let need = search::need(key);
         let messages = view.messages.clone();
         let mut found = Vec::new();
         let mut highest = ModSeq(0);
-        for (chunk_index, chunk) in messages.chunks(BODIES_AT_ONCE).enumerate() {
-            let bodies = if need_body {
-                self.bodies(chunk).await
-            } else {
-                vec![None; chunk.len()]
+        let mut seq = 0;
+        for run in runs(&messages, |m| m.size) {
+            let msgs: Vec<&Msg> = run.iter().collect();
+            let bodies = match self.contents(&msgs, need).await {
+                Ok(b) => b,
+                Err(done) => return done,
             };
             let view = self.selected.as_ref().expect("selected");
-            for (i, (msg, body)) in chunk.iter().zip(&bodies).enumerate() {
-                let seq = (chunk_index * BODIES_AT_ONCE + i + 1) as u32;
+            for (msg, body) in run.iter().zip(&bodies) {
+                seq += 1;
                 let c = Candidate {
                     seq,
                     msg,
@@ -515,17 +577,16 @@ impl Session {
         if flags_in_response && !items.iter().any(|i| matches!(i, Item::Flags)) {
             items.push(Item::Flags);
         }
-        let need_body = items.iter().any(Item::needs_body);
+        let need = items.iter().map(Item::need).max().unwrap_or(Need::Nothing);
         let mut missing = false;
-        for chunk in chosen.chunks(BODIES_AT_ONCE) {
-            let msgs: Vec<Msg> = chunk.iter().map(|(_, m)| m.clone()).collect();
-            let bodies = if need_body {
-                self.bodies(&msgs).await
-            } else {
-                vec![None; msgs.len()]
+        for run in runs(&chosen, |(_, m)| m.size) {
+            let msgs: Vec<&Msg> = run.iter().map(|(_, m)| m).collect();
+            let bodies = match self.contents(&msgs, need).await {
+                Ok(b) => b,
+                Err(done) => return Ok(done),
             };
-            for ((index, _), body) in chunk.iter().zip(bodies) {
-                if need_body && body.is_none() {
+            for ((index, _), body) in run.iter().zip(bodies) {
+                if need != Need::Nothing && body.is_none() {
                     missing = true;
                     continue;
                 }
@@ -822,4 +883,32 @@ impl Session {
 fn write_literal(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(format!("{{{}}}\r\n", data.len()).as_bytes());
     out.extend_from_slice(data);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_bounded_in_count_and_bytes_and_keep_every_message_in_order() {
+        // Goal: one read never asks for more than MESSAGES_PER_READ messages or (unless one
+        // message alone is larger) BYTES_PER_READ bytes, and no message is skipped.
+        let sizes: Vec<u64> = (0..200)
+            .map(|i| match i {
+                70 => BYTES_PER_READ * 3,
+                100..=110 => BYTES_PER_READ / 4,
+                _ => 4096,
+            })
+            .collect();
+        let runs = runs(&sizes, |s| *s);
+        assert_eq!(runs.concat(), sizes);
+        for run in &runs {
+            assert!(!run.is_empty() && run.len() <= MESSAGES_PER_READ);
+            let bytes: u64 = run.iter().sum();
+            assert!(bytes <= BYTES_PER_READ || run.len() == 1, "{run:?}");
+        }
+        assert_eq!(runs[0].len(), MESSAGES_PER_READ);
+        assert!(runs.iter().any(|r| r == &[BYTES_PER_READ * 3]));
+        assert!(super::runs(&[] as &[u64], |s| *s).is_empty());
+    }
 }

@@ -30,6 +30,17 @@ pub fn put(batch: &mut sled::Batch, key: &[u8], value: &[u8]) {
 
 /// Reads the whole value stored under `key`, or `None` if it has no chunks.
 pub fn get(tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error> {
+    get_until(tree, key, |_| false)
+}
+
+/// Reads the value stored under `key` chunk by chunk and stops after the first chunk at
+/// which `enough` says the bytes read so far suffice (the whole value if it never does);
+/// `None` if it has no chunks.
+pub fn get_until(
+    tree: &sled::Tree,
+    key: &[u8],
+    mut enough: impl FnMut(&[u8]) -> bool,
+) -> Result<Option<Vec<u8>>, sled::Error> {
     let mut out = Vec::new();
     let mut found = false;
     for (i, item) in tree.scan_prefix(key).enumerate() {
@@ -43,6 +54,9 @@ pub fn get(tree: &sled::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, sled::Error
         }
         found = true;
         out.extend_from_slice(&v);
+        if enough(&out) {
+            break;
+        }
     }
     Ok(found.then_some(out))
 }
@@ -76,6 +90,16 @@ mod tests {
         assert_eq!(get(&tree, b"key").unwrap().unwrap(), value);
         assert_eq!(get(&tree, b"empty").unwrap().unwrap(), b"");
         assert_eq!(get(&tree, b"nope").unwrap(), None);
+        // A prefix stops at the first chunk that suffices, and never reads past the value.
+        let mut calls = 0;
+        let head = get_until(&tree, b"key", |so_far| {
+            calls += 1;
+            so_far.len() > CHUNK_BYTES_MAX
+        });
+        assert_eq!(head.unwrap().unwrap(), value[..CHUNK_BYTES_MAX * 2]);
+        assert_eq!(calls, 2);
+        assert_eq!(get_until(&tree, b"key", |_| false).unwrap().unwrap(), value);
+        assert_eq!(get_until(&tree, b"nope", |_| true).unwrap(), None);
         for item in tree.iter() {
             assert!(item.unwrap().1.len() <= CHUNK_BYTES_MAX);
         }

@@ -1480,6 +1480,20 @@ impl PartitionView<'_> {
         Ok(chunk::get(self.tree, &key(BODY_CHUNKS, &[&hash.0]))?)
     }
 
+    /// The start of a stored body: its stored pieces in order until `enough` says the bytes
+    /// so far suffice (e.g. they hold the whole header), so a large message is not read whole.
+    pub fn body_until(
+        &self,
+        hash: BodyHash,
+        enough: impl FnMut(&[u8]) -> bool,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(chunk::get_until(
+            self.tree,
+            &key(BODY_CHUNKS, &[&hash.0]),
+            enough,
+        )?)
+    }
+
     /// Number of distinct bodies stored (for dedup checks and metrics).
     pub fn body_count(&self) -> Result<usize, StorageError> {
         Ok(self.tree.scan_prefix([BODY_META]).count())
