@@ -343,9 +343,10 @@ def uids(a):
     ok(m.login(a["user"], a["password"]))
     ok(m.select("INBOX"))
     validity = int(untagged(m, "UIDVALIDITY")[0])
+    recent = int(untagged(m, "RECENT")[0])
     found = [int(x) for x in ok(m.uid("SEARCH", "ALL"))[0].split()]
     m.logout()
-    print(json.dumps({"validity": validity, "uids": found}))
+    print(json.dumps({"validity": validity, "uids": found, "recent": recent}))
 
 
 def hold(a):

@@ -668,7 +668,9 @@ impl Session {
             Err(e) => return Done::unavailable(e),
         };
         let mut view = View::new(&mb, messages, read_only);
-        if !read_only {
+        // Claiming \Recent is a replicated write: only when some message is unclaimed. One
+        // delivered after the listing reaches the view, and is claimed, as any other arrival.
+        if !read_only && mb.recent_from < mb.uid_next {
             let claim = PartitionCommand::ClaimRecent {
                 address: self.address().to_string(),
                 mailbox: name.clone(),
