@@ -2,8 +2,8 @@
 """Plots of bench results as SVG, with nothing but the standard library.
 
     bench/plot.py dip DIP.json OUT.svg                 throughput over time, kill marked
-    bench/plot.py nodes OUT_PREFIX SMTP.json...        msgs/s and CPU per message by node count,
-                                                       one line per offered load
+    bench/plot.py nodes OUT_PREFIX SMTP.json...        msgs/s, CPU per message and latency p99
+                                                       by node count, one line per offered load
     bench/plot.py concurrency OUT_PREFIX SMTP.json     msgs/s and latency by concurrency
 
 SMTP.json files are what `bench smtp` writes (for `nodes`, one per cluster size, from
@@ -114,14 +114,18 @@ def nodes(prefix, files):
     series = []
     for label, by_size in sorted(by_load.items()):
         rows = sorted((n, statistics.median(r["msgs_per_sec"] for r in runs),
-                       statistics.median(r["cpu_ms_per_msg"] for r in runs))
+                       statistics.median(r["cpu_ms_per_msg"] for r in runs),
+                       statistics.median(r["p99_ms"] for r in runs))
                       for n, runs in by_size.items())
         series.append((label, rows))
     line_chart(f"{prefix}-throughput.svg", "SMTP 4 KiB, 32 senders, RF 3, one 2-vCPU machine",
-               "nodes", "messages/s", [(l, [(n, t) for n, t, _ in rows]) for l, rows in series],
+               "nodes", "messages/s", [(l, [(n, t) for n, t, _, _ in rows]) for l, rows in series],
                x_from_zero=False)
     line_chart(f"{prefix}-cpu.svg", "CPU of all nodes per stored message", "nodes",
-               "CPU ms per message", [(l, [(n, c) for n, _, c in rows]) for l, rows in series],
+               "CPU ms per message", [(l, [(n, c) for n, _, c, _ in rows]) for l, rows in series],
+               x_from_zero=False)
+    line_chart(f"{prefix}-latency.svg", "SMTP latency p99 (250 after the due time at a fixed rate)",
+               "nodes", "p99 ms", [(l, [(n, p) for n, _, _, p in rows]) for l, rows in series],
                x_from_zero=False)
 
 
