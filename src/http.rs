@@ -1,6 +1,7 @@
 //! The node's HTTP listener: Prometheus metrics at `/metrics` (text exposition format 0.0.4),
 //! node-local figures a scraper sums over the cluster: the outbound queue in the partitions
-//! this node leads, delivery outcomes, and the storage and transport counters.
+//! this node leads, delivery outcomes, the storage and transport counters, and the IMAP
+//! header cache.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::routing::get;
 
+use crate::imap::Imap;
 use crate::node::Node;
 use crate::outbound::Outbound;
 
@@ -18,12 +20,14 @@ use crate::outbound::Outbound;
 struct Shared {
     node: Arc<Node>,
     outbound: Arc<Outbound>,
+    imap: Arc<Imap>,
 }
 
 /// Serves HTTP on `addr` until the process ends; returns the bound address.
 pub async fn listen(
     node: Arc<Node>,
     outbound: Arc<Outbound>,
+    imap: Arc<Imap>,
     addr: SocketAddr,
 ) -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -32,7 +36,11 @@ pub async fn listen(
     let bound = listener.local_addr()?;
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
-        .with_state(Shared { node, outbound });
+        .with_state(Shared {
+            node,
+            outbound,
+            imap,
+        });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("http listener stopped: {e}");
@@ -108,6 +116,20 @@ async fn metrics(State(s): State<Shared>) -> impl axum::response::IntoResponse {
         "counter",
         "Requests this node served for its peers over the cluster transport.",
         &[("", host.transport().calls_served())],
+    );
+    let headers = &s.imap.headers;
+    let (hits, misses) = headers.hits_and_misses();
+    metric(
+        "mailgrid_imap_header_cache_bytes",
+        "gauge",
+        "Memory held by the IMAP header cache (imap.header_cache_mib).",
+        &[("", headers.bytes() as u64)],
+    );
+    metric(
+        "mailgrid_imap_header_cache_lookups_total",
+        "counter",
+        "Header lookups by IMAP FETCH and SEARCH, answered from the cache (hit) or not (miss).",
+        &[("{result=\"hit\"}", hits), ("{result=\"miss\"}", misses)],
     );
     (
         [(

@@ -92,7 +92,7 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     )?;
     outbound.start();
     if let Some(addr) = config.listen.http {
-        let bound = crate::http::listen(node.clone(), outbound.clone(), addr).await?;
+        let bound = crate::http::listen(node.clone(), outbound.clone(), imap.clone(), addr).await?;
         println!("http listening on {bound}");
         listeners.insert("http".to_string(), bound.to_string());
     }

@@ -121,11 +121,26 @@ fn imap_commands_bad_input_and_curl() {
     // Too long for an argument: the scenario reads the message from a file.
     let file = c.root.path().join("big-header.eml");
     std::fs::write(&file, &whole).unwrap();
+    let hits = |c: &Cluster| {
+        metric_sum(
+            c,
+            "mailgrid_imap_header_cache_lookups_total{result=\"hit\"}",
+        )
+    };
+    let hits_before = hits(&c);
     python(
         "big_header",
         json!({ "nodes": nodes, "user": user, "password": "pw", "message": file,
                 "header_len": header.len(), "last": "at-the-end" }),
     );
+    // Each node's second look at the header (FETCH after SEARCH, and the second round) is
+    // answered by its cache: at least 4 lookups per node.
+    assert!(
+        hits(&c) >= hits_before + 12,
+        "{hits_before} -> {}",
+        hits(&c)
+    );
+    assert!(metric_sum(&c, "mailgrid_imap_header_cache_bytes") > 3 * header.len() as u64);
     match Command::new("curl").arg("--version").output() {
         Err(_) => eprintln!("SKIPPED curl check: curl is not installed"),
         Ok(_) => {

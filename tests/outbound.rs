@@ -197,31 +197,6 @@ fn queue(c: &Cluster) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// A metric summed over every running node's /metrics (fetched with curl).
-fn metric_sum(c: &Cluster, name: &str) -> u64 {
-    let mut total = 0;
-    for n in c.nodes.iter().filter(|n| n.child.is_some()) {
-        // A restarted node listens on new ports and publishes them shortly after it starts;
-        // until then the cluster status still names the old ones.
-        let (url, text) = eventually(Duration::from_secs(30), "GET /metrics", || {
-            let url = format!("http://{}/metrics", c.listener(n.id, "http"));
-            let out = Command::new("curl")
-                .args(["-sf", "--max-time", "10", &url])
-                .output()
-                .expect("curl runs");
-            out.status
-                .success()
-                .then(|| (url, String::from_utf8(out.stdout).unwrap()))
-        });
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("{name} missing from {url}:\n{text}"));
-        total += value.trim().parse::<u64>().unwrap();
-    }
-    total
-}
-
 fn dsns(c: &Cluster, user: &str) -> Vec<String> {
     c.fetch(c.any(), user)
         .into_iter()

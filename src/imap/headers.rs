@@ -7,6 +7,7 @@
 //! Entries are dropped oldest first once the cache holds more than its byte budget.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use storage::types::BodyHash;
@@ -17,6 +18,8 @@ const ENTRY_OVERHEAD: usize = 96;
 pub struct HeaderCache {
     budget: usize,
     inner: Mutex<Inner>,
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -33,16 +36,36 @@ impl HeaderCache {
         HeaderCache {
             budget,
             inner: Mutex::default(),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
         }
     }
 
+    /// The header of the message whose hash is `hash`, if held (counted as a hit or miss).
     pub fn get(&self, hash: &BodyHash) -> Option<Arc<[u8]>> {
-        self.inner
+        let found = self
+            .inner
             .lock()
             .expect("header cache")
             .headers
             .get(hash)
-            .cloned()
+            .cloned();
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Whether the header of `hash` is held (not counted).
+    pub fn contains(&self, hash: &BodyHash) -> bool {
+        self.inner
+            .lock()
+            .expect("header cache")
+            .headers
+            .contains_key(hash)
     }
 
     /// Keeps `header` (the header of the message whose hash is `hash`, up to and with the
@@ -72,6 +95,14 @@ impl HeaderCache {
     pub fn bytes(&self) -> usize {
         self.inner.lock().expect("header cache").bytes
     }
+
+    /// Lookups answered from the cache, and those that were not, since the node started.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +124,8 @@ mod tests {
         }
         cache.insert(hash(1), header(100));
         assert_eq!(cache.bytes(), 3 * (100 + ENTRY_OVERHEAD));
+        assert!(cache.contains(&hash(1)));
+        assert_eq!(cache.hits_and_misses(), (0, 0), "contains counts nothing");
         cache.insert(hash(4), header(100));
         assert!(cache.get(&hash(1)).is_none(), "the oldest is dropped");
         for n in 2..=4 {
@@ -106,6 +139,7 @@ mod tests {
         cache.insert(hash(6), header(10_000));
         assert!(cache.get(&hash(6)).is_none());
         assert!(cache.get(&hash(5)).is_some());
+        assert_eq!(cache.hits_and_misses(), (5, 4));
         let off = HeaderCache::new(0);
         off.insert(hash(1), header(1));
         assert!(off.get(&hash(1)).is_none());

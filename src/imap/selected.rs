@@ -404,8 +404,11 @@ impl Session {
         let cache = &self.imap.headers;
         let mut wanted = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
-            match cache.get(&m.body) {
-                Some(header) if need == Need::Header => out[i] = Some(header),
+            match need {
+                Need::Header => match cache.get(&m.body) {
+                    Some(header) => out[i] = Some(header),
+                    None => wanted.push(i),
+                },
                 _ => wanted.push(i),
             }
         }
@@ -423,7 +426,7 @@ impl Session {
             let content: Arc<[u8]> = content.into();
             match need {
                 Need::Header => cache.insert(hash, content.clone()),
-                _ if cache.get(&hash).is_none() => {
+                _ if !cache.contains(&hash) => {
                     let end = mime::header_end(&content).unwrap_or(content.len());
                     cache.insert(hash, content[..end].into());
                 }
