@@ -555,6 +555,10 @@ pub async fn contents(
         QueryResult::Contents(found) if found.len() == asked => {
             Ok(found.into_iter().map(|c| c.0).collect())
         }
+        QueryResult::Contents(found) => Err(MailServiceError::Unexpected(format!(
+            "asked for {asked} messages, got {}",
+            found.len()
+        ))),
         other => Err(MailServiceError::Unexpected(format!("{other:?}"))),
     }
 }
