@@ -53,8 +53,8 @@ impl Conn {
         Ok(line)
     }
 
-    /// An IMAP command; the untagged lines (literal contents skipped) and the status.
-    pub(crate) async fn imap(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
+    /// Sends `command` under the next tag; returns the tag.
+    async fn send_tagged(&mut self, command: &str) -> anyhow::Result<String> {
         self.tag += 1;
         let tag = format!("b{}", self.tag);
         self.io
@@ -63,6 +63,12 @@ impl Conn {
             .await?;
         // TLS holds written bytes until flushed: an unflushed command may never leave.
         self.io.get_mut().flush().await?;
+        Ok(tag)
+    }
+
+    /// An IMAP command; the untagged lines (literal contents skipped) and the status.
+    pub(crate) async fn imap(&mut self, command: &str) -> anyhow::Result<Vec<String>> {
+        let tag = self.send_tagged(command).await?;
         let mut lines = Vec::new();
         loop {
             let line = self.line().await.with_context(|| {
@@ -91,13 +97,7 @@ impl Conn {
 
     /// Starts IDLE: sends it and waits for the server's continuation.
     async fn idle_start(&mut self) -> anyhow::Result<()> {
-        self.tag += 1;
-        let tag = format!("b{}", self.tag);
-        self.io
-            .get_mut()
-            .write_all(format!("{tag} IDLE\r\n").as_bytes())
-            .await?;
-        self.io.get_mut().flush().await?;
+        let tag = self.send_tagged("IDLE").await?;
         loop {
             let line = self.line().await?;
             if line.starts_with('+') {

@@ -634,6 +634,18 @@ async fn failover(
     Ok(took)
 }
 
+/// A run's latency spread as printed: `p50 X ms, p90 X ms, p99 X ms, max X ms`.
+fn spread(r: &serde_json::Value, decimals: usize) -> String {
+    ["p50", "p90", "p99", "max"]
+        .iter()
+        .map(|q| {
+            let ms = r[format!("{q}_ms")].as_f64().unwrap_or(0.0);
+            format!("{q} {ms:.decimals$} ms")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn mailgrid_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let bin = match given {
         Some(b) => b,
@@ -793,12 +805,9 @@ async fn main() -> anyhow::Result<()> {
                     };
                     let offered = rate.map(|r| format!(" ({r} offered)")).unwrap_or_default();
                     eprintln!(
-                        "smtp {size} x{messages}, {c} senders: {:.0} msgs/s{offered}, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms{cpu_note}",
+                        "smtp {size} x{messages}, {c} senders: {:.0} msgs/s{offered}, {}{cpu_note}",
                         r["msgs_per_sec"].as_f64().unwrap_or(0.0),
-                        r["p50_ms"].as_f64().unwrap_or(0.0),
-                        r["p90_ms"].as_f64().unwrap_or(0.0),
-                        r["p99_ms"].as_f64().unwrap_or(0.0),
-                        r["max_ms"].as_f64().unwrap_or(0.0)
+                        spread(&r, 2)
                     );
                     runs.push(r);
                 }
@@ -1065,31 +1074,22 @@ async fn main() -> anyhow::Result<()> {
                 };
                 let r = mailbox_load::imap(load(listeners("imaps"))).await?;
                 eprintln!(
-                    "imap session mix, {c} clients: {:.0} ops/s, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    "imap session mix, {c} clients: {:.0} ops/s, {}",
                     r["ops_per_sec"].as_f64().unwrap_or(0.0),
-                    r["p50_ms"].as_f64().unwrap_or(0.0),
-                    r["p90_ms"].as_f64().unwrap_or(0.0),
-                    r["p99_ms"].as_f64().unwrap_or(0.0),
-                    r["max_ms"].as_f64().unwrap_or(0.0)
+                    spread(&r, 2)
                 );
                 imap_runs.push(r);
                 let r = mailbox_load::idle_wakeups(load(listeners("imaps"))).await?;
                 eprintln!(
-                    "imap idle wake-ups, {c} clients: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms after the 250",
-                    r["p50_ms"].as_f64().unwrap_or(0.0),
-                    r["p90_ms"].as_f64().unwrap_or(0.0),
-                    r["p99_ms"].as_f64().unwrap_or(0.0),
-                    r["max_ms"].as_f64().unwrap_or(0.0)
+                    "imap idle wake-ups, {c} clients: {} after the 250",
+                    spread(&r, 1)
                 );
                 idle_runs.push(r);
                 let r = mailbox_load::pop3(load(listeners("pop3s"))).await?;
                 eprintln!(
-                    "pop3 download sessions, {c} clients: {:.1} sessions/s, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                    "pop3 download sessions, {c} clients: {:.1} sessions/s, {}",
                     r["sessions_per_sec"].as_f64().unwrap_or(0.0),
-                    r["p50_ms"].as_f64().unwrap_or(0.0),
-                    r["p90_ms"].as_f64().unwrap_or(0.0),
-                    r["p99_ms"].as_f64().unwrap_or(0.0),
-                    r["max_ms"].as_f64().unwrap_or(0.0)
+                    spread(&r, 1)
                 );
                 pop3_runs.push(r);
             }

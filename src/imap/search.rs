@@ -185,13 +185,9 @@ pub fn matches(key: &SearchKey<'_>, c: &Candidate<'_>, b: &Bounds) -> bool {
     }
 }
 
-/// The header of a message (up to the first empty line).
+/// The header of a message (through the empty line that ends it).
 fn header_part(body: &[u8]) -> &[u8] {
-    let end = body
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or(body.len());
-    &body[..end]
+    &body[..mime::header_end(body).unwrap_or(body.len())]
 }
 
 #[cfg(test)]

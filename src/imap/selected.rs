@@ -53,6 +53,24 @@ fn runs<T>(items: &[T], size: impl Fn(&T) -> u64) -> Vec<&[T]> {
     out
 }
 
+/// A message's content as one command reads it: a header shared with the node's header
+/// cache, or the bytes read for this command (a whole body is never copied).
+#[derive(Clone)]
+enum Content {
+    Shared(Arc<[u8]>),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Content {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Content::Shared(bytes) => bytes,
+            Content::Owned(bytes) => bytes,
+        }
+    }
+}
+
 /// One FETCH data item, as we answer it.
 #[derive(Clone, Debug)]
 enum Item {
@@ -396,8 +414,8 @@ impl Session {
     /// What `need` asks of each of `msgs` (in order), in one read at the partition leader
     /// for what the node's header cache does not hold. `None` for a message no longer
     /// stored, and for every message when nothing is needed.
-    async fn contents(&self, msgs: &[&Msg], need: Need) -> Result<Vec<Option<Arc<[u8]>>>, Done> {
-        let mut out: Vec<Option<Arc<[u8]>>> = vec![None; msgs.len()];
+    async fn contents(&self, msgs: &[&Msg], need: Need) -> Result<Vec<Option<Content>>, Done> {
+        let mut out: Vec<Option<Content>> = vec![None; msgs.len()];
         if need == Need::Nothing {
             return Ok(out);
         }
@@ -406,7 +424,7 @@ impl Session {
         for (i, m) in msgs.iter().enumerate() {
             match need {
                 Need::Header => match cache.get(&m.body) {
-                    Some(header) => out[i] = Some(header),
+                    Some(header) => out[i] = Some(Content::Shared(header)),
                     None => wanted.push(i),
                 },
                 _ => wanted.push(i),
@@ -423,16 +441,17 @@ impl Session {
         for (i, content) in wanted.into_iter().zip(found) {
             let Some(content) = content else { continue };
             let hash = msgs[i].body;
-            let content: Arc<[u8]> = content.into();
-            match need {
-                Need::Header => cache.insert(hash, content.clone()),
-                _ if !cache.contains(&hash) => {
+            out[i] = Some(if need == Need::Header {
+                let header: Arc<[u8]> = content.into();
+                cache.insert(hash, header.clone());
+                Content::Shared(header)
+            } else {
+                if !cache.contains(&hash) {
                     let end = mime::header_end(&content).unwrap_or(content.len());
                     cache.insert(hash, content[..end].into());
                 }
-                _ => {}
-            }
-            out[i] = Some(content);
+                Content::Owned(content)
+            });
         }
         Ok(out)
     }
