@@ -32,6 +32,8 @@ pub enum ServiceRequest {
     /// Digest of this node's own replica of a group.
     LocalDigest(GroupId),
     Client(ClientRequest),
+    /// The rebalance as the receiving node runs it (`raft::host::MoveStats`).
+    MoveStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -247,6 +249,23 @@ pub enum ClientRequest {
         password_hash: String,
         quota: Quota,
     },
+    /// Moves every replica and leadership off a node (`undrain` with `false`).
+    NodeDrain {
+        id: u64,
+        draining: bool,
+    },
+    /// Sets a node's capacity weight.
+    NodeWeight {
+        id: u64,
+        weight: u32,
+    },
+    /// Gives each of `old`'s replicas to `new`, then leaves `old` empty.
+    NodeReplace {
+        old: u64,
+        new: u64,
+    },
+    /// Every node's replicas and leaders against the plan, and the moves under way.
+    Placement,
 }
 
 /// What an operator does to a queue entry.
@@ -276,6 +295,42 @@ pub enum ClientReply {
     Queue(Vec<QueueEntry>),
     /// A DNS record to publish, in zone-file form.
     Record(String),
+    Placement(PlacementStatus),
+}
+
+/// Where the rebalance stands: each node against its target, and the moves.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PlacementStatus {
+    pub nodes: Vec<NodePlacement>,
+    /// Replicas the plan adds to partitions whose new replicas are not yet recorded.
+    pub moves_pending: u64,
+    /// Partitions whose group is not yet on its recorded replicas.
+    pub moves_running: u64,
+    /// Moves the meta leader saw finish since it became leader.
+    pub moves_done: u64,
+    /// Mean duration of the meta leader's recent moves.
+    pub move_mean_ms: Option<u64>,
+    /// Rough time until the rebalance is done, from the recent moves' pace.
+    pub estimate_s: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodePlacement {
+    pub id: u64,
+    pub weight: u32,
+    pub draining: bool,
+    pub replace_by: Option<u64>,
+    /// Partitions whose group has this node as a voter or learner, as their leaders see it.
+    pub replicas: u64,
+    /// Replicas the plan gives it.
+    pub replicas_target: u64,
+    /// Partitions it leads.
+    pub leaders: u64,
+    /// Partitions whose plan prefers it as leader.
+    pub leaders_target: u64,
+    /// Draining and holding nothing: it can be stopped or removed without leaving any
+    /// partition short of replicas.
+    pub drained: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -319,6 +319,15 @@ enum QuotaCmd {
 enum NodeCmd {
     /// Forget a node that will not come back; its replicas move to the others.
     Remove { id: u64 },
+    /// Move every replica and leadership off a node, a few at a time; `status` says when it
+    /// holds nothing and can be stopped or removed.
+    Drain { id: u64 },
+    /// Let a drained (or draining) node take its share again.
+    Undrain { id: u64 },
+    /// Give each replica of OLD to NEW (a node already joined), then leave OLD empty.
+    Replace { old: u64, new: u64 },
+    /// Set a node's capacity weight (1-1000): weight 2 holds twice the replicas of weight 1.
+    Weight { id: u64, weight: u32 },
 }
 
 pub fn main() -> ExitCode {
@@ -429,7 +438,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let ClientReply::Status(status) = client.request(ClientRequest::Status).await? else {
                 bail!("unexpected answer to status");
             };
-            print_status(&status, json)
+            // A node too old to know the request answers an error: its status is shown alone.
+            let placement = match client.request(ClientRequest::Placement).await {
+                Ok(ClientReply::Placement(p)) => Some(p),
+                _ => None,
+            };
+            print_status(&status, placement.as_ref(), json)
         }
         Cmd::Inspect { data, group } => {
             let file = crate::datadir::NodeFile::load(&data)?;
@@ -765,9 +779,16 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
             },
             QuotaCmd::Show { address } => ClientRequest::QuotaShow(address),
         },
-        AdminCmd::Node {
-            command: NodeCmd::Remove { id },
-        } => ClientRequest::NodeRemove(id),
+        AdminCmd::Node { command } => match command {
+            NodeCmd::Remove { id } => ClientRequest::NodeRemove(id),
+            NodeCmd::Drain { id } => ClientRequest::NodeDrain { id, draining: true },
+            NodeCmd::Undrain { id } => ClientRequest::NodeDrain {
+                id,
+                draining: false,
+            },
+            NodeCmd::Replace { old, new } => ClientRequest::NodeReplace { old, new },
+            NodeCmd::Weight { id, weight } => ClientRequest::NodeWeight { id, weight },
+        },
         AdminCmd::Dkim { command } => match command {
             DkimCmd::Generate {
                 domain,
@@ -912,7 +933,51 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
+/// Per node its replicas and leaders against the plan, then the moves.
+fn print_placement(p: &PlacementStatus) {
+    println!(
+        "{:<8} {:>6} {:>18} {:>18}  state",
+        "node", "weight", "replicas/target", "leaders/target"
+    );
+    for n in &p.nodes {
+        let state = match (n.draining, n.drained, n.replace_by) {
+            (_, true, _) => "drained: holds nothing, safe to stop or remove".to_string(),
+            (true, false, Some(new)) => format!("being replaced by node {new}"),
+            (true, false, None) => "draining".to_string(),
+            (false, _, _) if n.replicas == n.replicas_target && n.leaders == n.leaders_target => {
+                "balanced".to_string()
+            }
+            (false, _, _) => "moving".to_string(),
+        };
+        println!(
+            "node {:>3} {:>6} {:>18} {:>18}  {}",
+            n.id,
+            n.weight,
+            format!("{}/{}", n.replicas, n.replicas_target),
+            format!("{}/{}", n.leaders, n.leaders_target),
+            state
+        );
+    }
+    let estimate = p
+        .estimate_s
+        .filter(|_| p.moves_pending + p.moves_running > 0)
+        .map(|s| format!(", about {s} s left"))
+        .unwrap_or_default();
+    let mean = p
+        .move_mean_ms
+        .map(|ms| format!(", {:.1} s per move", ms as f64 / 1000.0))
+        .unwrap_or_default();
+    println!(
+        "moves: {} pending, {} running, {} done{mean}{estimate}",
+        p.moves_pending, p.moves_running, p.moves_done
+    );
+}
+
+fn print_status(
+    status: &ClusterStatus,
+    placement: Option<&PlacementStatus>,
+    json: bool,
+) -> anyhow::Result<()> {
     if json {
         println!(
             "{}",
@@ -924,6 +989,7 @@ fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
                     "learners": p.learners, "leader": p.leader, "term": p.term, "healthy": p.healthy,
                 })).collect::<Vec<_>>(),
                 "views": status.views,
+                "placement": placement,
             }))?
         );
         return Ok(());
@@ -947,6 +1013,9 @@ fn print_status(status: &ClusterStatus, json: bool) -> anyhow::Result<()> {
             if n.reachable { "up" } else { "UNREACHABLE" },
             listeners.join(", ")
         );
+    }
+    if let Some(p) = placement {
+        print_placement(p);
     }
     println!(
         "{:<10} {:<8} {:<14} {:<14} health",

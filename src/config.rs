@@ -384,6 +384,8 @@ struct RaftSection {
     election_max_ms: Option<u64>,
     snapshot_logs: Option<u64>,
     write_timeout_ms: Option<u64>,
+    moves_per_node_max: Option<usize>,
+    move_mib_per_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -484,6 +486,16 @@ impl ServeConfig {
         }
         if node.snapshot_logs == 0 {
             bail!("raft.snapshot_logs must be at least 1");
+        }
+        node.moves_per_node_max = r.moves_per_node_max.unwrap_or(node.moves_per_node_max);
+        if !(1..=64).contains(&node.moves_per_node_max) {
+            bail!("raft.moves_per_node_max must be between 1 and 64");
+        }
+        if let Some(mib) = r.move_mib_per_s {
+            if mib > 100_000 {
+                bail!("raft.move_mib_per_s must be at most 100000 (0 = unlimited)");
+            }
+            node.move_bytes_per_s = mib << 20;
         }
         let l = file.listen;
         let listen = Listen {

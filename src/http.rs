@@ -117,6 +117,47 @@ async fn metrics(State(s): State<Shared>) -> impl axum::response::IntoResponse {
         "Requests this node served for its peers over the cluster transport.",
         &[("", host.transport().calls_served())],
     );
+    let placement = host.placement_gauges();
+    let moves = host.move_stats();
+    metric(
+        "mailgrid_replicas",
+        "gauge",
+        "Partition groups this node is a member of (voter or learner).",
+        &[("", placement.replicas)],
+    );
+    metric(
+        "mailgrid_replicas_target",
+        "gauge",
+        "Partition replicas the placement plan gives this node.",
+        &[("", placement.replicas_target)],
+    );
+    metric(
+        "mailgrid_leaders_target",
+        "gauge",
+        "Partitions whose placement plan prefers this node as leader.",
+        &[("", placement.leaders_target)],
+    );
+    // The rebalance is the meta leader's: other nodes report zero, so sums stay right.
+    let (pending, running, done) = if moves.meta_leader {
+        (placement.moves_pending, moves.running, moves.done)
+    } else {
+        (0, 0, 0)
+    };
+    metric(
+        "mailgrid_rebalance_moves",
+        "gauge",
+        "Replica moves of the rebalance: planned but not started (pending) and started (running); reported by the meta leader.",
+        &[
+            ("{state=\"pending\"}", pending),
+            ("{state=\"running\"}", running),
+        ],
+    );
+    metric(
+        "mailgrid_rebalance_moves_done_total",
+        "counter",
+        "Replica moves the meta leader saw finish since it became leader.",
+        &[("", done)],
+    );
     let headers = &s.imap.headers;
     let (hits, misses) = headers.hits_and_misses();
     metric(

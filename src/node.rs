@@ -30,6 +30,11 @@ pub struct NodeOptions {
     pub election_max_ms: u64,
     pub snapshot_logs: u64,
     pub write_timeout: Duration,
+    /// Replica moves of a rebalance one node takes part in at once (`[raft] moves_per_node_max`).
+    pub moves_per_node_max: usize,
+    /// Byte rate of the snapshots this node sends to new replicas; 0 is unlimited
+    /// (`[raft] move_mib_per_s`).
+    pub move_bytes_per_s: u64,
     /// How passwords set through this node are hashed (`[auth] password_scheme`).
     pub password_scheme: mail::PasswordScheme,
 }
@@ -44,6 +49,8 @@ impl Default for NodeOptions {
             election_max_ms: 1000,
             snapshot_logs: 5_000,
             write_timeout: Duration::from_secs(5),
+            moves_per_node_max: 4,
+            move_bytes_per_s: 32 << 20,
             password_scheme: mail::PasswordScheme::default(),
         }
     }
@@ -117,7 +124,9 @@ impl Node {
             election_max_ms: options.election_max_ms,
             snapshot_logs: options.snapshot_logs,
             write_timeout: options.write_timeout,
+            moves_per_node_max: options.moves_per_node_max,
         };
+        transport.set_body_rate(options.move_bytes_per_s);
         let host = RaftHost::start(config, store, transport)
             .await
             .map_err(anyhow::Error::msg)?;
@@ -205,6 +214,7 @@ impl Node {
                     .and_then(|m| m.stable_digest().ok().flatten()),
             ),
             ServiceRequest::Client(c) => codec::encode(&self.client(c).await),
+            ServiceRequest::MoveStats => codec::encode(&self.host().move_stats()),
         }
     }
 
@@ -398,6 +408,56 @@ impl Node {
                         .map_err(err)?,
                 )
             }
+            ClientRequest::NodeDrain { id, draining } => {
+                if draining {
+                    self.refuse_emptying_the_last(id)?;
+                }
+                meta_done(
+                    r.meta_write(MetaCommand::SetNodeDraining {
+                        id,
+                        draining,
+                        replace_by: None,
+                    })
+                    .await
+                    .map_err(err)?,
+                )
+            }
+            ClientRequest::NodeReplace { old, new } => {
+                if old == new {
+                    return Err(format!("node {old} cannot replace itself"));
+                }
+                let settings = self
+                    .host()
+                    .meta()
+                    .read_meta(|m| m.node_settings())
+                    .map_err(|e| e.to_string())?;
+                match settings.get(&new) {
+                    None => {
+                        return Err(format!(
+                            "node {new} is not a member of the cluster: join it first (`mailgrid join`), then replace"
+                        ))
+                    }
+                    Some(s) if s.draining => {
+                        return Err(format!("node {new} is draining itself; undrain it first"))
+                    }
+                    Some(_) => {}
+                }
+                meta_done(
+                    r.meta_write(MetaCommand::SetNodeDraining {
+                        id: old,
+                        draining: true,
+                        replace_by: Some(new),
+                    })
+                    .await
+                    .map_err(err)?,
+                )
+            }
+            ClientRequest::NodeWeight { id, weight } => meta_done(
+                r.meta_write(MetaCommand::SetNodeWeight { id, weight })
+                    .await
+                    .map_err(err)?,
+            ),
+            ClientRequest::Placement => Ok(ClientReply::Placement(self.placement().await?)),
             ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
             ClientRequest::NodeStats => Ok(ClientReply::NodeStats(NodeStats {
                 node_id: self.file.node_id,
@@ -750,6 +810,106 @@ impl Node {
             partitions,
             views,
         }
+    }
+
+    /// A drain that would leave no node to hold the replicas is refused.
+    fn refuse_emptying_the_last(&self, id: u64) -> Result<(), String> {
+        let settings = self
+            .host()
+            .meta()
+            .read_meta(|m| m.node_settings())
+            .map_err(|e| e.to_string())?;
+        if !settings.contains_key(&id) {
+            return Err(format!("no such node {id}"));
+        }
+        if !settings.iter().any(|(n, s)| *n != id && !s.draining) {
+            return Err(format!(
+                "not draining node {id}: no other node would be left to hold its replicas"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every node's replicas and leaders (as the groups' leaders report them) against the
+    /// plan, and the moves still to make.
+    async fn placement(&self) -> Result<PlacementStatus, String> {
+        let meta = self.host().meta();
+        let (cluster, nodes, settings, records) = meta
+            .read_meta(|m| {
+                Ok::<_, storage::StorageError>((
+                    m.cluster()?,
+                    m.nodes()?,
+                    m.node_settings()?,
+                    m.partitions()?,
+                ))
+            })
+            .map_err(|e| e.to_string())?;
+        let info = cluster.ok_or("the cluster is not initialised")?;
+        let observed = self.host().observe(&nodes).await;
+        let plan = raft::placement::plan(&records, &settings, info.replicas as usize);
+        let all_seen = records
+            .iter()
+            .all(|r| observed.contains_key(&partition_group(r.id)));
+        let nodes = settings
+            .iter()
+            .map(|(&id, s)| {
+                let holds = |v: &GroupStatus| v.voters.contains(&id) || v.learners.contains(&id);
+                let replicas = records
+                    .iter()
+                    .filter(|r| observed.get(&partition_group(r.id)).is_some_and(holds))
+                    .count() as u64;
+                let recorded = records.iter().filter(|r| r.replicas.contains(&id)).count();
+                let replicas_target =
+                    plan.iter().filter(|r| r.replicas.contains(&id)).count() as u64;
+                NodePlacement {
+                    id,
+                    weight: s.weight,
+                    draining: s.draining,
+                    replace_by: s.replace_by,
+                    replicas,
+                    replicas_target,
+                    leaders: observed
+                        .values()
+                        .filter(|v| v.group != META_GROUP && v.leader == Some(id))
+                        .count() as u64,
+                    leaders_target: plan
+                        .iter()
+                        .filter(|r| r.replicas.first() == Some(&id))
+                        .count() as u64,
+                    drained: s.draining
+                        && all_seen
+                        && replicas == 0
+                        && recorded == 0
+                        && replicas_target == 0,
+                }
+            })
+            .collect();
+        let (moves_pending, _) = raft::placement::distance(&records, &plan);
+        let moves_running = records
+            .iter()
+            .filter(|r| !raft::host::settled(r, observed.get(&partition_group(r.id))))
+            .count() as u64;
+        let stats = match self.host().leader_of(META_GROUP) {
+            Some((id, _)) if id == self.file.node_id => Some(self.host().move_stats()),
+            Some((id, addr)) => {
+                self.ask_node::<raft::host::MoveStats>(id, &addr, ServiceRequest::MoveStats)
+                    .await
+            }
+            None => None,
+        }
+        .unwrap_or_default();
+        let left = moves_pending as u64 + moves_running;
+        let parallel = self.host().config().moves_per_node_max.max(1) as u64;
+        Ok(PlacementStatus {
+            nodes,
+            moves_pending: moves_pending as u64,
+            moves_running,
+            moves_done: stats.done,
+            move_mean_ms: stats.mean_ms,
+            estimate_s: stats
+                .mean_ms
+                .map(|ms| (left * ms).div_ceil(parallel * 1000)),
+        })
     }
 
     async fn digests(&self, group: u64) -> BTreeMap<u64, Option<String>> {

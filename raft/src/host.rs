@@ -13,7 +13,7 @@ use openraft::{ChangeMembers, Config, ReadPolicy, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use storage::codec;
 use storage::machine::GroupKind;
-use storage::meta::{MetaCommand, NodeRecord, PartitionRecord};
+use storage::meta::{ClusterInfo, MetaCommand, NodeRecord, NodeSettings, PartitionRecord};
 use storage::{Command, GroupLog, GroupMachine, Response, Store};
 
 use crate::liveness::{self, Action, Beat, GroupView, Liveness, Memo, Timing};
@@ -36,6 +36,8 @@ pub struct HostConfig {
     pub snapshot_logs: u64,
     /// How long a proposal may wait for its commit before the outcome is reported unknown.
     pub write_timeout: Duration,
+    /// Replica moves of a rebalance that may involve one node (as receiver or giver) at once.
+    pub moves_per_node_max: usize,
 }
 
 /// Most voters in the meta group; further nodes follow it as learners.
@@ -145,6 +147,47 @@ pub struct RaftHost {
     /// When this node last handed each group's leadership away, and at which term (see
     /// [`RaftHost::read`] and `liveness_loop`).
     transfers: std::sync::Mutex<BTreeMap<GroupId, Transfer>>,
+    /// The replica moves this node started as meta leader (see `rebalance`).
+    moves: std::sync::Mutex<Moves>,
+}
+
+/// Replica moves the meta leader started and has seen finish. In memory only: a new meta
+/// leader learns the moves under way from the groups themselves and counts from zero.
+#[derive(Debug, Default)]
+struct Moves {
+    /// Partition → when its new replicas were recorded, and the replicas it had.
+    running: BTreeMap<u32, (std::time::Instant, Vec<NodeId>)>,
+    done: u64,
+    /// Durations of the last `RECENT_MOVES` moves, newest last.
+    recent: std::collections::VecDeque<Duration>,
+}
+
+const RECENT_MOVES: usize = 32;
+
+/// One node's share of the placement, for `/metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct PlacementGauges {
+    /// Partition groups this node is a member of.
+    pub replicas: u64,
+    /// Replicas the plan gives it.
+    pub replicas_target: u64,
+    /// Partitions whose plan prefers it as leader.
+    pub leaders_target: u64,
+    /// Replicas the plan still adds somewhere (the same on every node).
+    pub moves_pending: u64,
+}
+
+/// What the meta leader knows of the rebalance it runs (`status`, metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveStats {
+    /// Whether this node is the meta leader (only its figures count).
+    pub meta_leader: bool,
+    /// Moves it started that have not finished.
+    pub running: u64,
+    /// Moves it saw finish since it became meta leader.
+    pub done: u64,
+    /// Mean duration of its recent moves, in milliseconds.
+    pub mean_ms: Option<u64>,
 }
 
 impl std::fmt::Debug for RaftHost {
@@ -181,6 +224,7 @@ impl RaftHost {
             liveness: Liveness::new(),
             leads: std::sync::Mutex::new(Vec::new()),
             transfers: std::sync::Mutex::new(BTreeMap::new()),
+            moves: std::sync::Mutex::new(Moves::default()),
         });
         for group in 0..=host.config.partitions as GroupId {
             let g = host.open_group(group).await?;
@@ -485,6 +529,78 @@ impl RaftHost {
             .collect()
     }
 
+    /// Every group's membership as seen by its leader (the leader's view with the highest
+    /// term), gathered from every live node in `nodes`, this one without a call.
+    pub async fn observe(&self, nodes: &[NodeRecord]) -> BTreeMap<GroupId, GroupStatus> {
+        let calls = nodes
+            .iter()
+            .filter(|n| n.id != self.id() && self.peer_alive(n.id))
+            .map(|n| async move {
+                let request = codec::encode(&Request::Groups);
+                let answer = self
+                    .transport
+                    .call(
+                        crate::transport::Peer::Node(n.id),
+                        &n.cluster_addr,
+                        &request,
+                        None,
+                        OBSERVE_TIMEOUT,
+                    )
+                    .await
+                    .ok()?;
+                codec::decode::<Reply<Vec<GroupStatus>>>(&answer).ok()?.ok()
+            });
+        let mut views = futures::future::join_all(calls).await;
+        views.push(Some(self.status()));
+        leader_views(views.iter().flatten().flatten())
+    }
+
+    /// This node's replicas against the plan, from its own groups and its copy of the meta
+    /// state (no network round: for `/metrics`).
+    pub fn placement_gauges(&self) -> PlacementGauges {
+        let me = self.id();
+        let held = self
+            .status()
+            .iter()
+            .filter(|g| g.group != META_GROUP)
+            .filter(|g| g.voters.contains(&me) || g.learners.contains(&me))
+            .count() as u64;
+        let planned = self
+            .meta()
+            .read_meta(|m| -> Result<_, storage::StorageError> {
+                let (info, settings, records) = (m.cluster()?, m.node_settings()?, m.partitions()?);
+                let replicas = info.map(|i| i.replicas as usize).unwrap_or(1);
+                let plan = crate::placement::plan(&records, &settings, replicas);
+                Ok((crate::placement::distance(&records, &plan).0, plan))
+            });
+        let (pending, plan) = planned.unwrap_or_default();
+        PlacementGauges {
+            replicas: held,
+            replicas_target: plan.iter().filter(|r| r.replicas.contains(&me)).count() as u64,
+            leaders_target: plan
+                .iter()
+                .filter(|r| r.replicas.first() == Some(&me))
+                .count() as u64,
+            moves_pending: pending as u64,
+        }
+    }
+
+    /// The rebalance as this node runs it (figures only on the meta leader).
+    pub fn move_stats(&self) -> MoveStats {
+        let moves = self.moves.lock().expect("moves lock");
+        let meta_leader = self
+            .group(META_GROUP)
+            .is_ok_and(|g| g.raft.metrics().borrow_watched().state == ServerState::Leader);
+        let total: Duration = moves.recent.iter().sum();
+        MoveStats {
+            meta_leader,
+            running: moves.running.len() as u64,
+            done: moves.done,
+            mean_ms: (!moves.recent.is_empty())
+                .then(|| (total / moves.recent.len() as u32).as_millis() as u64),
+        }
+    }
+
     pub async fn shutdown(&self) {
         let groups = self.all_groups();
         for g in groups {
@@ -507,8 +623,8 @@ impl RaftHost {
             | Request::PreVote { group, .. }
             | Request::Snapshot { group, .. }
             | Request::TransferLeader { group, .. } => *group,
-            Request::Service(_) | Request::Beat(_) => {
-                unreachable!("service requests and beats are dispatched elsewhere")
+            Request::Service(_) | Request::Beat(_) | Request::Groups => {
+                unreachable!("service requests, beats and views are dispatched elsewhere")
             }
         };
         let g = match self.group(group_id) {
@@ -548,7 +664,7 @@ impl RaftHost {
                 };
                 reply(g.raft.install_full_snapshot(vote, snapshot).await)
             }
-            Request::Service(_) | Request::Beat(_) => unreachable!(),
+            Request::Service(_) | Request::Beat(_) | Request::Groups => unreachable!(),
         }
     }
 
@@ -620,6 +736,12 @@ impl Handler for Dispatch {
                         codec::encode(&Reply::<()>::Err("beats need a node certificate".into()))
                     }
                 },
+                Request::Groups => match peer {
+                    Some(_) => codec::encode(&Reply::<Vec<GroupStatus>>::Ok(host.status())),
+                    None => codec::encode(&Reply::<()>::Err(
+                        "group views need a node certificate".into(),
+                    )),
+                },
                 other => host.handle_raft(peer, other, body).await,
             }
         })
@@ -639,25 +761,6 @@ pub fn rendezvous(partition: u32, nodes: &[NodeId], count: usize) -> Vec<NodeId>
         .collect();
     scored.sort();
     scored.iter().rev().take(count).map(|(_, n)| *n).collect()
-}
-
-/// The partition's replica set after dropping removed nodes and filling up to the target.
-fn placement(record: &PartitionRecord, nodes: &[NodeId], target: usize) -> Vec<NodeId> {
-    let mut keep: Vec<NodeId> = record
-        .replicas
-        .iter()
-        .copied()
-        .filter(|n| nodes.contains(n))
-        .collect();
-    for n in rendezvous(record.id, nodes, nodes.len()) {
-        if keep.len() >= target {
-            break;
-        }
-        if !keep.contains(&n) {
-            keep.push(n);
-        }
-    }
-    keep
 }
 
 async fn reconcile_loop(host: Weak<RaftHost>) {
@@ -829,9 +932,14 @@ async fn renew_lease(g: &Group, lease: Duration, timeout: Duration) {
 
 async fn reconcile(host: &RaftHost) -> Result<(), String> {
     let meta = host.meta();
-    let (nodes, partitions, info) = meta
+    let (nodes, settings, partitions, info) = meta
         .read_meta(|m| -> Result<_, storage::StorageError> {
-            Ok((m.nodes()?, m.partitions()?, m.cluster()?))
+            Ok((
+                m.nodes()?,
+                m.node_settings()?,
+                m.partitions()?,
+                m.cluster()?,
+            ))
         })
         .map_err(|e| e.to_string())?;
     let Some(info) = info else { return Ok(()) };
@@ -839,37 +947,19 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         .iter()
         .map(|n| (n.id, n.cluster_addr.clone()))
         .collect();
-    let ids: Vec<NodeId> = addrs.keys().copied().collect();
     let groups = host.groups_by_id();
     // A group that cannot take a step now (no quorum, a leader handing over) is logged and
     // passed over, so it never holds up the groups after it.
-    'groups: for (group, g) in groups {
+    for (group, g) in groups {
         if !g.raft.is_leader() {
             continue;
         }
         let (voters, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = if group == META_GROUP {
-            // The meta leader also keeps the partition map filled.
-            let target = (info.replicas as usize).min(ids.len());
-            for record in &partitions {
-                let wanted = placement(record, &ids, target);
-                if wanted != record.replicas {
-                    let cmd = Command::Meta(MetaCommand::SetReplicas {
-                        partition: record.id,
-                        replicas: wanted,
-                    });
-                    if let Err(e) = host.write(META_GROUP, cmd).await {
-                        tracing::debug!(group, error = %e, "reconcile step: partition map");
-                        continue 'groups;
-                    }
-                }
+            // The meta leader also keeps the partition map on its plan.
+            if let Err(e) = rebalance(host, &info, &nodes, &settings, &partitions).await {
+                tracing::debug!(group, error = %e, "reconcile step: partition map");
             }
-            let voters: BTreeSet<NodeId> = ids.iter().copied().take(META_VOTERS_MAX).collect();
-            let learners = ids
-                .iter()
-                .copied()
-                .filter(|n| !voters.contains(n))
-                .collect();
-            (voters, learners)
+            meta_members(&settings)
         } else {
             let Some(record) = partitions.iter().find(|p| partition_group(p.id) == group) else {
                 continue;
@@ -881,7 +971,15 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         }
         let lease = Duration::from_millis(host.config.election_max_ms);
         match reconcile_group(&g, &voters, &learners, &addrs, lease).await {
-            Ok(true) if group != META_GROUP => balance_leader(host, group, &g, &voters).await,
+            Ok(true) if group != META_GROUP => {
+                let preferred = partitions
+                    .iter()
+                    .find(|p| partition_group(p.id) == group)
+                    .and_then(|p| p.replicas.first().copied());
+                if let Some(preferred) = preferred {
+                    balance_leader(host, group, &g, preferred).await
+                }
+            }
             Ok(_) => {}
             Err(e) => tracing::debug!(group, error = %e, "reconcile step"),
         }
@@ -889,20 +987,167 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
     Ok(())
 }
 
-/// Hands a partition's leadership to its preferred replica (rendezvous order over the
-/// voters), so leaders spread over the nodes instead of staying where they were first
-/// elected. Only to a replica holding the whole log; the new leader prefers itself, so
-/// leadership settles instead of moving back and forth.
-async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, voters: &BTreeSet<NodeId>) {
-    let me = host.id();
-    let ids: Vec<NodeId> = voters.iter().copied().collect();
-    let Some(&preferred) = rendezvous(group as u32, &ids, 1).first() else {
-        return;
+/// The meta group's voters (up to `META_VOTERS_MAX`, draining nodes last) and learners.
+fn meta_members(settings: &BTreeMap<NodeId, NodeSettings>) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+    let mut order: Vec<NodeId> = settings.keys().copied().collect();
+    order.sort_by_key(|n| (settings[n].draining, *n));
+    let voters: BTreeSet<NodeId> = order.iter().copied().take(META_VOTERS_MAX).collect();
+    let learners = order.into_iter().filter(|n| !voters.contains(n)).collect();
+    (voters, learners)
+}
+
+/// How long the rebalancer waits for one node's view of its groups.
+const OBSERVE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Per group, the view of the node that leads it at the highest term.
+pub fn leader_views<'a>(
+    views: impl Iterator<Item = &'a GroupStatus>,
+) -> BTreeMap<GroupId, GroupStatus> {
+    let mut best: BTreeMap<GroupId, GroupStatus> = BTreeMap::new();
+    for v in views.filter(|v| v.state == "Leader") {
+        if best.get(&v.group).is_none_or(|b| b.term < v.term) {
+            best.insert(v.group, v.clone());
+        }
+    }
+    best
+}
+
+/// Whether a partition's group is on its recorded placement: a leader, no joint
+/// configuration, no learner, and exactly the recorded voters.
+pub fn settled(record: &PartitionRecord, view: Option<&GroupStatus>) -> bool {
+    view.is_some_and(|v| {
+        let voters: BTreeSet<NodeId> = v.voters.iter().copied().collect();
+        let want: BTreeSet<NodeId> = record.replicas.iter().copied().collect();
+        v.leader.is_some() && v.configs.len() <= 1 && v.learners.is_empty() && voters == want
+    })
+}
+
+/// The meta leader's rebalancer: plans the placement (`placement::plan`) and records the
+/// planned replicas of a partition once the move can start. A partition whose group is not
+/// yet on its recorded replicas is not given new ones (one membership change per group at a
+/// time), and a move that joins or leaves a node already in `moves_per_node_max` moves waits.
+/// Partitions short of replicas (a node removed) are refilled first and without that limit:
+/// their redundancy is already reduced.
+async fn rebalance(
+    host: &RaftHost,
+    info: &ClusterInfo,
+    nodes: &[NodeRecord],
+    settings: &BTreeMap<NodeId, NodeSettings>,
+    partitions: &[PartitionRecord],
+) -> Result<(), String> {
+    let target = crate::placement::plan(partitions, settings, info.replicas as usize);
+    let changed: Vec<usize> = (0..partitions.len())
+        .filter(|i| target[*i] != partitions[*i])
+        .collect();
+    let tracking = !host.moves.lock().expect("moves lock").running.is_empty();
+    if changed.is_empty() && !tracking {
+        return Ok(());
+    }
+    let observed = host.observe(nodes).await;
+    let now = std::time::Instant::now();
+    let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut in_flight: BTreeSet<u32> = BTreeSet::new();
+    {
+        let mut moves = host.moves.lock().expect("moves lock");
+        for r in partitions {
+            let view = observed.get(&partition_group(r.id));
+            if settled(r, view) {
+                if let Some((start, from)) = moves.running.remove(&r.id) {
+                    let took = now.saturating_duration_since(start);
+                    tracing::info!(
+                        partition = r.id,
+                        ?from,
+                        to = ?r.replicas,
+                        seconds = took.as_secs_f64(),
+                        "replica move done"
+                    );
+                    moves.done += 1;
+                    moves.recent.push_back(took);
+                    if moves.recent.len() > RECENT_MOVES {
+                        moves.recent.pop_front();
+                    }
+                }
+                continue;
+            }
+            in_flight.insert(r.id);
+            if let Some(v) = view {
+                let want: BTreeSet<NodeId> = r.replicas.iter().copied().collect();
+                let have: BTreeSet<NodeId> = v.voters.iter().chain(&v.learners).copied().collect();
+                for n in want.symmetric_difference(&have) {
+                    *load.entry(*n).or_default() += 1;
+                }
+            }
+        }
+    }
+    let per_partition = (info.replicas as usize).clamp(1, settings.len().max(1));
+    let short = |r: &PartitionRecord| {
+        r.replicas
+            .iter()
+            .filter(|n| settings.contains_key(n))
+            .count()
+            < per_partition
+            || r.replicas.iter().any(|n| !settings.contains_key(n))
     };
+    let mut order = changed;
+    order.sort_by_key(|i| (!short(&partitions[*i]), *i));
+    let max = host.config.moves_per_node_max.max(1);
+    for i in order {
+        let (record, planned) = (&partitions[i], &target[i]);
+        let from: BTreeSet<NodeId> = record.replicas.iter().copied().collect();
+        let to: BTreeSet<NodeId> = planned.replicas.iter().copied().collect();
+        let moving: Vec<NodeId> = from.symmetric_difference(&to).copied().collect();
+        if !moving.is_empty() {
+            let refill = short(record);
+            if in_flight.contains(&record.id) && !refill {
+                continue;
+            }
+            if !refill
+                && moving
+                    .iter()
+                    .any(|n| load.get(n).copied().unwrap_or(0) >= max)
+            {
+                continue;
+            }
+            for n in &moving {
+                *load.entry(*n).or_default() += 1;
+            }
+        }
+        let cmd = Command::Meta(MetaCommand::SetReplicas {
+            partition: record.id,
+            replicas: planned.replicas.clone(),
+        });
+        host.write(META_GROUP, cmd)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !moving.is_empty() {
+            tracing::info!(partition = record.id, from = ?record.replicas, to = ?planned.replicas, "replica move started");
+            host.moves
+                .lock()
+                .expect("moves lock")
+                .running
+                .insert(record.id, (now, record.replicas.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Hands a partition's leadership to its preferred replica (the first of its placement, as
+/// the plan spreads leaders), once that replica is a voter holding the whole log; the new
+/// leader prefers itself, so leadership settles instead of moving back and forth.
+async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, preferred: NodeId) {
+    let me = host.id();
     if preferred == me || !host.peer_alive(preferred) {
         return;
     }
     let m = g.raft.metrics().borrow_watched().clone();
+    if !m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .any(|v| v == preferred)
+    {
+        return;
+    }
     let last = m.last_log_index.unwrap_or(0);
     let matched = m
         .replication
@@ -1021,34 +1266,5 @@ async fn timed<T, E: std::fmt::Display>(
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("membership change: {e}")),
         Err(_) => Err("membership change timed out".to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placement_replaces_removed_nodes_and_is_stable() {
-        // Goal: placement keeps surviving replicas, fills to the target, and never duplicates.
-        let record = PartitionRecord {
-            id: 7,
-            replicas: vec![1, 2, 3],
-        };
-        assert_eq!(placement(&record, &[1, 2, 3, 4], 3), vec![1, 2, 3]);
-        let moved = placement(&record, &[1, 2, 4, 5], 3);
-        assert_eq!(&moved[..2], &[1, 2]);
-        assert!(moved[2] == 4 || moved[2] == 5);
-        let grown = placement(
-            &PartitionRecord {
-                id: 7,
-                replicas: vec![1],
-            },
-            &[1, 2],
-            3,
-        );
-        assert_eq!(grown.len(), 2);
-        assert_eq!(grown[0], 1);
-        assert_eq!(rendezvous(3, &[1, 2, 3], 3).len(), 3);
     }
 }

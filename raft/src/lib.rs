@@ -5,6 +5,7 @@ pub mod failpoint;
 pub mod host;
 pub mod liveness;
 pub mod network;
+pub mod placement;
 pub mod store;
 pub mod tls;
 pub mod transport;

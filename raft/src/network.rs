@@ -50,6 +50,9 @@ pub enum Request {
         group: GroupId,
         rpc: VoteRequest<TypeConfig>,
     },
+    /// The receiver's view of every group it hosts (`Vec<GroupStatus>`): how the rebalancer
+    /// learns where each move stands.
+    Groups,
 }
 
 /// The answer to a raft request: the group's reply, or why it could not be given.
