@@ -107,7 +107,7 @@ fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> {
 }
 
 /// Rebuilds the join token of an existing dev cluster from node 1's files.
-fn read_token(node1: &Path) -> anyhow::Result<String> {
+pub fn read_token(node1: &Path) -> anyhow::Result<String> {
     let file = crate::datadir::NodeFile::load(node1)?;
     let tls = crate::datadir::tls_dir(node1);
     let read = |name: &str| crate::node::read_file(&tls.join(name));

@@ -8,6 +8,7 @@
 //! Figures are printed and written as JSON.
 
 mod dip;
+mod grow;
 mod mailbox_load;
 mod scale;
 mod smtp_load;
@@ -150,6 +151,27 @@ enum Cmd {
         /// and `$(openssl passwd -6 bench)` ones imported from Dovecot with SHA512-CRYPT.
         #[arg(long)]
         password_hash: Option<String>,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
+    /// Capacity grown online: a filled 3-node cluster measured, nodes 4 and 5 joined under a
+    /// fixed SMTP load until the placement settles (time, p99 during), then the 5 measured.
+    Grow {
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Mail stored before the join, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        prefill_mib: u64,
+        /// Messages (4 KiB) of each saturated throughput run.
+        #[arg(long, default_value_t = 4000)]
+        messages: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// The offered load (msgs/s) kept up while replicas move.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
         #[arg(long)]
         mailgrid: Option<PathBuf>,
         #[arg(long, default_value = "bench/results")]
@@ -943,6 +965,29 @@ async fn main() -> anyhow::Result<()> {
             });
             drop(cluster);
             write_results(&out, "scale", &results)
+        }
+        Cmd::Grow {
+            partitions,
+            prefill_mib,
+            messages,
+            concurrency,
+            rate,
+            mailgrid,
+            out,
+        } => {
+            if !(rate.is_finite() && rate > 0.0) {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            let bin = mailgrid_binary(mailgrid)?;
+            let args = grow::Args {
+                partitions,
+                prefill_mib,
+                messages,
+                concurrency,
+                rate,
+            };
+            let results = grow::run(&bin, args).await?;
+            write_results(&out, "grow", &results)
         }
         Cmd::Dip {
             nodes,

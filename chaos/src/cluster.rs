@@ -117,12 +117,13 @@ impl Cluster {
         dir: &Path,
         skewable: bool,
         network: Choice,
+        spare_slots: usize,
     ) -> anyhow::Result<Cluster> {
         if skewable && !Path::new(FAKETIME_LIB).exists() {
             bail!("the clock nemesis needs {FAKETIME_LIB} (apt-get install faketime)");
         }
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let net = Net::start(nodes as usize, network).await?;
+        let net = Net::start(nodes as usize + spare_slots, network).await?;
         let mut cluster = Cluster {
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -150,7 +151,7 @@ impl Cluster {
 
     /// Makes a new node (the next id) in `slot`, initialising the cluster when it is the
     /// first, and starts it.
-    fn add_node(&mut self, slot: usize) -> anyhow::Result<()> {
+    pub fn add_node(&mut self, slot: usize) -> anyhow::Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let s = self.net.slots()[slot].clone();
@@ -194,7 +195,13 @@ impl Cluster {
             Some(i) => self.nodes[i] = node,
             None => self.nodes.push(node),
         }
-        self.restart(id)
+        self.restart(id)?;
+        Ok(id)
+    }
+
+    /// A network slot no node was ever started in (the `grow` nemesis joins nodes there).
+    pub fn free_slot(&self) -> Option<usize> {
+        (0..self.net.slots().len()).find(|s| !self.nodes.iter().any(|n| n.slot == *s))
     }
 
     /// The cluster address of a running member other than `slot`.
@@ -325,8 +332,7 @@ impl Cluster {
 
     /// Joins a fresh node (a new id) into the slot of a removed node.
     pub fn rejoin(&mut self, slot: usize) -> anyhow::Result<u64> {
-        self.add_node(slot)?;
-        Ok(self.nodes.iter().find(|n| n.slot == slot).expect("slot").id)
+        self.add_node(slot)
     }
 
     /// Puts clocks back, heals the network, resumes every paused node, restarts every dead

@@ -145,6 +145,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         &results.join("cluster"),
         skewable,
         cli.net,
+        // `grow` joins one node into a slot of its own.
+        usize::from(faults.contains(&Fault::Grow)),
     )
     .await?;
     cluster.wait_healthy(Duration::from_secs(120)).await?;

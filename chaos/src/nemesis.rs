@@ -32,10 +32,14 @@ pub enum Fault {
     /// A node removed from the cluster under load (its disk wiped), and a fresh one joined in
     /// its place.
     Membership,
+    /// The placement changed under load: a node joined into a spare slot (the cluster grows
+    /// for good), or a node drained or given a heavier weight, undone when healed, so
+    /// replicas move both ways, often while earlier moves are still running.
+    Grow,
 }
 
 impl Fault {
-    pub const ALL: [(&'static str, Fault); 8] = [
+    pub const ALL: [(&'static str, Fault); 9] = [
         ("kill", Fault::Kill),
         ("kill-leader", Fault::KillLeader),
         ("kill-minority", Fault::KillMinority),
@@ -44,6 +48,7 @@ impl Fault {
         ("partition", Fault::Partition),
         ("clock", Fault::Clock),
         ("membership", Fault::Membership),
+        ("grow", Fault::Grow),
     ];
 
     /// Faults from a comma-separated list; unknown names are an error that lists the known.
@@ -189,6 +194,10 @@ pub async fn run(
                     }
                 }
             }
+            Fault::Grow => {
+                (nodes, detail) = grow(cluster, &mut rng, hold).await;
+                eprintln!("[{:>6} ms] nemesis: {detail}", ms());
+            }
         }
         timeline.push(Window {
             fault,
@@ -205,6 +214,47 @@ pub async fn run(
     }
     cluster.heal()?;
     Ok(timeline)
+}
+
+/// One `grow` fault: a join into a free slot when there is one, else a drain or a weight
+/// change held for `hold` and undone. Refusals (no meta majority under another fault, the
+/// last node not draining) are recorded, not errors: nothing was changed.
+async fn grow(cluster: &mut Cluster, rng: &mut StdRng, hold: Duration) -> (Vec<u64>, String) {
+    use mailgrid::api::{ClientReply, ClientRequest};
+    if let Some(slot) = cluster.free_slot() {
+        return match cluster.add_node(slot) {
+            Ok(id) => (vec![id], format!("node {id} joined")),
+            Err(e) => (Vec::new(), format!("joining a node failed: {e:#}")),
+        };
+    }
+    let ids = cluster.ids();
+    let id = *ids.choose(rng).expect("nodes");
+    let weight = rng.gen_range(2..=3);
+    let drain = rng.gen_bool(0.5);
+    // The change, or with `false` its undoing.
+    let change = |on: bool| match (drain, on) {
+        (true, draining) => ClientRequest::NodeDrain { id, draining },
+        (false, true) => ClientRequest::NodeWeight { id, weight },
+        (false, false) => ClientRequest::NodeWeight { id, weight: 1 },
+    };
+    let what = if drain {
+        format!("node {id} drained")
+    } else {
+        format!("node {id} weight {weight}")
+    };
+    match cluster.request(change(true)).await {
+        Ok(ClientReply::Done) => {}
+        other => return (vec![id], format!("{what}: refused ({other:?})")),
+    }
+    tokio::time::sleep(hold).await;
+    // Undone through whichever node answers, retried: a later fault must not leave it set.
+    for _ in 0..20 {
+        if let Ok(ClientReply::Done) = cluster.request(change(false)).await {
+            return (vec![id], format!("{what}, then undone"));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    (vec![id], format!("{what}; undoing it failed"))
 }
 
 /// The leader of a random partition (a random node when none is known).
