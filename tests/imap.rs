@@ -221,8 +221,16 @@ fn a_select_with_nothing_new_to_claim_as_recent_writes_nothing() {
     let user = "user0@example.test";
     deliver_tags(&c, user, &["r1", "r2"]);
     let group = mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1;
-    // Once leadership settled on the preferred replica: a transfer appends an entry too.
-    let leader = raft::host::rendezvous(group as u32, &[1, 2, 3], 1)[0];
+    // Once leadership settled on the preferred replica (the placement's first): a transfer
+    // appends an entry too.
+    let leader = c.wait_healthy(3)["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["group"] == group)
+        .unwrap()["placement"][0]
+        .as_u64()
+        .unwrap();
     eventually(
         std::time::Duration::from_secs(60),
         "leadership settled",
