@@ -187,7 +187,8 @@ async fn settled(client: &Client) -> Option<serde_json::Value> {
     done.then(|| serde_json::to_value(&p).unwrap_or_default())
 }
 
-/// Joins node `id` to the dev cluster (`mailgrid join`, then `serve` with the dev config).
+/// Joins node `id` to the dev cluster (`mailgrid join`, then `serve` with node 1's config,
+/// as `mailgrid dev` writes one per node).
 fn join(cluster: &mut DevCluster, bin: &Path, id: u64) -> anyhow::Result<()> {
     let data = cluster.dir.join(format!("node{id}"));
     let token = mailgrid::dev::read_token(&cluster.dir.join("node1"))?;
@@ -210,13 +211,15 @@ fn join(cluster: &mut DevCluster, bin: &Path, id: u64) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    let config = data.with_extension("toml");
+    std::fs::copy(cluster.dir.join("node1.toml"), &config).context("copying node 1's config")?;
     let log = std::fs::File::create(cluster.dir.join(format!("node{id}.log")))?;
     let child = Command::new(bin)
         .arg("serve")
         .arg("--data")
         .arg(&data)
         .arg("--config")
-        .arg(cluster.dir.with_extension("toml"))
+        .arg(&config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
