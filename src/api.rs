@@ -306,7 +306,7 @@ pub struct PlacementStatus {
     pub moves_pending: u64,
     /// Partitions whose group is not yet on its recorded replicas.
     pub moves_running: u64,
-    /// Moves the meta leader saw finish since it became leader.
+    /// Moves the meta leader saw finish while meta leader, since its process started.
     pub moves_done: u64,
     /// Mean duration of the meta leader's recent moves.
     pub move_mean_ms: Option<u64>,

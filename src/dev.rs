@@ -90,7 +90,9 @@ fn run_step(exe: &Path, args: &[&str]) -> anyhow::Result<String> {
 /// Every dev node listens on loopback, on ports the system picks (see `status`).
 const DEV_CONFIG: &str = "hostname = \"localhost\"\n[listen]\nsmtp = \"127.0.0.1:0\"\nsubmission = \"127.0.0.1:0\"\nsubmissions = \"127.0.0.1:0\"\npop3 = \"127.0.0.1:0\"\npop3s = \"127.0.0.1:0\"\nimap = \"127.0.0.1:0\"\nimaps = \"127.0.0.1:0\"\nhttp = \"127.0.0.1:0\"\n";
 
-fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> {
+/// Starts `mailgrid serve` for the node in `dir` with the dev configuration (loopback, ports
+/// the system picks), logging to `log`.
+pub fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> {
     let log = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let config = dir.with_extension("toml");
     std::fs::write(&config, DEV_CONFIG).with_context(|| format!("writing {}", config.display()))?;

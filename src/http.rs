@@ -155,7 +155,7 @@ async fn metrics(State(s): State<Shared>) -> impl axum::response::IntoResponse {
     metric(
         "mailgrid_rebalance_moves_done_total",
         "counter",
-        "Replica moves the meta leader saw finish since it became leader.",
+        "Replica moves this node saw finish while meta leader, since it started.",
         &[("", done)],
     );
     let headers = &s.imap.headers;

@@ -11,6 +11,13 @@ use std::time::Duration;
 
 use common::*;
 
+/// Each test runs a multi-process cluster; on two cores they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const PARTITIONS: u32 = 16;
 const USERS: usize = 8;
 
@@ -93,6 +100,7 @@ fn joined_nodes_take_their_share_weights_count_and_a_drained_node_leaves_empty()
     // it twice the replicas of the others (16 against 8). (3) A drained node ends with no
     // replicas, `status` says it is safe to remove, and the cluster stays whole through its
     // removal.
+    let _g = serial();
     let mut c = Cluster::start(3, PARTITIONS, 5000, USERS);
     let via1 = c.node(1).data().to_string();
     let mut acked: Vec<usize> = (0..16).collect();
@@ -185,4 +193,49 @@ fn joined_nodes_take_their_share_weights_count_and_a_drained_node_leaves_empty()
         let via = c.node(n).data().to_string();
         check_all_readable(&c, &via, &acked);
     }
+}
+
+#[test]
+fn a_node_killed_mid_move_leaves_every_group_its_replicas_and_the_move_resumes() {
+    // Goal: issue 23's safety under faults. Node 4 joins and is killed -9 while replicas are
+    // moving to it: every group keeps a leader and at least three voters (a move adds before
+    // it removes), deliveries go on, and once node 4 is back the rebalance finishes with its
+    // share (16 x 3 / 4 = 12) and every message readable through it.
+    let _g = serial();
+    let mut c = Cluster::start(3, PARTITIONS, 5000, USERS);
+    let via1 = c.node(1).data().to_string();
+    let mut acked: Vec<usize> = (0..8).collect();
+    for k in &acked {
+        deliver_acked(&via1, *k);
+    }
+    c.join(4);
+    eventually(
+        Duration::from_secs(60),
+        "a move to node 4 under way",
+        || {
+            let s = c.status_via(&via1)?;
+            let p = &s["placement"];
+            let node4 = p["nodes"].as_array()?.iter().find(|n| n["id"] == 4)?;
+            let moving = node4["replicas"].as_u64()? > 0
+                && node4["replicas"] != node4["replicas_target"]
+                && p["moves_running"].as_u64()? > 0;
+            moving.then_some(())
+        },
+    );
+    c.node(4).kill9();
+    for k in 100..108 {
+        deliver_acked(&via1, k);
+        acked.push(k);
+    }
+    let s = c.wait_healthy(3);
+    for g in s["groups"].as_array().unwrap() {
+        let voters = g["voters"].as_array().unwrap().len();
+        assert!(voters >= 3, "group {} has {voters} voters: {g}", g["group"]);
+    }
+    c.restart(4);
+    let balanced = wait_balanced(&c, "the move resumes once node 4 is back");
+    println!("after node 4 came back: {balanced:?}");
+    assert_eq!(balanced[&4].0, 12);
+    let via4 = c.node(4).data().to_string();
+    check_all_readable(&c, &via4, &acked);
 }

@@ -6,7 +6,7 @@
 //! grown cluster is measured as the first was.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -66,14 +66,17 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<serde_json::Value> {
     ))
     .await?;
     eprintln!("grow: stored in {:.0?}", started.elapsed());
-    let before = smtp_load::run(load(
-        &three,
-        args.messages,
-        Size::Fixed(4096),
-        None,
-        format!("{stamp}-3"),
-    ))
-    .await?;
+    // SMTP as fast as the senders go, 4 KiB messages, through `servers`.
+    let saturated = |servers: &[String], name: &str| {
+        smtp_load::run(load(
+            servers,
+            args.messages,
+            Size::Fixed(4096),
+            None,
+            format!("{stamp}-{name}"),
+        ))
+    };
+    let before = saturated(&three, "3").await?;
     let paced = |name: &str, i: usize| {
         load(
             &three,
@@ -106,8 +109,8 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<serde_json::Value> {
             bail!("the placement did not settle within 30 minutes of the join");
         }
     };
-    // The last round may have ended some time after the placement settled: the settle time is
-    // found by polling on its own.
+    // Checked after each 10-second round: the placement settled at most this long after the
+    // join (reported as an upper bound).
     let rebalance_s = joined.elapsed().as_secs_f64();
     let five = smtp_servers(&client).await?;
     if five.len() != 5 {
@@ -116,14 +119,7 @@ pub async fn run(bin: &Path, args: Args) -> anyhow::Result<serde_json::Value> {
             five.len()
         );
     }
-    let after = smtp_load::run(load(
-        &five,
-        args.messages,
-        Size::Fixed(4096),
-        None,
-        format!("{stamp}-5"),
-    ))
-    .await?;
+    let after = saturated(&five, "5").await?;
     let p99 = |r: &serde_json::Value| r["p99_ms"].as_f64().unwrap_or(0.0);
     let worst_during = during.iter().map(p99).fold(0.0, f64::max);
     let rate = |r: &serde_json::Value| r["msgs_per_sec"].as_f64().unwrap_or(0.0);
@@ -187,8 +183,8 @@ async fn settled(client: &Client) -> Option<serde_json::Value> {
     done.then(|| serde_json::to_value(&p).unwrap_or_default())
 }
 
-/// Joins node `id` to the dev cluster (`mailgrid join`, then `serve` with node 1's config,
-/// as `mailgrid dev` writes one per node).
+/// Joins node `id` to the dev cluster (`mailgrid join`, then `serve` as `mailgrid dev`
+/// starts its nodes).
 fn join(cluster: &mut DevCluster, bin: &Path, id: u64) -> anyhow::Result<()> {
     let data = cluster.dir.join(format!("node{id}"));
     let token = mailgrid::dev::read_token(&cluster.dir.join("node1"))?;
@@ -211,20 +207,8 @@ fn join(cluster: &mut DevCluster, bin: &Path, id: u64) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let config = data.with_extension("toml");
-    std::fs::copy(cluster.dir.join("node1.toml"), &config).context("copying node 1's config")?;
-    let log = std::fs::File::create(cluster.dir.join(format!("node{id}.log")))?;
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg("--data")
-        .arg(&data)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting a joined node")?;
+    let log = cluster.dir.join(format!("node{id}.log"));
+    let child = mailgrid::dev::spawn_serve(bin, &data, &log)?;
     cluster.restarted.push(child);
     Ok(())
 }

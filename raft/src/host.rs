@@ -184,7 +184,7 @@ pub struct MoveStats {
     pub meta_leader: bool,
     /// Moves it started that have not finished.
     pub running: u64,
-    /// Moves it saw finish since it became meta leader.
+    /// Moves it saw finish while meta leader (counted since this process started).
     pub done: u64,
     /// Mean duration of its recent moves, in milliseconds.
     pub mean_ms: Option<u64>,
