@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use storage::meta::{ClusterInfo, ClusterLimits, Domain, NodeRecord, PartitionRecord};
+use storage::meta::{ClusterInfo, ClusterLimits, Domain, NodeRecord, NodeRole, PartitionRecord};
 use storage::partition::{
     Account, Alias, Mailbox, MessageRecord, QueueEntry, QueueId, Quota, RecipientOutcome, Usage,
 };
@@ -34,6 +34,9 @@ pub enum ServiceRequest {
     Client(ClientRequest),
     /// The rebalance as the receiving node runs it (`raft::host::MoveStats`).
     MoveStats,
+    /// Like `Join`, for a node joining as a witness (a seed that predates witnesses cannot
+    /// decode it and refuses the join, rather than taking the node for a data node).
+    JoinWitness(JoinRequest),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -266,6 +269,8 @@ pub enum ClientRequest {
     },
     /// Every node's replicas and leaders against the plan, and the moves under way.
     Placement,
+    /// Every node's role and what is wrong with it (`Vec<NodeHealth>`).
+    Health,
 }
 
 /// What an operator does to a queue entry.
@@ -296,6 +301,16 @@ pub enum ClientReply {
     /// A DNS record to publish, in zone-file form.
     Record(String),
     Placement(PlacementStatus),
+    Health(Vec<NodeHealth>),
+}
+
+/// One node's role and its problems, as the answering node knows them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub id: u64,
+    pub role: NodeRole,
+    /// Empty when healthy; else one plain sentence each ("unreachable: no beat for 3 s").
+    pub problems: Vec<String>,
 }
 
 /// Where the rebalance stands: each node against its target, and the moves.

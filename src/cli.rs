@@ -48,6 +48,9 @@ enum Cmd {
         partitions: u32,
         #[arg(long, default_value_t = 3)]
         replicas: u32,
+        /// Refused: the first node must hold data (join witnesses to a running cluster).
+        #[arg(long)]
+        witness: bool,
     },
     /// Add a new node to a running cluster (then run it with `mailgrid serve`).
     Join {
@@ -67,6 +70,11 @@ enum Cmd {
         seed: String,
         #[arg(long)]
         token: String,
+        /// Join as a witness: a voter in every group that keeps their logs until every data
+        /// node has them, holds no mail and serves no client (two data nodes and a witness
+        /// survive the loss of any one of the three).
+        #[arg(long)]
+        witness: bool,
     },
     /// Run a node until interrupted.
     Serve {
@@ -91,6 +99,10 @@ enum Cmd {
         /// the node count when that is smaller.
         #[arg(long)]
         replicas: Option<u32>,
+        /// Add a witness (node --nodes + 1) beside the data nodes: `--nodes 2 --witness` is the
+        /// two-server topology that survives the loss of any one of the three.
+        #[arg(long)]
+        witness: bool,
     },
     /// Administer domains, users, aliases and quotas through any node.
     Admin {
@@ -332,6 +344,12 @@ enum NodeCmd {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Cmd::Serve { .. } | Cmd::Dev { .. }) {
+        // A one-shot command whose reader went away (`mailgrid status | head`) ends quietly
+        // like any Unix tool instead of panicking on the failed print. Servers keep Rust's
+        // default (SIGPIPE ignored): a client closing its socket must not stop the node.
+        restore_sigpipe();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MAILGRID_LOG")
@@ -369,7 +387,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             bind,
             partitions,
             replicas,
+            witness,
         } => {
+            if witness {
+                bail!(
+                    "init --witness: the first node of a cluster must hold data; init a data \
+                     node, then `mailgrid join --witness` the witness to it"
+                );
+            }
             let addrs = Addrs {
                 cluster: &cluster_addr,
                 bind: bind.as_deref(),
@@ -390,12 +415,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             bind,
             seed,
             token,
+            witness,
         } => {
             let addrs = Addrs {
                 cluster: &cluster_addr,
                 bind: bind.as_deref(),
             };
-            join(&data, node_id, addrs, &seed, &token).await?;
+            join(&data, node_id, addrs, &seed, &token, witness).await?;
             println!(
                 "node {node_id} joined; run it with: mailgrid serve --data {}",
                 data.display()
@@ -409,7 +435,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             json,
             partitions,
             replicas,
-        } => crate::dev::run(nodes, &dir, json, partitions, replicas).await,
+            witness,
+        } => crate::dev::run(nodes, &dir, json, partitions, replicas, witness).await,
         Cmd::Admin { target, command } => admin(&target, command).await,
         Cmd::Deliver {
             target,
@@ -443,7 +470,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 Ok(ClientReply::Placement(p)) => Some(p),
                 _ => None,
             };
-            print_status(&status, placement.as_ref(), json)
+            let health = match client.request(ClientRequest::Health).await {
+                Ok(ClientReply::Health(h)) => h,
+                _ => Vec::new(),
+            };
+            print_status(&status, placement.as_ref(), &health, json)
         }
         Cmd::Inspect { data, group } => {
             let file = crate::datadir::NodeFile::load(&data)?;
@@ -587,6 +618,7 @@ pub async fn init(
         cluster_id: cluster_id.clone(),
         partitions,
         replicas,
+        witness: false,
     };
     storage::Store::open(&datadir::db_dir(dir), true)?.set_identity(file.identity().as_bytes())?;
     file.save(dir)?;
@@ -622,6 +654,7 @@ pub async fn join(
     addrs: Addrs<'_>,
     seed: &str,
     token: &str,
+    witness: bool,
 ) -> anyhow::Result<()> {
     if node_id == 0 {
         bail!("--node-id must be at least 1");
@@ -632,12 +665,17 @@ pub async fn join(
     datadir::prepare_new(dir)?;
     let (key_pem, public_pem) = tls::generate_node_key()?;
     let transport = Transport::client(tls::anonymous_client_config(&token.ca_pem)?)?;
-    let request = ServiceRequest::Join(JoinRequest {
+    let request = JoinRequest {
         secret: token.secret.clone(),
         node_id,
         cluster_addr: cluster_addr.to_string(),
         public_key_pem: public_pem,
-    });
+    };
+    let request = if witness {
+        ServiceRequest::JoinWitness(request)
+    } else {
+        ServiceRequest::Join(request)
+    };
     let bytes = codec::encode(&raft_service(codec::encode(&request)));
     let response = transport
         .call(Peer::AnyMember, seed, &bytes, None, std::time::Duration::from_secs(30))
@@ -665,6 +703,7 @@ pub async fn join(
         cluster_id: accepted.cluster.cluster_id,
         partitions: accepted.cluster.partitions,
         replicas: accepted.cluster.replicas,
+        witness,
     };
     storage::Store::open(&datadir::db_dir(dir), true)?.set_identity(file.identity().as_bytes())?;
     file.save(dir)?;
@@ -973,23 +1012,117 @@ fn print_placement(p: &PlacementStatus) {
     );
 }
 
+/// What runs without redundancy or not at all, one sentence per set of groups in the same
+/// state: a group whose live voters are just a majority stops at the next failure; one with a
+/// single live data voter (the others dead, a witness beside it) has one copy of its mail.
+pub fn degraded(status: &ClusterStatus, health: &[NodeHealth]) -> Vec<String> {
+    let up = |id: u64| status.nodes.iter().any(|n| n.id == id && n.reachable);
+    let witness = |id: u64| {
+        health
+            .iter()
+            .any(|h| h.id == id && h.role == storage::meta::NodeRole::Witness)
+    };
+    let mut by_state: std::collections::BTreeMap<String, Vec<Option<u32>>> = Default::default();
+    for p in &status.partitions {
+        let name = p.partition;
+        let voters = &p.voters;
+        if voters.is_empty() {
+            by_state
+                .entry("no node reports the group: unavailable".into())
+                .or_default()
+                .push(name);
+            continue;
+        }
+        let live: Vec<u64> = voters.iter().copied().filter(|v| up(*v)).collect();
+        let majority = voters.len() / 2 + 1;
+        let data: Vec<u64> = voters.iter().copied().filter(|v| !witness(*v)).collect();
+        let live_data: Vec<u64> = data.iter().copied().filter(|v| up(*v)).collect();
+        let state = if voters.len() == 1 && live.len() == 1 {
+            "a single voter: no redundancy".to_string()
+        } else if live.len() < majority {
+            format!(
+                "unavailable: {} of {} voters up, a majority is {majority}",
+                live.len(),
+                voters.len()
+            )
+        } else if live_data.len() == 1 && data.len() > 1 && p.partition.is_some() {
+            format!(
+                "one data replica left (node {}); a second failure stops it",
+                live_data[0]
+            )
+        } else if live.len() == majority && voters.len() > 1 {
+            format!(
+                "no redundancy: {} of {} voters up; one more failure stops it",
+                live.len(),
+                voters.len()
+            )
+        } else {
+            continue;
+        };
+        by_state.entry(state).or_default().push(name);
+    }
+    by_state
+        .into_iter()
+        .map(|(state, groups)| format!("{}: {state}", group_ranges(&groups)))
+        .collect()
+}
+
+/// "meta,p0-p7,p9": groups named compactly, partitions in runs.
+fn group_ranges(groups: &[Option<u32>]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    if groups.contains(&None) {
+        out.push("meta".into());
+    }
+    let mut partitions: Vec<u32> = groups.iter().flatten().copied().collect();
+    partitions.sort_unstable();
+    let mut i = 0;
+    while i < partitions.len() {
+        let start = partitions[i];
+        while i + 1 < partitions.len() && partitions[i + 1] == partitions[i] + 1 {
+            i += 1;
+        }
+        let end = partitions[i];
+        out.push(if start == end {
+            format!("p{start}")
+        } else {
+            format!("p{start}-p{end}")
+        });
+        i += 1;
+    }
+    out.join(",")
+}
+
 fn print_status(
     status: &ClusterStatus,
     placement: Option<&PlacementStatus>,
+    health: &[NodeHealth],
     json: bool,
 ) -> anyhow::Result<()> {
+    let degraded = degraded(status, health);
+    let role = |id: u64| {
+        health
+            .iter()
+            .find(|h| h.id == id)
+            .map(|h| match h.role {
+                storage::meta::NodeRole::Data => "data",
+                storage::meta::NodeRole::Witness => "witness",
+            })
+            .unwrap_or("data")
+    };
     if json {
         println!(
             "{}",
             serde_json::to_string(&serde_json::json!({
                 "cluster": status.cluster,
-                "nodes": status.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cluster_addr": n.cluster_addr, "listeners": n.listeners, "reachable": n.reachable})).collect::<Vec<_>>(),
+                "nodes": status.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cluster_addr": n.cluster_addr, "listeners": n.listeners, "reachable": n.reachable, "role": role(n.id),
+                    "problems": health.iter().find(|h| h.id == n.id).map(|h| h.problems.clone()).unwrap_or_default()})).collect::<Vec<_>>(),
                 "groups": status.partitions.iter().map(|p| serde_json::json!({
                     "group": p.group, "partition": p.partition, "placement": p.placement, "voters": p.voters,
                     "learners": p.learners, "leader": p.leader, "term": p.term, "healthy": p.healthy,
                 })).collect::<Vec<_>>(),
                 "views": status.views,
                 "placement": placement,
+                "degraded": degraded,
             }))?
         );
         return Ok(());
@@ -1006,13 +1139,31 @@ fn print_status(
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
+        let role = if role(n.id) == "witness" {
+            " witness"
+        } else {
+            ""
+        };
         println!(
-            "node {:>3}  {:<22} {:<12} {}",
+            "node {:>3}  {:<22} {:<12} {}{role}",
             n.id,
             n.cluster_addr,
             if n.reachable { "up" } else { "UNREACHABLE" },
             listeners.join(", ")
         );
+        if let Some(h) = health.iter().find(|h| h.id == n.id) {
+            for problem in &h.problems {
+                println!("          {problem}");
+            }
+        }
+    }
+    if degraded.is_empty() {
+        println!("redundancy: every group can lose a voter");
+    } else {
+        println!("DEGRADED:");
+        for line in &degraded {
+            println!("  {line}");
+        }
     }
     if let Some(p) = placement {
         print_placement(p);
@@ -1044,4 +1195,100 @@ fn print_status(
         );
     }
     Ok(())
+}
+
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: signal(2) with SIG_DFL installs no handler code; it is called before any thread
+    // is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storage::meta::NodeRole;
+
+    fn status(up: &[u64], groups: &[(Option<u32>, &[u64])]) -> ClusterStatus {
+        ClusterStatus {
+            cluster: None,
+            nodes: (1..=4)
+                .map(|id| NodeStatus {
+                    id,
+                    cluster_addr: String::new(),
+                    listeners: Default::default(),
+                    reachable: up.contains(&id),
+                })
+                .collect(),
+            partitions: groups
+                .iter()
+                .map(|(partition, voters)| PartitionStatus {
+                    partition: *partition,
+                    group: partition.map(|p| p as u64 + 1).unwrap_or(0),
+                    placement: voters.to_vec(),
+                    voters: voters.to_vec(),
+                    learners: Vec::new(),
+                    leader: voters.first().copied(),
+                    term: 1,
+                    joint: false,
+                    healthy: true,
+                })
+                .collect(),
+            views: Default::default(),
+        }
+    }
+
+    fn roles(witness: Option<u64>) -> Vec<NodeHealth> {
+        (1..=4)
+            .map(|id| NodeHealth {
+                id,
+                role: if Some(id) == witness {
+                    NodeRole::Witness
+                } else {
+                    NodeRole::Data
+                },
+                problems: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn degraded_names_groups_without_redundancy_and_single_data_copies() {
+        // Goal: status says plainly what one more failure would stop, per set of groups.
+        let groups: &[(Option<u32>, &[u64])] = &[
+            (None, &[1, 2, 3]),
+            (Some(0), &[1, 2, 3]),
+            (Some(1), &[2, 1, 3]),
+            (Some(2), &[1, 2, 3]),
+            (Some(5), &[1, 2, 3]),
+        ];
+        // Everything up: nothing degraded.
+        assert!(degraded(&status(&[1, 2, 3], groups), &roles(Some(3))).is_empty());
+        // Data node 1 down beside a witness: one data copy of every partition's mail.
+        assert_eq!(
+            degraded(&status(&[2, 3], groups), &roles(Some(3))),
+            [
+                "meta: no redundancy: 2 of 3 voters up; one more failure stops it",
+                "p0-p2,p5: one data replica left (node 2); a second failure stops it",
+            ]
+        );
+        // Three data nodes, one down: no redundancy, but two data copies.
+        assert_eq!(
+            degraded(&status(&[2, 3], groups), &roles(None)),
+            ["meta,p0-p2,p5: no redundancy: 2 of 3 voters up; one more failure stops it"]
+        );
+        // Two down: unavailable.
+        assert_eq!(
+            degraded(&status(&[3], groups), &roles(Some(3))),
+            ["meta,p0-p2,p5: unavailable: 1 of 3 voters up, a majority is 2"]
+        );
+        // A single-voter cluster has no redundancy even when all is well.
+        let single: &[(Option<u32>, &[u64])] = &[(None, &[1]), (Some(0), &[1])];
+        assert_eq!(
+            degraded(&status(&[1], single), &roles(None)),
+            ["meta,p0: a single voter: no redundancy"]
+        );
+    }
 }

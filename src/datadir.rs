@@ -23,6 +23,9 @@ pub struct NodeFile {
     pub cluster_id: String,
     pub partitions: u32,
     pub replicas: u32,
+    /// A witness: votes in every group and keeps logs, holds no mail, serves no client.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub witness: bool,
 }
 
 pub const NODE_FILE: &str = "node.toml";

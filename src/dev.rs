@@ -122,8 +122,12 @@ pub fn read_token(node1: &Path) -> anyhow::Result<String> {
 }
 
 /// Polls until every group has a leader with `voters` voters and every node has published
-/// its listeners.
-async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<ClusterStatus> {
+/// its listeners (a witness has no mail listeners, only `http`).
+async fn wait_ready(
+    client: &Client,
+    voters: usize,
+    witness: Option<u64>,
+) -> anyhow::Result<ClusterStatus> {
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(ClientReply::Status(s)) = client.request(ClientRequest::Status).await {
@@ -131,7 +135,14 @@ async fn wait_ready(client: &Client, voters: usize) -> anyhow::Result<ClusterSta
                 .partitions
                 .iter()
                 .all(|p| p.healthy && p.voters.len() >= voters);
-            let listening = s.nodes.iter().all(|n| n.listeners.contains_key("smtp"));
+            let listening = s.nodes.iter().all(|n| {
+                let wanted = if Some(n.id) == witness {
+                    "http"
+                } else {
+                    "smtp"
+                };
+                n.listeners.contains_key(wanted)
+            });
             if ready && listening && !s.partitions.is_empty() {
                 return Ok(s);
             }
@@ -152,21 +163,25 @@ pub async fn run(
     json: bool,
     partitions: u32,
     replicas: Option<u32>,
+    witness: bool,
 ) -> anyhow::Result<()> {
     if !(1..=9).contains(&nodes) {
         bail!("--nodes must be between 1 and 9");
     }
-    let replicas = replicas.unwrap_or(nodes.min(3));
-    if !(1..=nodes).contains(&replicas) {
-        bail!("--replicas must be between 1 and --nodes ({nodes})");
+    let voters = nodes + u32::from(witness);
+    let replicas = replicas.unwrap_or(voters.min(3));
+    if !(1..=voters).contains(&replicas) {
+        let with = if witness { " plus the witness" } else { "" };
+        bail!("--replicas must be between 1 and --nodes{with} ({voters})");
     }
+    let witness_id = witness.then_some(u64::from(nodes) + 1);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let exe = std::env::current_exe().context("locating the mailgrid binary")?;
     let mut children = Children(Vec::new());
     let mut token = String::new();
     let mut taken = std::collections::HashSet::new();
-    for id in 1..=nodes as u64 {
+    for id in 1..=u64::from(voters) {
         let data = dir.join(format!("node{id}"));
         let data_s = data.to_string_lossy().to_string();
         // A directory from an earlier run is started again as it is.
@@ -208,28 +223,30 @@ pub async fn run(
                 token = read_token(&dir.join("node1"))?;
             }
             let seed = children.0[0].2.clone();
-            run_step(
-                &exe,
-                &[
-                    "join",
-                    "--data",
-                    &data_s,
-                    "--node-id",
-                    &id.to_string(),
-                    "--cluster-addr",
-                    &addr,
-                    "--seed",
-                    &seed,
-                    "--token",
-                    &token,
-                ],
-            )?;
+            let id_s = id.to_string();
+            let mut args = vec![
+                "join",
+                "--data",
+                &data_s,
+                "--node-id",
+                &id_s,
+                "--cluster-addr",
+                &addr,
+                "--seed",
+                &seed,
+                "--token",
+                &token,
+            ];
+            if Some(id) == witness_id {
+                args.push("--witness");
+            }
+            run_step(&exe, &args)?;
         }
         let child = spawn_serve(&exe, &data, &dir.join(format!("node{id}.log")))?;
         children.0.push((id, data.clone(), addr, child));
         if id == 1 {
             let client = Client::open(&data, None)?;
-            wait_ready(&client, 1).await?;
+            wait_ready(&client, 1, None).await?;
             client
                 .request(ClientRequest::DomainAdd(DEMO_DOMAIN.into()))
                 .await?;
@@ -245,8 +262,8 @@ pub async fn run(
         }
     }
     let first = Client::open(&children.0[0].1, None)?;
-    let status = wait_ready(&first, replicas as usize).await?;
-    print_ready(&children, &status, &dir, json)?;
+    let status = wait_ready(&first, replicas as usize, witness_id).await?;
+    print_ready(&children, &status, &dir, json, witness_id)?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -261,7 +278,15 @@ fn print_ready(
     status: &ClusterStatus,
     dir: &Path,
     json: bool,
+    witness: Option<u64>,
 ) -> anyhow::Result<()> {
+    let role = |id: u64| {
+        if Some(id) == witness {
+            "witness"
+        } else {
+            "data"
+        }
+    };
     let listeners = |id: u64| {
         status
             .nodes
@@ -276,7 +301,7 @@ fn print_ready(
             .iter()
             .map(|(id, data, addr, child)| {
                 serde_json::json!({ "id": id, "pid": child.id(), "data": data, "cluster": addr,
-                    "listeners": listeners(*id) })
+                    "role": role(*id), "listeners": listeners(*id) })
             })
             .collect();
         let users: Vec<_> = DEMO_USERS
@@ -294,8 +319,13 @@ fn print_ready(
             dir.display()
         );
         for (id, data, addr, child) in &children.0 {
+            let what = if Some(*id) == witness {
+                " (witness: no mail, no mail listeners)"
+            } else {
+                ""
+            };
             println!(
-                "  node {id}: pid {} cluster {addr} data {}",
+                "  node {id}{what}: pid {} cluster {addr} data {}",
                 child.id(),
                 data.display()
             );

@@ -117,6 +117,18 @@ async fn metrics(State(s): State<Shared>) -> impl axum::response::IntoResponse {
         "Requests this node served for its peers over the cluster transport.",
         &[("", host.transport().calls_served())],
     );
+    metric(
+        "mailgrid_witness",
+        "gauge",
+        "1 when this node is a witness (votes and keeps logs, holds no mail), else 0.",
+        &[("", u64::from(host.is_witness()))],
+    );
+    metric(
+        "mailgrid_raft_log_entries",
+        "gauge",
+        "Raft log entries this node keeps over all its groups (appended, not yet purged).",
+        &[("", host.log_entries())],
+    );
     let placement = host.placement_gauges();
     let moves = host.move_stats();
     metric(

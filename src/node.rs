@@ -12,7 +12,7 @@ use raft::tls::{ClusterCa, Identity};
 use raft::transport::{Peer, Transport};
 use raft::{partition_group, META_GROUP};
 use storage::codec;
-use storage::meta::{MetaCommand, MetaResponse, NodeRecord};
+use storage::meta::{MetaCommand, MetaResponse, NodeRecord, NodeRole};
 use storage::partition::{MailError, PartitionCommand, PartitionResponse, QueueAction, QueueId};
 use storage::types::{is_valid_address, normalize_address, Uid};
 use storage::{Command, Response};
@@ -125,6 +125,7 @@ impl Node {
             snapshot_logs: options.snapshot_logs,
             write_timeout: options.write_timeout,
             moves_per_node_max: options.moves_per_node_max,
+            witness: file.witness,
         };
         transport.set_body_rate(options.move_bytes_per_s);
         let host = RaftHost::start(config, store, transport)
@@ -145,7 +146,7 @@ impl Node {
         self.router.host()
     }
 
-    async fn join(&self, request: JoinRequest) -> Result<JoinAccepted, String> {
+    async fn join(&self, request: JoinRequest, role: NodeRole) -> Result<JoinAccepted, String> {
         let secret_ok =
             blake3::hash(request.secret.as_bytes()) == blake3::hash(self.join_secret.as_bytes());
         if !secret_ok {
@@ -176,9 +177,13 @@ impl Node {
             listeners: BTreeMap::new(),
             joined: mail::now(),
         };
+        let cmd = match role {
+            NodeRole::Data => MetaCommand::AddNode(record),
+            role => MetaCommand::AddNodeAs { node: record, role },
+        };
         match self
             .router
-            .meta_write(MetaCommand::AddNode(record))
+            .meta_write(cmd)
             .await
             .map_err(|e| e.to_string())?
         {
@@ -195,7 +200,8 @@ impl Node {
 
     async fn handle(self: Arc<Self>, peer: Option<u64>, request: ServiceRequest) -> Vec<u8> {
         match request {
-            ServiceRequest::Join(j) => codec::encode(&self.join(j).await),
+            ServiceRequest::Join(j) => codec::encode(&self.join(j, NodeRole::Data).await),
+            ServiceRequest::JoinWitness(j) => codec::encode(&self.join(j, NodeRole::Witness).await),
             _ if peer.is_none() => codec::encode(&Err::<(), _>(
                 "this request needs a node certificate".to_string(),
             )),
@@ -458,6 +464,7 @@ impl Node {
                     .map_err(err)?,
             ),
             ClientRequest::Placement => Ok(ClientReply::Placement(self.placement().await?)),
+            ClientRequest::Health => Ok(ClientReply::Health(self.health()?)),
             ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
             ClientRequest::NodeStats => Ok(ClientReply::NodeStats(NodeStats {
                 node_id: self.file.node_id,
@@ -814,39 +821,70 @@ impl Node {
 
     /// A drain that would leave no node to hold the replicas is refused.
     fn refuse_emptying_the_last(&self, id: u64) -> Result<(), String> {
-        let settings = self
+        let (settings, witnesses) = self
             .host()
             .meta()
-            .read_meta(|m| m.node_settings())
+            .read_meta(|m| Ok::<_, storage::StorageError>((m.node_settings()?, m.witnesses()?)))
             .map_err(|e| e.to_string())?;
         if !settings.contains_key(&id) {
             return Err(format!("no such node {id}"));
         }
-        if !settings.iter().any(|(n, s)| *n != id && !s.draining) {
+        // A witness holds no mail, so it cannot take a data node's replicas.
+        let takers = settings
+            .iter()
+            .any(|(n, s)| *n != id && !s.draining && !witnesses.contains(n));
+        if !witnesses.contains(&id) && !takers {
             return Err(format!(
-                "not draining node {id}: no other node would be left to hold its replicas"
+                "not draining node {id}: no other data node would be left to hold its replicas"
             ));
         }
         Ok(())
+    }
+
+    /// Every node's role and problems: a node whose beats stopped is unreachable.
+    fn health(&self) -> Result<Vec<NodeHealth>, String> {
+        let (nodes, roles) = self
+            .host()
+            .meta()
+            .read_meta(|m| Ok::<_, storage::StorageError>((m.nodes()?, m.roles()?)))
+            .map_err(|e| e.to_string())?;
+        Ok(nodes
+            .iter()
+            .map(|n| {
+                let mut problems = Vec::new();
+                if !self.host().peer_alive(n.id) {
+                    problems.push(format!(
+                        "unreachable: node {} hears no beat from it",
+                        self.file.node_id
+                    ));
+                }
+                NodeHealth {
+                    id: n.id,
+                    role: roles.get(&n.id).copied().unwrap_or_default(),
+                    problems,
+                }
+            })
+            .collect())
     }
 
     /// Every node's replicas and leaders (as the groups' leaders report them) against the
     /// plan, and the moves still to make.
     async fn placement(&self) -> Result<PlacementStatus, String> {
         let meta = self.host().meta();
-        let (cluster, nodes, settings, records) = meta
+        let (cluster, nodes, settings, records, witnesses) = meta
             .read_meta(|m| {
                 Ok::<_, storage::StorageError>((
                     m.cluster()?,
                     m.nodes()?,
                     m.node_settings()?,
                     m.partitions()?,
+                    m.witnesses()?,
                 ))
             })
             .map_err(|e| e.to_string())?;
         let info = cluster.ok_or("the cluster is not initialised")?;
         let observed = self.host().observe(&nodes).await;
-        let plan = raft::placement::plan(&records, &settings, info.replicas as usize);
+        let plan = raft::placement::plan(&records, &settings, &witnesses, info.replicas as usize);
         let all_seen = records
             .iter()
             .all(|r| observed.contains_key(&partition_group(r.id)));

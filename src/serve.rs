@@ -41,6 +41,13 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
             failpoints.join(", ")
         );
     }
+    // A witness holds no mail: it serves no client protocol and sends no queued mail, only
+    // its cluster port and the HTTP metrics.
+    let witness = node.file.witness;
+    if witness {
+        println!("witness node: no mail listeners and no outbound queue (it holds no mail)");
+    }
+    let client = |addr: Option<std::net::SocketAddr>| addr.filter(|_| !witness);
     let throttle = Arc::new(AuthThrottle::new(config.auth.clone()));
     let smtp = Smtp::new(
         node.clone(),
@@ -50,9 +57,9 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     );
     let mut listeners = BTreeMap::new();
     let wanted = [
-        (ListenerKind::Mx, config.listen.smtp),
-        (ListenerKind::Submission, config.listen.submission),
-        (ListenerKind::Submissions, config.listen.submissions),
+        (ListenerKind::Mx, client(config.listen.smtp)),
+        (ListenerKind::Submission, client(config.listen.submission)),
+        (ListenerKind::Submissions, client(config.listen.submissions)),
     ];
     for (kind, addr) in wanted {
         let Some(addr) = addr else { continue };
@@ -67,8 +74,8 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         throttle.clone(),
     );
     for (kind, addr) in [
-        (Pop3Kind::Plain, config.listen.pop3),
-        (Pop3Kind::Tls, config.listen.pop3s),
+        (Pop3Kind::Plain, client(config.listen.pop3)),
+        (Pop3Kind::Tls, client(config.listen.pop3s)),
     ] {
         let Some(addr) = addr else { continue };
         let bound = pop3.listen(kind, addr).await?;
@@ -77,8 +84,8 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     }
     let imap = Imap::new(node.clone(), &config, Some(acceptor), throttle);
     for (kind, addr) in [
-        (ImapKind::Plain, config.listen.imap),
-        (ImapKind::Tls, config.listen.imaps),
+        (ImapKind::Plain, client(config.listen.imap)),
+        (ImapKind::Tls, client(config.listen.imaps)),
     ] {
         let Some(addr) = addr else { continue };
         let bound = imap.listen(kind, addr).await?;
@@ -90,7 +97,9 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         config.outbound.clone(),
         config.hostname.clone(),
     )?;
-    outbound.start();
+    if !witness {
+        outbound.start();
+    }
     if let Some(addr) = config.listen.http {
         let bound = crate::http::listen(node.clone(), outbound.clone(), imap.clone(), addr).await?;
         println!("http listening on {bound}");

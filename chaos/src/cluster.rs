@@ -50,6 +50,8 @@ pub struct Cluster {
     skewable: bool,
     /// Each member's current client listeners (a restarted node binds new ports).
     pub endpoints: Endpoints,
+    /// The witness's id, in the two-data-nodes-and-a-witness topology.
+    pub witness: Option<u64>,
 }
 
 /// Where clients reach a node.
@@ -107,18 +109,34 @@ fn config(slot: &Slot) -> String {
     )
 }
 
+/// How a cluster is laid out.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// Nodes run under libfaketime so the clock nemesis can move their clocks.
+    pub skewable: bool,
+    pub network: Choice,
+    /// Network slots beyond the nodes', for nodes joined later (`grow`).
+    pub spare_slots: usize,
+    /// The last node joins as a witness.
+    pub witness: bool,
+}
+
 impl Cluster {
-    /// Starts `nodes` nodes with `partitions` partitions in `dir` (which must not exist); with
-    /// `skewable`, under libfaketime so the clock nemesis can move their clocks.
+    /// Starts `nodes` nodes with `partitions` partitions in `dir` (which must not exist), laid
+    /// out as `layout` says.
     pub async fn start(
         bin: &Path,
         nodes: u32,
         partitions: u32,
         dir: &Path,
-        skewable: bool,
-        network: Choice,
-        spare_slots: usize,
+        layout: Layout,
     ) -> anyhow::Result<Cluster> {
+        let Layout {
+            skewable,
+            network,
+            spare_slots,
+            witness,
+        } = layout;
         if skewable && !Path::new(FAKETIME_LIB).exists() {
             bail!("the clock nemesis needs {FAKETIME_LIB} (apt-get install faketime)");
         }
@@ -134,8 +152,12 @@ impl Cluster {
             next_id: 1,
             skewable,
             endpoints: Arc::new(Mutex::new(BTreeMap::new())),
+            witness: None,
         };
         for slot in 0..nodes as usize {
+            if witness && slot + 1 == nodes as usize {
+                cluster.witness = Some(cluster.next_id);
+            }
             cluster.add_node(slot)?;
             if slot == 0 {
                 cluster.wait_ready(1, READY_TIMEOUT).await?;
@@ -165,6 +187,9 @@ impl Cluster {
             let seed = self.seed(slot)?;
             cmd.arg("join")
                 .args(["--seed", &seed, "--token", &self.token]);
+            if self.witness == Some(id) {
+                cmd.arg("--witness");
+            }
         }
         cmd.arg("--data")
             .arg(&data)
@@ -431,10 +456,20 @@ impl Cluster {
                 .partitions
                 .iter()
                 .find(|p| p.group == group)
-                .map(|p| p.voters.clone())
+                .map(|p| self.data_voters(group, &p.voters))
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
         }
+    }
+
+    /// The voters of `group` that hold its state: a witness holds the meta state but no
+    /// partition's.
+    pub fn data_voters(&self, group: u64, voters: &[u64]) -> Vec<u64> {
+        voters
+            .iter()
+            .copied()
+            .filter(|v| group == 0 || Some(*v) != self.witness)
+            .collect()
     }
 
     /// Waits until every group has a leader and `voters` voters, and every member is
@@ -447,10 +482,15 @@ impl Cluster {
                     && s.partitions
                         .iter()
                         .all(|p| p.healthy && p.voters.len() >= voters.min(s.nodes.len()));
-                let nodes = s
-                    .nodes
-                    .iter()
-                    .all(|n| n.reachable && n.listeners.contains_key("smtp"));
+                // A witness serves no mail: it publishes its HTTP listener only.
+                let nodes = s.nodes.iter().all(|n| {
+                    let wanted = if Some(n.id) == self.witness {
+                        "http"
+                    } else {
+                        "smtp"
+                    };
+                    n.reachable && n.listeners.contains_key(wanted)
+                });
                 if groups && nodes {
                     return Ok(());
                 }

@@ -71,6 +71,12 @@ pub enum Violation {
         group: u64,
         digests: BTreeMap<u64, Option<String>>,
     },
+    /// A witness holds a record of a partition's mail (it must hold none).
+    WitnessHoldsMail {
+        group: u64,
+        node: u64,
+        digest: String,
+    },
     /// An account's recorded usage is not the sum of what its mailboxes hold.
     UsageMismatch {
         recipient: String,
@@ -103,6 +109,7 @@ impl Violation {
             Violation::UidOrder { .. } => "UID reused or out of order",
             Violation::UidAfter { .. } => "UID against real-time order",
             Violation::ReplicasDiffer { .. } => "replicas differ",
+            Violation::WitnessHoldsMail { .. } => "witness holds mail",
             Violation::UsageMismatch { .. } => "quota usage wrong",
             Violation::ExpungedReturned { .. } => "expunged message back",
             Violation::Misplaced { .. } => "moved message misplaced",
@@ -112,7 +119,7 @@ impl Violation {
 }
 
 /// Every kind the checker looks for, in the verdict table's order.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 11] = [
     "lost acknowledged delivery",
     "duplicated message",
     "invented message",
@@ -122,6 +129,7 @@ pub const KINDS: [&str; 10] = [
     "moved message misplaced",
     "acknowledged flag lost",
     "replicas differ",
+    "witness holds mail",
     "quota usage wrong",
 ];
 

@@ -65,6 +65,10 @@ struct Cli {
     /// Where the results folder of this run is made.
     #[arg(long, default_value = "chaos/results")]
     out: PathBuf,
+    /// The last node joins as a witness: `--nodes 3 --witness` is two data nodes and a
+    /// witness, the two-server topology.
+    #[arg(long)]
+    witness: bool,
 }
 
 #[tokio::main]
@@ -116,6 +120,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     if !(3..=9).contains(&cli.nodes) {
         bail!("--nodes must be between 3 and 9 (replication factor 3)");
     }
+    if cli.witness {
+        if cli.nodes != 3 {
+            bail!("--witness runs the two-server topology: --nodes 3 (two data nodes and the witness)");
+        }
+        if let Some(f) = faults
+            .iter()
+            .find(|f| matches!(f, Fault::Membership | Fault::Grow))
+        {
+            bail!(
+                "--witness: the {f:?} nemesis removes, drains or adds data nodes, which the \
+                 two-server topology has none to spare for; leave it out"
+            );
+        }
+    }
     if cli.users == 0 || cli.clients == 0 || cli.time == 0 {
         bail!("--users, --clients and --time must be positive");
     }
@@ -127,7 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         crate::net::Choice::Auto => String::new(),
         crate::net::Choice::Namespaces => " --net namespaces".into(),
         crate::net::Choice::Proxy => " --net proxy".into(),
-    };
+    } + if cli.witness { " --witness" } else { "" };
     let bin = mailgrid_binary(cli.bin)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -143,10 +161,13 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         cli.nodes,
         cli.partitions,
         &results.join("cluster"),
-        skewable,
-        cli.net,
-        // `grow` joins one node into a slot of its own.
-        usize::from(faults.contains(&Fault::Grow)),
+        crate::cluster::Layout {
+            skewable,
+            network: cli.net,
+            // `grow` joins one node into a slot of its own.
+            spare_slots: usize::from(faults.contains(&Fault::Grow)),
+            witness: cli.witness,
+        },
     )
     .await?;
     cluster.wait_healthy(Duration::from_secs(120)).await?;
@@ -229,8 +250,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             .partitions
             .iter()
             .find(|p| p.group == *group)
-            .map(|p| p.voters.clone())
+            .map(|p| cluster.data_voters(*group, &p.voters))
             .unwrap_or_default();
+        if let Some(w) = cluster.witness.filter(|_| *group != 0) {
+            // A witness's replica of a partition holds no record at all.
+            if let Some(Some(digest)) = d.get(&w) {
+                if digest != EMPTY_DIGEST {
+                    violations.push(Violation::WitnessHoldsMail {
+                        group: *group,
+                        node: w,
+                        digest: digest.clone(),
+                    });
+                }
+            }
+        }
         let d: BTreeMap<u64, Option<String>> = d
             .iter()
             .filter(|(node, _)| voters.contains(node))
@@ -434,3 +467,6 @@ fn subject(body: &[u8]) -> String {
         .trim()
         .to_string()
 }
+
+/// The digest of a partition replica holding no record (blake3 of nothing): a witness's.
+const EMPTY_DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";

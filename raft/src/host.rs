@@ -17,7 +17,7 @@ use storage::meta::{ClusterInfo, MetaCommand, NodeRecord, NodeSettings, Partitio
 use storage::{Command, GroupLog, GroupMachine, Response, Store};
 
 use crate::liveness::{self, Action, Beat, GroupView, Liveness, Memo, Timing};
-use crate::network::{NetworkFactory, Reply, Request};
+use crate::network::{DataProgress, NetworkFactory, Reply, Request, Witnesses};
 use crate::store::{LogStore, SnapshotFile, StateMachine};
 use crate::transport::{Body, Handler, Transport, BODY_BYTES_MAX};
 use crate::types::*;
@@ -38,6 +38,9 @@ pub struct HostConfig {
     pub write_timeout: Duration,
     /// Replica moves of a rebalance that may involve one node (as receiver or giver) at once.
     pub moves_per_node_max: usize,
+    /// This node is a witness: it votes and keeps logs but holds no mailbox state, serves no
+    /// reads or writes, and leads a group only to hand a lagging data voter the log.
+    pub witness: bool,
 }
 
 /// Most voters in the meta group; further nodes follow it as learners.
@@ -72,6 +75,22 @@ impl HostConfig {
             // node's liveness loop (`liveness`), so an idle group costs nothing.
             enable_tick: false,
             ..Default::default()
+        };
+        config
+            .validate()
+            .map(Arc::new)
+            .map_err(|e| format!("raft timing: {e}"))
+    }
+
+    /// The configuration of a witness's partition groups: no snapshot is built by policy and
+    /// nothing is purged by openraft's own rule (which ignores the other voters); the witness's
+    /// purge loop purges each entry once every data voter holds it (`witness_purge`).
+    fn witness_partition_config(&self) -> Result<Arc<Config>, String> {
+        let base = self.raft_config()?;
+        let config = Config {
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            ..(*base).clone()
         };
         config
             .validate()
@@ -136,6 +155,13 @@ struct Group {
 pub struct RaftHost {
     config: HostConfig,
     raft_config: Arc<Config>,
+    /// For a witness's partition groups (see `HostConfig::witness_partition_config`).
+    witness_config: Arc<Config>,
+    /// The cluster's witnesses, as this node's copy of the meta state says.
+    witnesses: Witnesses,
+    /// On a witness: when it last refused a data voter's (pre-)vote in each group because its
+    /// own log was further on. Only then does it stand for election (see `liveness_loop`).
+    ahead: std::sync::Mutex<BTreeMap<GroupId, std::time::Instant>>,
     store: Store,
     transport: Arc<Transport>,
     /// Every group this node hosts, by id. Replaced entries come from supervision restarts.
@@ -214,9 +240,13 @@ impl RaftHost {
         transport: Arc<Transport>,
     ) -> Result<Arc<RaftHost>, String> {
         let raft_config = config.raft_config()?;
+        let witness_config = config.witness_partition_config()?;
         let host = Arc::new(RaftHost {
             config,
             raft_config,
+            witness_config,
+            witnesses: Arc::new(RwLock::new(BTreeSet::new())),
+            ahead: std::sync::Mutex::new(BTreeMap::new()),
             store,
             transport,
             groups: RwLock::new(BTreeMap::new()),
@@ -229,6 +259,9 @@ impl RaftHost {
         for group in 0..=host.config.partitions as GroupId {
             let g = host.open_group(group).await?;
             host.groups.write().expect("groups lock").insert(group, g);
+            if group == META_GROUP {
+                host.refresh_witnesses();
+            }
         }
         host.transport
             .serve(Arc::new(Dispatch(Arc::downgrade(&host))));
@@ -236,7 +269,44 @@ impl RaftHost {
         tokio::spawn(async move { reconcile_loop(weak).await });
         let weak = Arc::downgrade(&host);
         tokio::spawn(async move { liveness_loop(weak).await });
+        if host.config.witness {
+            let weak = Arc::downgrade(&host);
+            tokio::spawn(async move { witness_purge_loop(weak).await });
+        }
         Ok(host)
+    }
+
+    /// Reloads the set of witnesses from this node's copy of the meta state.
+    fn refresh_witnesses(&self) {
+        let Ok(g) = self.group(META_GROUP) else {
+            return;
+        };
+        if let Ok(found) = g.sm.machine().read_meta(|m| m.witnesses()) {
+            *self.witnesses.write().expect("witnesses lock") = found;
+        }
+    }
+
+    /// The nodes known to be witnesses.
+    pub fn witnesses(&self) -> BTreeSet<NodeId> {
+        self.witnesses.read().expect("witnesses lock").clone()
+    }
+
+    /// Whether this node is a witness.
+    pub fn is_witness(&self) -> bool {
+        self.config.witness
+    }
+
+    /// A witness serves no reads or writes: a group it leads for a moment (to hand a data
+    /// voter the log) answers "not the leader", and the caller retries at the data leader
+    /// that follows.
+    fn refuse_on_witness(&self, group: GroupId) -> Result<(), GroupError> {
+        if self.config.witness {
+            return Err(GroupError::NotLeader {
+                group,
+                leader: None,
+            });
+        }
+        Ok(())
     }
 
     async fn open_group(&self, group: GroupId) -> Result<Group, String> {
@@ -250,20 +320,23 @@ impl RaftHost {
             .data_dir
             .join("snapshots")
             .join(group.to_string());
-        let sm = StateMachine::open(machine, snapshot_dir).map_err(|e| io(&e))?;
+        let witness_partition = self.config.witness && group != META_GROUP;
+        let sm =
+            StateMachine::open(machine, snapshot_dir, witness_partition).map_err(|e| io(&e))?;
         let network = NetworkFactory {
             transport: self.transport.clone(),
             group,
+            witness: self.config.witness,
+            witnesses: self.witnesses.clone(),
         };
-        let raft = Raft::new(
-            self.config.id,
-            self.raft_config.clone(),
-            network,
-            log,
-            sm.clone(),
-        )
-        .await
-        .map_err(|e| io(&e))?;
+        let config = if witness_partition {
+            self.witness_config.clone()
+        } else {
+            self.raft_config.clone()
+        };
+        let raft = Raft::new(self.config.id, config, network, log, sm.clone())
+            .await
+            .map_err(|e| io(&e))?;
         Ok(Group {
             raft,
             sm,
@@ -375,6 +448,7 @@ impl RaftHost {
     /// Proposes `cmd` to `group` on this node, which must be its leader. Returns once the
     /// entry is committed (durable on a majority) and applied here.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
+        self.refuse_on_witness(group)?;
         let g = self.group(group)?;
         self.renew_lease(&g).await;
         match tokio::time::timeout(self.config.write_timeout, g.raft.client_write(cmd)).await {
@@ -423,6 +497,7 @@ impl RaftHost {
     /// group away, its reads take the full ReadIndex round (a majority confirms it still
     /// leads), as they do whenever the lease has run out.
     pub async fn read(&self, group: GroupId) -> Result<Arc<GroupMachine>, GroupError> {
+        self.refuse_on_witness(group)?;
         let g = self.group(group)?;
         if !self.transferred_recently(group)
             && g.raft
@@ -570,7 +645,7 @@ impl RaftHost {
             .read_meta(|m| -> Result<_, storage::StorageError> {
                 let (info, settings, records) = (m.cluster()?, m.node_settings()?, m.partitions()?);
                 let replicas = info.map(|i| i.replicas as usize).unwrap_or(1);
-                let plan = crate::placement::plan(&records, &settings, replicas);
+                let plan = crate::placement::plan(&records, &settings, &m.witnesses()?, replicas);
                 Ok((crate::placement::distance(&records, &plan).0, plan))
             });
         let (pending, plan) = planned.unwrap_or_default();
@@ -583,6 +658,23 @@ impl RaftHost {
                 .count() as u64,
             moves_pending: pending as u64,
         }
+    }
+
+    /// Log entries this node keeps over all its groups (appended and not yet purged): what a
+    /// witness stores, since it holds no state beside its logs.
+    pub fn log_entries(&self) -> u64 {
+        self.all_groups()
+            .iter()
+            .map(|g| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                let purged = m.purged.as_ref().map(|l| l.index);
+                match (m.last_log_index, purged) {
+                    (Some(last), Some(p)) => last.saturating_sub(p),
+                    (Some(last), None) => last + 1,
+                    (None, _) => 0,
+                }
+            })
+            .sum()
     }
 
     /// The rebalance as this node runs it (figures only on the meta leader).
@@ -623,7 +715,7 @@ impl RaftHost {
             | Request::PreVote { group, .. }
             | Request::Snapshot { group, .. }
             | Request::TransferLeader { group, .. } => *group,
-            Request::Service(_) | Request::Beat(_) | Request::Groups => {
+            Request::Service(_) | Request::Beat(_) | Request::Groups | Request::Progress => {
                 unreachable!("service requests, beats and views are dispatched elsewhere")
             }
         };
@@ -643,11 +735,27 @@ impl RaftHost {
                 if !rpc.leadership_transfer && g.opened.elapsed() < lease {
                     return reply::<(), _>(Err("no votes within a lease of opening"));
                 }
-                reply(g.raft.vote(rpc).await)
+                let asked = rpc.last_log_id;
+                let answer = g.raft.vote(rpc).await;
+                self.note_refusal(group_id, &asked, answer.as_ref().ok());
+                reply(answer)
             }
-            Request::PreVote { rpc, .. } => reply(g.raft.pre_vote(rpc).await),
+            Request::PreVote { rpc, .. } => {
+                let asked = rpc.last_log_id;
+                let answer = g.raft.pre_vote(rpc).await;
+                self.note_refusal(group_id, &asked, answer.as_ref().ok());
+                reply(answer)
+            }
             Request::TransferLeader { rpc, .. } => reply(g.raft.handle_transfer_leader(rpc).await),
             Request::Snapshot { vote, meta, .. } => {
+                let from_witness = peer
+                    .is_some_and(|p| self.witnesses.read().expect("witnesses lock").contains(&p));
+                if group_id != META_GROUP && from_witness {
+                    // It holds no mail: installing its snapshot would wipe this replica.
+                    return reply::<(), _>(Err(
+                        "a witness's partition snapshot is never installed",
+                    ));
+                }
                 let path = g.sm.incoming_path();
                 if let Err(e) = body.save(&path, BODY_BYTES_MAX).await {
                     let _ = std::fs::remove_file(&path);
@@ -664,8 +772,73 @@ impl RaftHost {
                 };
                 reply(g.raft.install_full_snapshot(vote, snapshot).await)
             }
-            Request::Service(_) | Request::Beat(_) | Request::Groups => unreachable!(),
+            Request::Service(_) | Request::Beat(_) | Request::Groups | Request::Progress => {
+                unreachable!()
+            }
         }
+    }
+
+    /// On a witness: remembers that it refused a vote because its own log is further on than
+    /// the candidate's, which only the witness can then hand on (see `liveness_loop`).
+    fn note_refusal(
+        &self,
+        group: GroupId,
+        candidate_last: &Option<LogId>,
+        answer: Option<&openraft::raft::VoteResponse<TypeConfig>>,
+    ) {
+        if !self.config.witness {
+            return;
+        }
+        if let Some(a) = answer {
+            if !a.vote_granted && a.last_log_id > *candidate_last {
+                self.ahead
+                    .lock()
+                    .expect("ahead lock")
+                    .insert(group, std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Whether this witness refused a vote for being ahead in `group` within `within`.
+    fn ahead_within(&self, group: GroupId, within: Duration) -> bool {
+        self.ahead
+            .lock()
+            .expect("ahead lock")
+            .get(&group)
+            .is_some_and(|at| at.elapsed() < within)
+    }
+
+    /// For every group this node leads, the log index each of its data voters holds (the
+    /// answer to `Request::Progress`, which a witness purges by).
+    pub fn data_progress(&self) -> Vec<DataProgress> {
+        let witnesses = self.witnesses();
+        let me = self.id();
+        self.groups_by_id()
+            .into_iter()
+            .filter_map(|(group, g)| {
+                let m = g.raft.metrics().borrow_watched().clone();
+                if m.state != ServerState::Leader {
+                    return None;
+                }
+                let replication = m.replication.clone().unwrap_or_default();
+                let held_by_all = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|v| !witnesses.contains(v))
+                    .map(|v| match replication.get(&v).cloned().flatten() {
+                        Some(l) => l.index,
+                        None if v == me => m.last_log_index.unwrap_or(0),
+                        None => 0,
+                    })
+                    .min()?;
+                Some(DataProgress {
+                    group,
+                    term: m.current_term,
+                    held_by_all,
+                })
+            })
+            .collect()
     }
 
     /// Restarts groups whose core stopped with a fatal error (openraft leaves them stuck).
@@ -740,6 +913,12 @@ impl Handler for Dispatch {
                     Some(_) => codec::encode(&Reply::<Vec<GroupStatus>>::Ok(host.status())),
                     None => codec::encode(&Reply::<()>::Err(
                         "group views need a node certificate".into(),
+                    )),
+                },
+                Request::Progress => match peer {
+                    Some(_) => codec::encode(&Reply::<Vec<DataProgress>>::Ok(host.data_progress())),
+                    None => codec::encode(&Reply::<()>::Err(
+                        "progress needs a node certificate".into(),
                     )),
                 },
                 other => host.handle_raft(peer, other, body).await,
@@ -879,9 +1058,20 @@ async fn liveness_loop(host: Weak<RaftHost>) {
         if now < judge_from {
             continue;
         }
+        let witnesses = host.witnesses();
         for (g, view) in groups {
+            if host.config.witness && view.leading {
+                hand_over(&host, view.group, &g).await;
+            }
             let memo = memos.entry(view.group).or_insert_with(|| Memo::new(now));
-            let order = rendezvous(view.group as u32, &view.voters, view.voters.len());
+            // Witnesses stand last, and only when a data voter cannot win (see below).
+            let data_voters: Vec<NodeId> = view
+                .voters
+                .iter()
+                .copied()
+                .filter(|v| !witnesses.contains(v))
+                .collect();
+            let order = rendezvous(view.group as u32, &data_voters, data_voters.len());
             let jitter: f64 = rand::random();
             let action = liveness::decide(
                 host.config.id,
@@ -896,6 +1086,16 @@ async fn liveness_loop(host: Weak<RaftHost>) {
             );
             let done = match action {
                 Action::Nothing => continue,
+                Action::Stand
+                    if host.config.witness
+                        && !host.ahead_within(view.group, timing.dead_after * 2) =>
+                {
+                    // A witness stands only after refusing a data voter's vote for being
+                    // further on: then no data voter can win without the entries only the
+                    // witness (and the dead leader) hold, so it leads long enough to hand
+                    // them on (`hand_over`).
+                    continue;
+                }
                 Action::Stand => {
                     tracing::info!(group = view.group, term = view.term, leader = ?view.leader, "standing for election");
                     g.raft.trigger().elect(view.voters.len() > 1).await
@@ -905,6 +1105,114 @@ async fn liveness_loop(host: Weak<RaftHost>) {
             if let Err(e) = done {
                 tracing::debug!(group = view.group, error = %e, "liveness action");
             }
+        }
+    }
+}
+
+/// How often a witness asks the data leaders what every data voter holds.
+const WITNESS_PURGE_INTERVAL: Duration = Duration::from_secs(5);
+/// A witness purges a group's log once at least this many entries can go.
+const WITNESS_PURGE_BATCH: u64 = 64;
+/// How long a witness waits for the (empty) snapshot a purge needs.
+const WITNESS_SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+
+/// A witness's log keeper: every `WITNESS_PURGE_INTERVAL` it purges each partition's log up
+/// to the entry every data voter holds (as the group's leader reports it), never further. Until
+/// then the witness may be the only node beside a dead leader holding a committed entry, and
+/// hands it on by leading (see `liveness_loop`).
+async fn witness_purge_loop(host: Weak<RaftHost>) {
+    loop {
+        tokio::time::sleep(WITNESS_PURGE_INTERVAL).await;
+        let Some(host) = host.upgrade() else { return };
+        host.witness_purge().await;
+    }
+}
+
+impl RaftHost {
+    /// Per group, what the data leader at the highest term says every data voter holds.
+    async fn gather_progress(&self) -> BTreeMap<GroupId, DataProgress> {
+        let witnesses = self.witnesses();
+        let nodes = self.meta().read_meta(|m| m.nodes()).unwrap_or_default();
+        let calls = nodes
+            .iter()
+            .filter(|n| n.id != self.id() && !witnesses.contains(&n.id) && self.peer_alive(n.id))
+            .map(|n| async move {
+                let request = codec::encode(&Request::Progress);
+                let answer = self
+                    .transport
+                    .call(
+                        crate::transport::Peer::Node(n.id),
+                        &n.cluster_addr,
+                        &request,
+                        None,
+                        OBSERVE_TIMEOUT,
+                    )
+                    .await
+                    .ok()?;
+                codec::decode::<Reply<Vec<DataProgress>>>(&answer)
+                    .ok()?
+                    .ok()
+            });
+        let mut best: BTreeMap<GroupId, DataProgress> = BTreeMap::new();
+        for p in futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if best.get(&p.group).is_none_or(|b| b.term < p.term) {
+                best.insert(p.group, p);
+            }
+        }
+        best
+    }
+
+    /// One purge round of a witness (see `witness_purge_loop`).
+    async fn witness_purge(&self) {
+        let progress = self.gather_progress().await;
+        for (group, g) in self.groups_by_id() {
+            if group == META_GROUP {
+                continue; // the meta group is held whole and purged by openraft's policy
+            }
+            let Some(p) = progress.get(&group) else {
+                continue;
+            };
+            let m = g.raft.metrics().borrow_watched().clone();
+            let applied = m.last_applied.as_ref().map(|l| l.index).unwrap_or(0);
+            let purged = m.purged.as_ref().map(|l| l.index).unwrap_or(0);
+            let upto = p.held_by_all.min(applied);
+            if upto < purged + WITNESS_PURGE_BATCH {
+                continue;
+            }
+            if m.snapshot.as_ref().map(|l| l.index).unwrap_or(0) < upto {
+                // openraft purges only what a snapshot covers; a witness's is its applied
+                // state alone.
+                if g.raft.trigger().snapshot().await.is_err() {
+                    continue;
+                }
+                let deadline = tokio::time::Instant::now() + WITNESS_SNAPSHOT_WAIT;
+                let covered = loop {
+                    let at = g
+                        .raft
+                        .metrics()
+                        .borrow_watched()
+                        .snapshot
+                        .as_ref()
+                        .map(|l| l.index);
+                    if at.unwrap_or(0) >= upto {
+                        break true;
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break false;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                if !covered {
+                    continue;
+                }
+            }
+            tracing::debug!(group, upto, "witness purges entries every data voter holds");
+            let _ = g.raft.trigger().purge_log(upto).await;
         }
     }
 }
@@ -931,14 +1239,23 @@ async fn renew_lease(g: &Group, lease: Duration, timeout: Duration) {
 }
 
 async fn reconcile(host: &RaftHost) -> Result<(), String> {
+    host.refresh_witnesses();
+    if host.config.witness {
+        // A witness changes no membership and keeps no placement: it only hands on groups.
+        for (group, g) in host.groups_by_id() {
+            hand_over(host, group, &g).await;
+        }
+        return Ok(());
+    }
     let meta = host.meta();
-    let (nodes, settings, partitions, info) = meta
+    let (nodes, settings, partitions, info, witnesses) = meta
         .read_meta(|m| -> Result<_, storage::StorageError> {
             Ok((
                 m.nodes()?,
                 m.node_settings()?,
                 m.partitions()?,
                 m.cluster()?,
+                m.witnesses()?,
             ))
         })
         .map_err(|e| e.to_string())?;
@@ -956,10 +1273,11 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         }
         let (voters, learners): (BTreeSet<NodeId>, BTreeSet<NodeId>) = if group == META_GROUP {
             // The meta leader also keeps the partition map on its plan.
-            if let Err(e) = rebalance(host, &info, &nodes, &settings, &partitions).await {
+            if let Err(e) = rebalance(host, &info, &nodes, &settings, &witnesses, &partitions).await
+            {
                 tracing::debug!(group, error = %e, "reconcile step: partition map");
             }
-            meta_members(&settings)
+            meta_members(&settings, &witnesses)
         } else {
             let Some(record) = partitions.iter().find(|p| partition_group(p.id) == group) else {
                 continue;
@@ -987,10 +1305,14 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
     Ok(())
 }
 
-/// The meta group's voters (up to `META_VOTERS_MAX`, draining nodes last) and learners.
-fn meta_members(settings: &BTreeMap<NodeId, NodeSettings>) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+/// The meta group's voters (up to `META_VOTERS_MAX`; draining nodes last, witnesses after the
+/// data nodes) and learners.
+fn meta_members(
+    settings: &BTreeMap<NodeId, NodeSettings>,
+    witnesses: &BTreeSet<NodeId>,
+) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
     let mut order: Vec<NodeId> = settings.keys().copied().collect();
-    order.sort_by_key(|n| (settings[n].draining, *n));
+    order.sort_by_key(|n| (settings[n].draining, witnesses.contains(n), *n));
     let voters: BTreeSet<NodeId> = order.iter().copied().take(META_VOTERS_MAX).collect();
     let learners = order.into_iter().filter(|n| !voters.contains(n)).collect();
     (voters, learners)
@@ -1033,9 +1355,10 @@ async fn rebalance(
     info: &ClusterInfo,
     nodes: &[NodeRecord],
     settings: &BTreeMap<NodeId, NodeSettings>,
+    witnesses: &BTreeSet<NodeId>,
     partitions: &[PartitionRecord],
 ) -> Result<(), String> {
-    let target = crate::placement::plan(partitions, settings, info.replicas as usize);
+    let target = crate::placement::plan(partitions, settings, witnesses, info.replicas as usize);
     let changed: Vec<usize> = (0..partitions.len())
         .filter(|i| target[*i] != partitions[*i])
         .collect();
@@ -1136,7 +1459,7 @@ async fn rebalance(
 /// leader prefers itself, so leadership settles instead of moving back and forth.
 async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, preferred: NodeId) {
     let me = host.id();
-    if preferred == me || !host.peer_alive(preferred) {
+    if preferred == me || !host.peer_alive(preferred) || host.witnesses().contains(&preferred) {
         return;
     }
     let m = g.raft.metrics().borrow_watched().clone();
@@ -1166,6 +1489,48 @@ async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, preferred: N
         );
         let _ = g.raft.trigger().transfer_leader(preferred).await;
     }
+}
+
+/// On a witness that leads `group` (it was elected to hand a lagging data voter the log):
+/// transfers the leadership to a live data voter holding the whole log, as soon as one does.
+async fn hand_over(host: &RaftHost, group: GroupId, g: &Group) {
+    let m = g.raft.metrics().borrow_watched().clone();
+    if m.state != ServerState::Leader {
+        return;
+    }
+    let witnesses = host.witnesses();
+    let last = m.last_log_index.unwrap_or(0);
+    let replication = m.replication.clone().unwrap_or_default();
+    let target = m.membership_config.membership().voter_ids().find(|v| {
+        !witnesses.contains(v)
+            && *v != host.id()
+            && host.peer_alive(*v)
+            && replication.get(v).cloned().flatten().map(|l| l.index) == Some(last)
+    });
+    let Some(target) = target else { return };
+    let already = host
+        .transfers
+        .lock()
+        .expect("transfers lock")
+        .get(&group)
+        .is_some_and(|t| t.term == m.current_term);
+    if already {
+        return;
+    }
+    tracing::info!(
+        group,
+        to = target,
+        term = m.current_term,
+        "witness hands the group to a data voter"
+    );
+    host.transfers.lock().expect("transfers lock").insert(
+        group,
+        Transfer {
+            at: std::time::Instant::now(),
+            term: m.current_term,
+        },
+    );
+    let _ = g.raft.trigger().transfer_leader(target).await;
 }
 
 /// One step toward the wanted membership: add a missing node as learner, promote a caught-up

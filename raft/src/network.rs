@@ -53,7 +53,23 @@ pub enum Request {
     /// The receiver's view of every group it hosts (`Vec<GroupStatus>`): how the rebalancer
     /// learns where each move stands.
     Groups,
+    /// For every group the receiver leads, the log index every data voter holds
+    /// (`Vec<DataProgress>`): how a witness learns which entries it may purge.
+    Progress,
 }
+
+/// What a group's leader knows of its data voters' logs (the answer to `Request::Progress`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataProgress {
+    pub group: GroupId,
+    /// The leader's term.
+    pub term: u64,
+    /// The highest log index every data (non-witness) voter holds durably.
+    pub held_by_all: u64,
+}
+
+/// The nodes known to be witnesses (from the meta state), shared by a node's groups.
+pub type Witnesses = Arc<std::sync::RwLock<std::collections::BTreeSet<NodeId>>>;
 
 /// The answer to a raft request: the group's reply, or why it could not be given.
 pub type Reply<T> = Result<T, String>;
@@ -88,6 +104,9 @@ fn append_timeout(ttl: Duration, entries: bool, bytes: usize) -> Duration {
 pub struct NetworkFactory {
     pub transport: Arc<Transport>,
     pub group: GroupId,
+    /// Whether this node is a witness (it never sends a partition snapshot: it has no data).
+    pub witness: bool,
+    pub witnesses: Witnesses,
 }
 
 pub struct Connection {
@@ -95,6 +114,8 @@ pub struct Connection {
     group: GroupId,
     target: NodeId,
     addr: String,
+    witness: bool,
+    witnesses: Witnesses,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -106,6 +127,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             addr: node.addr.clone(),
+            witness: self.witness,
+            witnesses: self.witnesses.clone(),
         }
     }
 }
@@ -197,20 +220,48 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         _option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        if self.group != META_GROUP && self.witness {
+            // A witness's partition snapshot holds no mail: installed on a data node it would
+            // wipe the replica. The caller retries; a data leader takes over meanwhile.
+            return Err(unreachable("a witness has no partition data to send").into());
+        }
         let request = Request::Snapshot {
             group: self.group,
             vote,
             meta: snapshot.meta.clone(),
         };
-        let send = self.call::<SnapshotResponse<TypeConfig>>(
-            &request,
-            Some(&snapshot.snapshot.path),
-            SNAPSHOT_TIMEOUT,
-        );
-        tokio::select! {
-            closed = cancel => Err(StreamingError::Closed(closed)),
-            result = send => Ok(result?),
+        // A witness keeps no partition data, so it gets the applied state alone.
+        let to_witness = self.group != META_GROUP
+            && self
+                .witnesses
+                .read()
+                .expect("witnesses lock")
+                .contains(&self.target);
+        let stub = to_witness.then(|| {
+            let dir = snapshot
+                .snapshot
+                .path
+                .parent()
+                .unwrap_or(std::path::Path::new("."));
+            dir.join(format!("witness-{}.part", rand::random::<u64>()))
+        });
+        if let Some(stub) = &stub {
+            if let Err(e) = crate::store::write_state_only(&snapshot.meta, stub) {
+                let _ = std::fs::remove_file(stub);
+                return Err(unreachable(e).into());
+            }
         }
+        let body = stub.as_deref().unwrap_or(&snapshot.snapshot.path);
+        let send =
+            self.call::<SnapshotResponse<TypeConfig>>(&request, Some(body), SNAPSHOT_TIMEOUT);
+        let result = tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = send => result.map_err(StreamingError::from),
+        };
+        if let Some(stub) = &stub {
+            let _ = std::fs::remove_file(stub);
+        }
+        result
     }
 
     async fn transfer_leader(

@@ -30,8 +30,67 @@ use storage::meta::{NodeSettings, PartitionRecord};
 use crate::types::NodeId;
 
 /// The target placement for every partition of `records` (same order), preferred leader
-/// first. `replicas` is the cluster's replication factor.
+/// first, in a cluster whose `witnesses` (a subset of `nodes`) hold no mailbox data.
+/// `replicas` is the cluster's replication factor.
+///
+/// Data nodes are planned by [`plan_data`]; a partition left with fewer data replicas than the
+/// replication factor (fewer data nodes than that) is topped up with witnesses, after its data
+/// replicas, so a witness is never a preferred leader. Once enough data nodes exist, witnesses
+/// drop out of the partitions, and the group leaders remove them after the new data replica
+/// is a voter. Draining witnesses are not used.
 pub fn plan(
+    records: &[PartitionRecord],
+    nodes: &BTreeMap<NodeId, NodeSettings>,
+    witnesses: &BTreeSet<NodeId>,
+    replicas: usize,
+) -> Vec<PartitionRecord> {
+    let data: BTreeMap<NodeId, NodeSettings> = nodes
+        .iter()
+        .filter(|(id, _)| !witnesses.contains(id))
+        .map(|(id, s)| (*id, s.clone()))
+        .collect();
+    if data.is_empty() {
+        return records.to_vec();
+    }
+    let stripped: Vec<PartitionRecord> = records
+        .iter()
+        .map(|r| PartitionRecord {
+            id: r.id,
+            replicas: r
+                .replicas
+                .iter()
+                .copied()
+                .filter(|n| !witnesses.contains(n))
+                .collect(),
+        })
+        .collect();
+    let mut out = plan_data(&stripped, &data, replicas);
+    let usable: Vec<NodeId> = witnesses
+        .iter()
+        .copied()
+        .filter(|w| nodes.get(w).is_some_and(|s| !s.draining))
+        .collect();
+    for (record, planned) in records.iter().zip(out.iter_mut()) {
+        // Witnesses a partition has now first, so topping up never swaps one for another.
+        let mut order: Vec<NodeId> = usable.clone();
+        order.sort_by_key(|w| {
+            (
+                !record.replicas.contains(w),
+                std::cmp::Reverse(score(record.id, *w)),
+            )
+        });
+        for w in order {
+            if planned.replicas.len() >= replicas.max(1) {
+                break;
+            }
+            planned.replicas.push(w);
+        }
+    }
+    out
+}
+
+/// [`plan`] for a cluster of data nodes only (`nodes` holds no witness).
+pub fn plan_data(
     records: &[PartitionRecord],
     nodes: &BTreeMap<NodeId, NodeSettings>,
     replicas: usize,
@@ -471,7 +530,7 @@ mod tests {
         // replicas of rounding stay on old nodes).
         let before = records(64, &[1, 2, 3]);
         let all = nodes(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
-        let after = plan(&before, &all, 3);
+        let after = plan_data(&before, &all, 3);
         for (n, c) in held(&after) {
             assert!((38..=39).contains(&c), "node {n} holds {c}");
         }
@@ -491,7 +550,7 @@ mod tests {
             let distinct: BTreeSet<_> = r.replicas.iter().collect();
             assert_eq!(distinct.len(), 3);
         }
-        assert_eq!(plan(&after, &all, 3), after, "a plan is its own plan");
+        assert_eq!(plan_data(&after, &all, 3), after, "a plan is its own plan");
     }
 
     #[test]
@@ -499,9 +558,9 @@ mod tests {
         // Goal: drain. Node 2 of 4 (RF 3) gives up every replica and leadership; the others
         // share its replicas evenly and no partition drops below three replicas.
         let mut all = nodes(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
-        let balanced = plan(&records(16, &[1, 2, 3]), &all, 3);
+        let balanced = plan_data(&records(16, &[1, 2, 3]), &all, 3);
         all.get_mut(&2).unwrap().draining = true;
-        let drained = plan(&balanced, &all, 3);
+        let drained = plan_data(&balanced, &all, 3);
         assert!(drained.iter().all(|r| !r.replicas.contains(&2)));
         assert!(drained.iter().all(|r| r.replicas.len() == 3));
         assert_eq!(
@@ -510,7 +569,7 @@ mod tests {
         );
         // Undrained, it takes its share back.
         all.get_mut(&2).unwrap().draining = false;
-        let back = plan(&drained, &all, 3);
+        let back = plan_data(&drained, &all, 3);
         assert_eq!(held(&back)[&2], 12);
     }
 
@@ -520,7 +579,7 @@ mod tests {
         // drops below the replication factor), and gives up leadership.
         let mut all = nodes(&[(1, 1), (2, 1), (3, 1)]);
         all.get_mut(&3).unwrap().draining = true;
-        let p = plan(&records(8, &[3, 1, 2]), &all, 3);
+        let p = plan_data(&records(8, &[3, 1, 2]), &all, 3);
         assert!(p.iter().all(|r| r.replicas.len() == 3));
         assert!(p.iter().all(|r| r.replicas[0] != 3));
     }
@@ -529,11 +588,11 @@ mod tests {
     fn replace_gives_each_replica_to_the_named_node() {
         // Goal: `node replace 2 5`: node 5 takes exactly node 2's replicas, nothing else moves.
         let mut all = nodes(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
-        let balanced = plan(&records(16, &[1, 2, 3]), &all, 3);
+        let balanced = plan_data(&records(16, &[1, 2, 3]), &all, 3);
         all.insert(5, NodeSettings::default());
         all.get_mut(&2).unwrap().draining = true;
         all.get_mut(&2).unwrap().replace_by = Some(5);
-        let replaced = plan(&balanced, &all, 3);
+        let replaced = plan_data(&balanced, &all, 3);
         for (b, r) in balanced.iter().zip(&replaced) {
             let want: BTreeSet<NodeId> = b
                 .replicas
@@ -550,26 +609,26 @@ mod tests {
         // Goal: weights 2:1:1 at RF 2 over 64 partitions: 64, 32, 32 replicas; at RF 1: 32,
         // 16, 16, and leaders likewise.
         let all = nodes(&[(1, 2), (2, 1), (3, 1)]);
-        let p = plan(&records(64, &[2, 3]), &all, 2);
+        let p = plan_data(&records(64, &[2, 3]), &all, 2);
         assert_eq!(held(&p).values().copied().collect::<Vec<_>>(), [64, 32, 32]);
-        let p = plan(&records(64, &[2]), &all, 1);
+        let p = plan_data(&records(64, &[2]), &all, 1);
         assert_eq!(held(&p).values().copied().collect::<Vec<_>>(), [32, 16, 16]);
         assert_eq!(
             leaders(&p).values().copied().collect::<Vec<_>>(),
             [32, 16, 16]
         );
         // At RF 3 on three nodes every node holds every partition whatever the weights.
-        let p = plan(&records(64, &[1, 2, 3]), &all, 3);
+        let p = plan_data(&records(64, &[1, 2, 3]), &all, 3);
         assert!(held(&p).values().all(|c| *c == 64));
         // Five nodes, one of weight 2, 16 partitions at RF 3: 16 and 8 each; leaders 5 or 6
         // against 2 or 3 (16 x 2/6 and 16 x 1/6), whatever the start.
         let five = nodes(&[(1, 2), (2, 1), (3, 1), (4, 1), (5, 1)]);
-        let even = plan(
+        let even = plan_data(
             &records(16, &[1, 2, 3]),
             &nodes(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]),
             3,
         );
-        let p = plan(&even, &five, 3);
+        let p = plan_data(&even, &five, 3);
         assert_eq!(
             held(&p).values().copied().collect::<Vec<_>>(),
             [16, 8, 8, 8, 8]
@@ -582,16 +641,43 @@ mod tests {
     }
 
     #[test]
+    fn a_witness_fills_in_until_enough_data_nodes_exist() {
+        // Goal: two data nodes and a witness at RF 3: every partition gets both data nodes and
+        // the witness, last (never a preferred leader), leaders split between the data nodes;
+        // when a third data node joins the witness leaves every partition, with one move each.
+        let witnesses = BTreeSet::from([9]);
+        let two = nodes(&[(1, 1), (2, 1), (9, 1)]);
+        let p = plan(&records(64, &[1]), &two, &witnesses, 3);
+        for r in &p {
+            assert_eq!(r.replicas.len(), 3, "{r:?}");
+            assert_eq!(r.replicas[2], 9, "{r:?}");
+        }
+        assert_eq!(leaders(&p), BTreeMap::from([(1, 32), (2, 32)]));
+        assert_eq!(plan(&p, &two, &witnesses, 3), p, "a plan is its own plan");
+        let three = nodes(&[(1, 1), (2, 1), (3, 1), (9, 1)]);
+        let grown = plan(&p, &three, &witnesses, 3);
+        assert_eq!(held(&grown), BTreeMap::from([(1, 64), (2, 64), (3, 64)]));
+        assert_eq!(distance(&p, &grown).0, 64);
+        // One data node left (the other removed): the witness stays beside it.
+        let one = nodes(&[(1, 1), (9, 1)]);
+        let p = plan(&p, &one, &witnesses, 3);
+        assert!(p.iter().all(|r| r.replicas == [1, 9]), "{p:?}");
+        // A cluster of witnesses only cannot be planned: the records stay as they are.
+        let none = nodes(&[(9, 1)]);
+        assert_eq!(plan(&p, &none, &witnesses, 3), p);
+    }
+
+    #[test]
     fn removed_nodes_are_replaced_and_surviving_replicas_stay() {
         // Goal: the old fill behaviour: a removed node's replicas go to the survivors, and a
         // partition keeps every replica that is still on a member.
         let before = records(8, &[1, 2, 3]);
-        let p = plan(&before, &nodes(&[(1, 1), (2, 1), (4, 1)]), 3);
+        let p = plan_data(&before, &nodes(&[(1, 1), (2, 1), (4, 1)]), 3);
         for r in &p {
             let set: BTreeSet<NodeId> = r.replicas.iter().copied().collect();
             assert_eq!(set, BTreeSet::from([1, 2, 4]));
         }
-        let grown = plan(&records(8, &[1]), &nodes(&[(1, 1), (2, 1)]), 3);
+        let grown = plan_data(&records(8, &[1]), &nodes(&[(1, 1), (2, 1)]), 3);
         assert!(grown.iter().all(|r| r.replicas.len() == 2));
     }
 
@@ -601,12 +687,12 @@ mod tests {
         // point on the way leads to the same balance without moving anything back.
         let before = records(32, &[1, 2, 3]);
         let all = nodes(&[(1, 1), (2, 1), (3, 1), (4, 1), (5, 1)]);
-        let target = plan(&before, &all, 3);
+        let target = plan_data(&before, &all, 3);
         let (total, _) = distance(&before, &target);
         let mut now = before.clone();
         let mut moved = 0;
         for _ in 0..100 {
-            let next = plan(&now, &all, 3);
+            let next = plan_data(&now, &all, 3);
             let Some(i) = (0..now.len()).find(|i| {
                 let a: BTreeSet<_> = now[*i].replicas.iter().collect();
                 let b: BTreeSet<_> = next[*i].replicas.iter().collect();
@@ -648,7 +734,7 @@ mod tests {
                         .collect(),
                 })
                 .collect();
-            let after = plan(&before, &all, replicas);
+            let after = plan_data(&before, &all, replicas);
             let per = replicas.min(node_count);
             let eligible: Vec<NodeId> =
                 all.iter().filter(|(_, s)| !s.draining).map(|(n, _)| *n).collect();
@@ -672,7 +758,7 @@ mod tests {
                 let c = l.get(n).copied().unwrap_or(0) as f64;
                 prop_assert!((c - fair_leaders).abs() < 1.0, "node {} leads {} of fair {}", n, c, fair_leaders);
             }
-            prop_assert_eq!(plan(&after, &all, replicas), after);
+            prop_assert_eq!(plan_data(&after, &all, replicas), after);
         }
     }
 }

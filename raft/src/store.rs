@@ -173,12 +173,20 @@ pub struct StateMachine {
     snapshot_dir: PathBuf,
     /// The newest snapshot file and its meta, if any.
     current: Arc<Mutex<Option<(SnapshotMeta, PathBuf)>>>,
+    /// A witness's partition: entries are acknowledged and kept in the log but never applied,
+    /// and a snapshot installs only the applied state (no mailbox data is ever held).
+    witness: bool,
 }
 
 const SNAPSHOT_SUFFIX: &str = ".snap";
 
 impl StateMachine {
-    pub fn open(machine: Arc<GroupMachine>, snapshot_dir: PathBuf) -> io::Result<StateMachine> {
+    /// `witness`: this is a witness's replica of a partition (see the field).
+    pub fn open(
+        machine: Arc<GroupMachine>,
+        snapshot_dir: PathBuf,
+        witness: bool,
+    ) -> io::Result<StateMachine> {
         std::fs::create_dir_all(&snapshot_dir)?;
         let mut newest: Option<(SnapshotMeta, PathBuf)> = None;
         for entry in std::fs::read_dir(&snapshot_dir)? {
@@ -207,6 +215,7 @@ impl StateMachine {
             machine,
             snapshot_dir,
             current: Arc::new(Mutex::new(newest)),
+            witness,
         })
     }
 
@@ -257,6 +266,15 @@ fn snapshot_meta(path: &Path) -> io::Result<SnapshotMeta> {
     })
 }
 
+/// Writes to `path` a snapshot file holding only `meta`'s applied state (log id and
+/// membership) and no data: what a witness is sent instead of a partition's snapshot.
+pub fn write_state_only(meta: &SnapshotMeta, path: &Path) -> io::Result<()> {
+    let state: AppliedState = (meta.last_log_id, meta.last_membership.clone());
+    GroupMachine::export_state_only(&codec::encode(&state), path)
+        .map(|_| ())
+        .map_err(to_io)
+}
+
 fn snapshot_name(meta: &SnapshotMeta) -> String {
     match &meta.last_log_id {
         Some(id) => format!(
@@ -284,6 +302,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id();
             let cmd = match &entry.payload {
+                EntryPayload::Normal(_) if self.witness => None,
                 EntryPayload::Normal(cmd) => Some(cmd),
                 EntryPayload::Membership(m) => {
                     membership = StoredMembership::new(Some(log_id), m.clone());
@@ -341,7 +360,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     "snapshot file does not match its announced log id",
                 ));
             }
-            sm.machine.install(&snapshot.path).map_err(to_io)?;
+            if sm.witness {
+                sm.machine
+                    .install_state_only(&snapshot.path)
+                    .map_err(to_io)?;
+            } else {
+                sm.machine.install(&snapshot.path).map_err(to_io)?;
+            }
             let path = sm.snapshot_dir.join(snapshot_name(&meta));
             if path != snapshot.path {
                 std::fs::rename(&snapshot.path, &path)?;
@@ -388,7 +413,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 }
 
 /// What a stopped node's store says about one group, for `mailgrid inspect`: the applied log
-/// id and membership, the committed mark, the log's last index, and the state digest.
+/// id and membership, the committed mark, the index the log is purged up to, the log's last
+/// index, and the state digest.
 pub fn inspect(store: &storage::Store, group: u64) -> Result<String, storage::StorageError> {
     let kind = if group == crate::META_GROUP {
         GroupKind::Meta
@@ -406,10 +432,12 @@ pub fn inspect(store: &storage::Store, group: u64) -> Result<String, storage::St
         .map(|b| codec::decode(&b))
         .transpose()?;
     let last = log.last()?.map(|(index, _)| index);
+    let purged: Option<LogId> = log.mark(PURGED)?.map(|b| codec::decode(&b)).transpose()?;
     Ok(format!(
-        "group {group}: applied {:?}, committed {:?}, last log index {:?}, membership {:?}, digest {}",
+        "group {group}: applied {:?}, committed {:?}, purged up to {:?}, last log index {:?}, membership {:?}, digest {}",
         applied.0,
         committed.flatten(),
+        purged.map(|l| l.index),
         last,
         applied.1,
         machine
@@ -439,7 +467,7 @@ mod tests {
             let log = LogStore::new(GroupLog::open(&store, 1).expect("log"));
             let machine =
                 Arc::new(GroupMachine::open(&store, 1, GroupKind::Partition).expect("machine"));
-            let sm = StateMachine::open(machine, dir.path().join("snapshots")).expect("sm");
+            let sm = StateMachine::open(machine, dir.path().join("snapshots"), false).expect("sm");
             self.dirs.lock().unwrap().push(dir);
             Ok(((), log, sm))
         }

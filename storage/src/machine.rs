@@ -174,30 +174,20 @@ impl GroupMachine {
     /// store is synced first so the state the snapshot covers is durable before logs are purged.
     pub fn export(&self, path: &Path) -> Result<u64, StorageError> {
         self.store.sync()?;
-        let file = std::fs::File::create(path).map_err(|e| StorageError::io(path, e))?;
-        let mut w = HashingWriter {
-            inner: BufWriter::new(file),
-            hash: blake3::Hasher::new(),
-        };
-        let io = |e| StorageError::io(path, e);
-        w.write_all(SNAPSHOT_MAGIC).map_err(io)?;
-        let mut records = 0u64;
-        for item in self.tree().iter() {
-            let (k, v) = item?;
-            assert!(v.len() <= chunk::CHUNK_BYTES_MAX && k.len() <= chunk::CHUNK_BYTES_MAX);
-            w.write_all(&(k.len() as u32).to_be_bytes()).map_err(io)?;
-            w.write_all(&k).map_err(io)?;
-            w.write_all(&(v.len() as u32).to_be_bytes()).map_err(io)?;
-            w.write_all(&v).map_err(io)?;
-            records += 1;
-        }
-        w.write_all(&SNAPSHOT_END.to_be_bytes()).map_err(io)?;
-        let digest = *w.hash.finalize().as_bytes();
-        let mut inner = w.inner;
-        inner.write_all(&digest).map_err(io)?;
-        let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        Ok(records)
+        write_snapshot(
+            path,
+            self.tree().iter().map(|r| r.map_err(StorageError::from)),
+        )
+    }
+
+    /// Writes a snapshot file holding only `raft_state` (the applied log id and membership):
+    /// what a witness gets instead of a partition's data, which it never keeps.
+    pub fn export_state_only(raft_state: &[u8], path: &Path) -> Result<u64, StorageError> {
+        let record = (
+            sled::IVec::from(RAFT_STATE),
+            sled::IVec::from(raft_state.to_vec()),
+        );
+        write_snapshot(path, std::iter::once(Ok(record)))
     }
 
     /// Reads the applied-state record stored inside a snapshot file, after checking the file.
@@ -214,6 +204,16 @@ impl GroupMachine {
 
     /// Replaces this group's state with the snapshot in `path` (checked in full first).
     pub fn install(&self, path: &Path) -> Result<(), StorageError> {
+        self.install_records(path, false)
+    }
+
+    /// Like [`install`](Self::install), but keeps only the snapshot's applied-state record and
+    /// drops every data record: how a witness takes a snapshot (it holds no mailbox state).
+    pub fn install_state_only(&self, path: &Path) -> Result<(), StorageError> {
+        self.install_records(path, true)
+    }
+
+    fn install_records(&self, path: &Path, state_only: bool) -> Result<(), StorageError> {
         for_each_record(path, |_, _| Ok(()))?;
         let generation = self.tree.read().expect("machine lock poisoned").0 + 1;
         let name = tree_name(self.group, generation);
@@ -222,6 +222,9 @@ impl GroupMachine {
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         for_each_record(path, |k, v| {
+            if state_only && k != RAFT_STATE {
+                return Ok(());
+            }
             batch.insert(k, v);
             pending += 1;
             if pending == INSTALL_BATCH_RECORDS {
@@ -245,6 +248,38 @@ impl GroupMachine {
         self.store.drop_tree(&tree_name(self.group, old))?;
         Ok(())
     }
+}
+
+/// Writes `records` (sorted key, value pairs) as a snapshot file with its trailing digest and
+/// fsyncs it. Returns the number of records.
+fn write_snapshot(
+    path: &Path,
+    records: impl Iterator<Item = Result<(sled::IVec, sled::IVec), StorageError>>,
+) -> Result<u64, StorageError> {
+    let file = std::fs::File::create(path).map_err(|e| StorageError::io(path, e))?;
+    let mut w = HashingWriter {
+        inner: BufWriter::new(file),
+        hash: blake3::Hasher::new(),
+    };
+    let io = |e| StorageError::io(path, e);
+    w.write_all(SNAPSHOT_MAGIC).map_err(io)?;
+    let mut count = 0u64;
+    for item in records {
+        let (k, v) = item?;
+        assert!(v.len() <= chunk::CHUNK_BYTES_MAX && k.len() <= chunk::CHUNK_BYTES_MAX);
+        w.write_all(&(k.len() as u32).to_be_bytes()).map_err(io)?;
+        w.write_all(&k).map_err(io)?;
+        w.write_all(&(v.len() as u32).to_be_bytes()).map_err(io)?;
+        w.write_all(&v).map_err(io)?;
+        count += 1;
+    }
+    w.write_all(&SNAPSHOT_END.to_be_bytes()).map_err(io)?;
+    let digest = *w.hash.finalize().as_bytes();
+    let mut inner = w.inner;
+    inner.write_all(&digest).map_err(io)?;
+    let file = inner.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(count)
 }
 
 struct HashingWriter<W: Write> {
@@ -832,6 +867,33 @@ mod tests {
             let (_, rec) = p.messages(inbox.id, Uid(1), 1).unwrap().remove(0);
             assert_eq!(p.body(rec.body).unwrap().unwrap(), big);
         });
+    }
+
+    #[test]
+    fn a_witness_takes_only_the_applied_state_from_a_snapshot() {
+        // Goal: a state-only install (and a state-only snapshot file) carries the applied log
+        // id and membership but no mailbox record, and replaces data a witness held.
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, m) = partition(&dir.path().join("a"));
+        apply(&m, 1, account("a@x.test", Quota::default()));
+        apply(&m, 2, deliver(1, &["a@x.test"], b"not for witnesses"));
+        let snap = dir.path().join("snap");
+        m.export(&snap).unwrap();
+        let (_store2, witness) = partition(&dir.path().join("b"));
+        let (_store3, empty) = partition(&dir.path().join("c"));
+        apply(&witness, 1, account("stale@x.test", Quota::default()));
+        witness.install_state_only(&snap).unwrap();
+        assert_eq!(witness.raft_state().unwrap(), m.raft_state().unwrap());
+        assert_eq!(witness.digest().unwrap(), empty.digest().unwrap());
+        assert_ne!(witness.digest().unwrap(), m.digest().unwrap());
+        let stub = dir.path().join("stub");
+        let state = m.raft_state().unwrap().unwrap();
+        assert_eq!(GroupMachine::export_state_only(&state, &stub).unwrap(), 1);
+        assert_eq!(
+            GroupMachine::snapshot_raft_state(&stub).unwrap(),
+            Some(state)
+        );
+        assert!(std::fs::metadata(&stub).unwrap().len() < 200);
     }
 
     #[test]

@@ -197,6 +197,46 @@ impl Cluster {
         extra_config: &str,
         env: &[(&str, &str)],
     ) -> Cluster {
+        let mut cluster = Self::start_first(
+            n.min(3),
+            partitions,
+            snapshot_logs,
+            users,
+            extra_config,
+            env,
+        );
+        for id in 2..=n {
+            cluster.join(id);
+        }
+        cluster.wait_healthy(n.min(3) as usize);
+        cluster
+    }
+
+    /// The two-server topology: data nodes 1 and 2 and witness 3, replication factor 3, every
+    /// node started with `env`.
+    pub fn start_witness(
+        partitions: u32,
+        snapshot_logs: u64,
+        users: usize,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        let mut cluster = Self::start_first(3, partitions, snapshot_logs, users, "", env);
+        cluster.join(2);
+        cluster.join_as(3, true);
+        cluster.wait_healthy(3);
+        cluster
+    }
+
+    /// Node 1 of a new cluster (replication factor `replicas`), with domain example.test and
+    /// its users.
+    fn start_first(
+        replicas: u64,
+        partitions: u32,
+        snapshot_logs: u64,
+        users: usize,
+        extra_config: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let config = root.path().join("node.toml");
         std::fs::write(
@@ -214,7 +254,7 @@ impl Cluster {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        let replicas = n.min(3).to_string();
+        let replicas = replicas.to_string();
         let first = cluster.new_node_dir(1);
         let out = ok(
             &[
@@ -249,10 +289,6 @@ impl Cluster {
                 "pw",
             ]);
         }
-        for id in 2..=n {
-            cluster.join(id);
-        }
-        cluster.wait_healthy(n.min(3) as usize);
         cluster
     }
 
@@ -304,6 +340,11 @@ impl Cluster {
 
     /// Joins a new node with id `id` through node 1 (or the first running node) and starts it.
     pub fn join(&mut self, id: u64) {
+        self.join_as(id, false)
+    }
+
+    /// [`Cluster::join`], as a witness when `witness`.
+    pub fn join_as(&mut self, id: u64, witness: bool) {
         let (dir, addr) = self.new_node_dir(id);
         let seed = self
             .nodes
@@ -312,22 +353,24 @@ impl Cluster {
             .unwrap()
             .addr
             .clone();
-        ok(
-            &[
-                "join",
-                "--data",
-                dir.to_str().unwrap(),
-                "--node-id",
-                &id.to_string(),
-                "--cluster-addr",
-                &addr,
-                "--seed",
-                &seed,
-                "--token",
-                &self.token,
-            ],
-            None,
-        );
+        let id_s = id.to_string();
+        let mut args = vec![
+            "join",
+            "--data",
+            dir.to_str().unwrap(),
+            "--node-id",
+            &id_s,
+            "--cluster-addr",
+            &addr,
+            "--seed",
+            &seed,
+            "--token",
+            &self.token,
+        ];
+        if witness {
+            args.push("--witness");
+        }
+        ok(&args, None);
         self.add_started(id, dir, addr);
     }
 
@@ -522,25 +565,30 @@ pub fn path(p: &Path) -> &str {
 
 /// A metric summed over every running node's /metrics (fetched with curl).
 pub fn metric_sum(c: &Cluster, name: &str) -> u64 {
-    let mut total = 0;
-    for n in c.nodes.iter().filter(|n| n.child.is_some()) {
-        // A restarted node listens on new ports and publishes them shortly after it starts;
-        // until then the cluster status still names the old ones.
-        let (url, text) = eventually(Duration::from_secs(30), "GET /metrics", || {
-            let url = format!("http://{}/metrics", c.listener(n.id, "http"));
-            let out = Command::new("curl")
-                .args(["-sf", "--max-time", "10", &url])
-                .output()
-                .expect("curl runs");
-            out.status
-                .success()
-                .then(|| (url, String::from_utf8(out.stdout).unwrap()))
-        });
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("{name} missing from {url}:\n{text}"));
-        total += value.trim().parse::<u64>().unwrap();
-    }
-    total
+    c.nodes
+        .iter()
+        .filter(|n| n.child.is_some())
+        .map(|n| metric_of(c, n.id, name))
+        .sum()
+}
+
+/// A metric from node `id`'s /metrics (fetched with curl).
+pub fn metric_of(c: &Cluster, id: u64, name: &str) -> u64 {
+    // A restarted node listens on new ports and publishes them shortly after it starts;
+    // until then the cluster status still names the old ones.
+    let (url, text) = eventually(Duration::from_secs(30), "GET /metrics", || {
+        let url = format!("http://{}/metrics", c.listener(id, "http"));
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "10", &url])
+            .output()
+            .expect("curl runs");
+        out.status
+            .success()
+            .then(|| (url, String::from_utf8(out.stdout).unwrap()))
+    });
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} missing from {url}:\n{text}"));
+    value.trim().parse::<u64>().unwrap()
 }

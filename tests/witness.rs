@@ -1,0 +1,222 @@
+//! Two servers are enough (issue 24), shown with real node processes: two data nodes and a
+//! witness survive kill -9 of any one of the three with nothing acknowledged lost, including
+//! the case where only the witness holds the newest entries; the witness holds no mail and
+//! purges its log once both data nodes have it; a third data node takes it out of the
+//! partitions.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::*;
+
+/// Each test runs a multi-process cluster; on two cores they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const PARTITIONS: u32 = 8;
+const USERS: usize = 32;
+/// The witness logs when it hands a group on (info level).
+const ENV: [(&str, &str); 1] = [("MAILGRID_LOG", "warn,raft::host=info")];
+/// The digest of a partition replica holding no record: what a witness has.
+const EMPTY_DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
+/// One user in each partition, so a round of deliveries writes to every partition group.
+fn user_per_partition() -> Vec<String> {
+    let mut by_partition: BTreeMap<u32, String> = BTreeMap::new();
+    for i in 0..USERS {
+        let user = format!("user{i}@example.test");
+        by_partition
+            .entry(mailgrid::router::partition_of(&user, PARTITIONS))
+            .or_insert(user);
+    }
+    assert_eq!(
+        by_partition.len(),
+        PARTITIONS as usize,
+        "the test users cover every partition"
+    );
+    by_partition.into_values().collect()
+}
+
+/// Delivers one message named `round` to every user through `via`, retrying each (same
+/// delivery id) until acknowledged; the (user, subject) pairs acknowledged.
+fn round(c: &Cluster, via: &str, users: &[String], round: &str) -> Vec<(String, String)> {
+    users
+        .iter()
+        .map(|user| {
+            let subject = format!("{round}-{user}");
+            let body = format!("Subject: {subject}\r\n\r\nround {round}\r\n");
+            eventually(Duration::from_secs(60), "delivery acknowledged", || {
+                c.deliver(via, &[user], body.as_bytes(), &subject).ok()
+            });
+            (user.clone(), subject)
+        })
+        .collect()
+}
+
+/// Every acknowledged message is in its user's mailbox exactly once, read through `via`.
+fn check_readable(c: &Cluster, via: &str, acked: &[(String, String)]) {
+    for (user, subject) in acked {
+        let found = c
+            .fetch(via, user)
+            .iter()
+            .filter(|(_, body)| body.contains(&format!("Subject: {subject}\r\n")))
+            .count();
+        assert_eq!(found, 1, "{subject} in {user}'s mailbox via {via}");
+    }
+}
+
+#[test]
+fn two_data_nodes_and_a_witness_survive_the_loss_of_any_one() {
+    // Goal: kill -9 of either data node or of the witness leaves every partition writable
+    // through the survivors and loses nothing acknowledged; when a data node comes back
+    // behind (it was down while the other wrote with the witness) and the up-to-date data
+    // node dies, the witness hands it the entries only the witness still has. The witness
+    // holds no mail in any partition.
+    let _serial = serial();
+    let mut c = Cluster::start_witness(PARTITIONS, 1000, USERS, &ENV);
+    let users = user_per_partition();
+    let (d1, d2, w) = (
+        c.node(1).data().to_string(),
+        c.node(2).data().to_string(),
+        c.node(3).data().to_string(),
+    );
+    let mut acked = round(&c, &d1, &users, "start");
+
+    // Either data node dies: the other takes every partition.
+    for (dead, alive) in [(1, &d2), (2, &d1)] {
+        c.node(dead).kill9();
+        acked.extend(round(&c, alive, &users, &format!("without-{dead}")));
+        // `status` says the cluster runs on one copy of the mail, and names the witness.
+        let survivor = 3 - dead;
+        let status = eventually(Duration::from_secs(30), "status shows the loss", || {
+            let s = c.status_via(alive)?;
+            let lines: Vec<String> = serde_json::from_value(s["degraded"].clone()).ok()?;
+            let single = format!("one data replica left (node {survivor}); a second failure");
+            lines.iter().any(|l| l.contains(&single)).then_some(s)
+        });
+        let roles: Vec<(u64, String)> = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_u64().unwrap(),
+                    n["role"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                (1, "data".into()),
+                (2, "data".into()),
+                (3, "witness".into())
+            ]
+        );
+        check_readable(&c, alive, &acked);
+        c.restart(dead);
+        c.wait_converged(PARTITIONS as u64, &[1, 2]);
+    }
+
+    // The witness dies: both data nodes go on.
+    c.node(3).kill9();
+    acked.extend(round(&c, &d1, &users, "no-witness-via-1"));
+    acked.extend(round(&c, &d2, &users, "no-witness-via-2"));
+    c.restart(3);
+    c.wait_healthy(3);
+
+    // Node 2 is down while node 1 writes with the witness; then node 1 dies and node 2
+    // returns: the newest entries are on the witness alone.
+    c.node(2).kill9();
+    let only_on_1_and_witness = round(&c, &d1, &users, "behind");
+    acked.extend(only_on_1_and_witness.clone());
+    c.node(1).kill9();
+    c.restart(2);
+    check_readable(&c, &d2, &only_on_1_and_witness);
+    acked.extend(round(&c, &d2, &users, "after-hand-over"));
+    assert!(
+        c.log(3).contains("witness hands the group to a data voter"),
+        "the witness led to hand node 2 the entries it lacked"
+    );
+    c.restart(1);
+    c.wait_converged(PARTITIONS as u64, &[1, 2]);
+    check_readable(&c, &d1, &acked);
+    check_readable(&c, &w, &acked);
+
+    // The witness holds no mail: its partition replicas are empty, the data nodes' are not.
+    for group in 1..=PARTITIONS as u64 {
+        let digests = c.digests(&d1, group);
+        assert_eq!(
+            digests["3"], EMPTY_DIGEST,
+            "witness replica of group {group}"
+        );
+        assert_eq!(digests["1"], digests["2"], "group {group}");
+        assert_ne!(digests["1"], EMPTY_DIGEST, "data replica of group {group}");
+    }
+    assert_eq!(metric_of(&c, 3, "mailgrid_witness"), 1);
+    assert_eq!(metric_of(&c, 1, "mailgrid_witness"), 0);
+}
+
+#[test]
+fn the_witness_purges_what_both_data_nodes_hold_and_steps_out_for_a_third() {
+    // Goal: the witness keeps log entries only until both data nodes have them (its log
+    // shrinks after a burst of writes), and when a third data node joins, every partition
+    // moves onto the three data nodes and the witness stays a voter of the meta group only.
+    let _serial = serial();
+    let mut c = Cluster::start_witness(PARTITIONS, 1000, USERS, &ENV);
+    let users = user_per_partition();
+    let d1 = c.node(1).data().to_string();
+    // A burst into one partition: well over a purge batch (64 entries) in its group. The
+    // data nodes keep their logs (snapshots every 1000 entries); the witness purges what
+    // both data nodes hold.
+    let mut acked = Vec::new();
+    for k in 0..100 {
+        let subject = format!("burst-{k}");
+        let body = format!("Subject: {subject}\r\n\r\nburst\r\n");
+        eventually(Duration::from_secs(60), "delivery acknowledged", || {
+            c.deliver(&d1, &[&users[0]], body.as_bytes(), &subject).ok()
+        });
+        acked.push((users[0].clone(), subject));
+    }
+    eventually(
+        Duration::from_secs(60),
+        "the witness purges its log",
+        || {
+            let witness = metric_of(&c, 3, "mailgrid_raft_log_entries");
+            let data = metric_of(&c, 1, "mailgrid_raft_log_entries");
+            (witness + 64 <= data).then_some(())
+        },
+    );
+
+    c.join(4);
+    eventually(
+        Duration::from_secs(240),
+        "partitions on the three data nodes",
+        || {
+            let s = c.status_via(&d1)?;
+            let groups = s["groups"].as_array()?;
+            let on_data = groups.iter().filter(|g| g["partition"].is_u64()).all(|g| {
+                let voters: Vec<u64> = g["voters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect();
+                voters == [1, 2, 4] && g["learners"].as_array().is_some_and(|l| l.is_empty())
+            });
+            let meta_keeps_witness = groups.iter().find(|g| g["partition"].is_null())?["voters"]
+                .as_array()?
+                .contains(&serde_json::json!(3));
+            (on_data && meta_keeps_witness).then_some(())
+        },
+    );
+    acked.extend(round(&c, &d1, &users, "after-grow"));
+    let d4 = c.node(4).data().to_string();
+    check_readable(&c, &d4, &acked);
+}
