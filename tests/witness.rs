@@ -73,8 +73,8 @@ fn check_readable(c: &Cluster, via: &str, acked: &[(String, String)]) {
 
 #[test]
 fn two_data_nodes_and_a_witness_survive_the_loss_of_any_one() {
-    // Goal: kill -9 of either data node or of the witness leaves every partition writable
-    // through the survivors and loses nothing acknowledged; when a data node comes back
+    // Goal: kill -9 of either data node or of the witness, or a data node hung by SIGSTOP,
+    // leaves every partition writable through the survivors and loses nothing acknowledged; when a data node comes back
     // behind (it was down while the other wrote with the witness) and the up-to-date data
     // node dies, the witness hands it the entries only the witness still has. The witness
     // holds no mail in any partition.
@@ -123,6 +123,13 @@ fn two_data_nodes_and_a_witness_survive_the_loss_of_any_one() {
         c.restart(dead);
         c.wait_converged(PARTITIONS as u64, &[1, 2]);
     }
+
+    // A hung data node (SIGSTOP: the process lives but does nothing) loses its partitions
+    // to the other; resumed, it catches up.
+    signal(c.node(1).pid(), "STOP");
+    acked.extend(round(&c, &d2, &users, "node-1-hung"));
+    signal(c.node(1).pid(), "CONT");
+    c.wait_converged(PARTITIONS as u64, &[1, 2]);
 
     // The witness dies: both data nodes go on.
     c.node(3).kill9();

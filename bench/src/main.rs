@@ -13,6 +13,7 @@ mod mailbox_load;
 mod scale;
 mod smtp_load;
 mod spec;
+mod witness;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -177,6 +178,28 @@ enum Cmd {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
+    /// Two data nodes and a witness against three data nodes: SMTP msgs/s and p99 as ratios,
+    /// the witness's CPU, memory and disk per 10,000 messages, and the failover dip when a
+    /// data node is killed.
+    Witness {
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Messages (4 KiB) of each saturated run.
+        #[arg(long, default_value_t = 10000)]
+        messages: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Seconds of load before the kill.
+        #[arg(long, default_value_t = 10)]
+        before: u64,
+        /// Seconds of load after the kill.
+        #[arg(long, default_value_t = 15)]
+        after: u64,
+        #[arg(long)]
+        mailgrid: Option<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// The failover dip: a steady SMTP load while one node is killed with SIGKILL; reports
     /// the throughput per interval, the dip and the time until throughput is back.
     Dip {
@@ -324,7 +347,17 @@ impl Drop for DevCluster {
 /// A dev cluster, once every partition has settled where the placement puts it (see
 /// [`wait_settled`]): what a measurement starts from.
 async fn start_cluster(bin: &Path, nodes: u32, partitions: u32) -> anyhow::Result<DevCluster> {
-    let cluster = spawn_cluster(bin, nodes, partitions)?;
+    start_topology(bin, nodes, partitions, false).await
+}
+
+/// [`start_cluster`], with a witness (node `nodes + 1`) beside the data nodes when `witness`.
+async fn start_topology(
+    bin: &Path,
+    nodes: u32,
+    partitions: u32,
+    witness: bool,
+) -> anyhow::Result<DevCluster> {
+    let cluster = spawn_cluster(bin, nodes, partitions, witness)?;
     let client = Client::open(&cluster.nodes[0].2, None)?;
     let waited = wait_settled(&client).await?;
     if waited > Duration::from_secs(1) {
@@ -365,8 +398,17 @@ async fn wait_settled(client: &Client) -> anyhow::Result<Duration> {
     }
 }
 
-fn spawn_cluster(bin: &Path, nodes: u32, partitions: u32) -> anyhow::Result<DevCluster> {
-    let dir = std::env::temp_dir().join(format!("mailgrid-bench-{}", std::process::id()));
+fn spawn_cluster(
+    bin: &Path,
+    nodes: u32,
+    partitions: u32,
+    witness: bool,
+) -> anyhow::Result<DevCluster> {
+    // One directory per cluster a run starts (some runs start two).
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("mailgrid-bench-{}-{n}", std::process::id()));
+    let voters = nodes + u32::from(witness);
     let mut child = Command::new(bin)
         .args([
             "dev",
@@ -375,11 +417,12 @@ fn spawn_cluster(bin: &Path, nodes: u32, partitions: u32) -> anyhow::Result<DevC
             "--partitions",
             &partitions.to_string(),
             "--replicas",
-            &replicas(nodes).to_string(),
+            &replicas(voters).to_string(),
             "--json",
             "--dir",
         ])
         .arg(&dir)
+        .args(witness.then_some("--witness"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -988,6 +1031,29 @@ async fn main() -> anyhow::Result<()> {
             };
             let results = grow::run(&bin, args).await?;
             write_results(&out, "grow", &results)
+        }
+        Cmd::Witness {
+            partitions,
+            messages,
+            concurrency,
+            before,
+            after,
+            mailgrid,
+            out,
+        } => {
+            if messages == 0 {
+                bail!("--messages must be positive");
+            }
+            let bin = mailgrid_binary(mailgrid)?;
+            let args = witness::Args {
+                partitions,
+                messages,
+                concurrency,
+                before,
+                after,
+            };
+            let results = witness::run(&bin, args).await?;
+            write_results(&out, "witness", &results)
         }
         Cmd::Dip {
             nodes,
