@@ -37,6 +37,8 @@ pub enum ServiceRequest {
     /// Like `Join`, for a node joining as a witness (a seed that predates witnesses cannot
     /// decode it and refuses the join, rather than taking the node for a data node).
     JoinWitness(JoinRequest),
+    /// What is wrong with the receiving node (`Vec<String>`, empty when healthy).
+    LocalHealth,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1016,7 +1016,11 @@ fn print_placement(p: &PlacementStatus) {
 /// state: a group whose live voters are just a majority stops at the next failure; one with a
 /// single live data voter (the others dead, a witness beside it) has one copy of its mail.
 pub fn degraded(status: &ClusterStatus, health: &[NodeHealth]) -> Vec<String> {
-    let up = |id: u64| status.nodes.iter().any(|n| n.id == id && n.reachable);
+    // A node that answers but reports a problem (a failed disk) votes in nothing.
+    let up = |id: u64| {
+        status.nodes.iter().any(|n| n.id == id && n.reachable)
+            && !health.iter().any(|h| h.id == id && !h.problems.is_empty())
+    };
     let witness = |id: u64| {
         health
             .iter()

@@ -386,6 +386,8 @@ struct RaftSection {
     write_timeout_ms: Option<u64>,
     moves_per_node_max: Option<usize>,
     move_mib_per_s: Option<u64>,
+    disk_stall_ms: Option<u64>,
+    disk_free_min_mib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -490,6 +492,15 @@ impl ServeConfig {
         node.moves_per_node_max = r.moves_per_node_max.unwrap_or(node.moves_per_node_max);
         if !(1..=64).contains(&node.moves_per_node_max) {
             bail!("raft.moves_per_node_max must be between 1 and 64");
+        }
+        if let Some(ms) = r.disk_stall_ms {
+            if !(100..=600_000).contains(&ms) {
+                bail!("raft.disk_stall_ms must be between 100 and 600000");
+            }
+            node.disk_stall = Duration::from_millis(ms);
+        }
+        if let Some(mib) = r.disk_free_min_mib {
+            node.disk_free_min = mib << 20;
         }
         if let Some(mib) = r.move_mib_per_s {
             if mib > 100_000 {

@@ -118,6 +118,18 @@ async fn metrics(State(s): State<Shared>) -> impl axum::response::IntoResponse {
         &[("", host.transport().calls_served())],
     );
     metric(
+        "mailgrid_disk_failed",
+        "gauge",
+        "1 once a sync of this node's store failed or stalled (it then leads and votes in nothing until restarted), else 0.",
+        &[("", u64::from(host.disk_failure().is_some()))],
+    );
+    metric(
+        "mailgrid_disk_full",
+        "gauge",
+        "1 while this node's free disk space is below [raft] disk_free_min_mib (new mail refused, no new replicas), else 0.",
+        &[("", u64::from(host.disk_low().is_some()))],
+    );
+    metric(
         "mailgrid_witness",
         "gauge",
         "1 when this node is a witness (votes and keeps logs, holds no mail), else 0.",

@@ -119,6 +119,8 @@ pub struct ConnectionLimits {
 pub enum Refusal {
     Busy,
     TooManyFromAddress,
+    /// This node cannot store anything (its disk failed): clients should use another node.
+    Unhealthy,
 }
 
 /// A connection's share of the limits; dropping it gives them back.
@@ -241,12 +243,18 @@ where
 /// a handshake to say "too busy" is work a node over its limits should not take on.
 pub async fn admit_or_refuse(
     limits: &ConnectionLimits,
+    healthy: bool,
     stream: &mut TcpStream,
     ip: IpAddr,
     implicit_tls: bool,
     line: impl FnOnce(Refusal) -> String,
 ) -> Option<ConnectionSlot> {
-    match limits.admit(ip) {
+    let admitted = if healthy {
+        limits.admit(ip)
+    } else {
+        Err(Refusal::Unhealthy)
+    };
+    match admitted {
         Ok(slot) => Some(slot),
         Err(refusal) => {
             if !implicit_tls {

@@ -37,6 +37,11 @@ pub struct NodeOptions {
     pub move_bytes_per_s: u64,
     /// How passwords set through this node are hashed (`[auth] password_scheme`).
     pub password_scheme: mail::PasswordScheme,
+    /// A sync of the store running this long means the disk stopped answering: the node
+    /// gives up on it as on a failed one (`[raft] disk_stall_ms`).
+    pub disk_stall: Duration,
+    /// Free space below which the disk counts as full (`[raft] disk_free_min_mib`).
+    pub disk_free_min: u64,
 }
 
 impl Default for NodeOptions {
@@ -52,6 +57,8 @@ impl Default for NodeOptions {
             moves_per_node_max: 4,
             move_bytes_per_s: 32 << 20,
             password_scheme: mail::PasswordScheme::default(),
+            disk_stall: Duration::from_secs(5),
+            disk_free_min: 128 << 20,
         }
     }
 }
@@ -126,6 +133,8 @@ impl Node {
             write_timeout: options.write_timeout,
             moves_per_node_max: options.moves_per_node_max,
             witness: file.witness,
+            disk_stall: options.disk_stall,
+            disk_free_min: options.disk_free_min,
         };
         transport.set_body_rate(options.move_bytes_per_s);
         let host = RaftHost::start(config, store, transport)
@@ -221,6 +230,7 @@ impl Node {
             ),
             ServiceRequest::Client(c) => codec::encode(&self.client(c).await),
             ServiceRequest::MoveStats => codec::encode(&self.host().move_stats()),
+            ServiceRequest::LocalHealth => codec::encode(&self.host().problems()),
         }
     }
 
@@ -464,7 +474,7 @@ impl Node {
                     .map_err(err)?,
             ),
             ClientRequest::Placement => Ok(ClientReply::Placement(self.placement().await?)),
-            ClientRequest::Health => Ok(ClientReply::Health(self.health()?)),
+            ClientRequest::Health => Ok(ClientReply::Health(self.health().await?)),
             ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
             ClientRequest::NodeStats => Ok(ClientReply::NodeStats(NodeStats {
                 node_id: self.file.node_id,
@@ -841,30 +851,33 @@ impl Node {
         Ok(())
     }
 
-    /// Every node's role and problems: a node whose beats stopped is unreachable.
-    fn health(&self) -> Result<Vec<NodeHealth>, String> {
+    /// Every node's role and problems, as each node reports its own (a failed disk); one
+    /// that does not answer is unreachable.
+    async fn health(&self) -> Result<Vec<NodeHealth>, String> {
         let (nodes, roles) = self
             .host()
             .meta()
             .read_meta(|m| Ok::<_, storage::StorageError>((m.nodes()?, m.roles()?)))
             .map_err(|e| e.to_string())?;
-        Ok(nodes
-            .iter()
-            .map(|n| {
-                let mut problems = Vec::new();
-                if !self.host().peer_alive(n.id) {
-                    problems.push(format!(
-                        "unreachable: node {} hears no beat from it",
-                        self.file.node_id
-                    ));
-                }
-                NodeHealth {
-                    id: n.id,
-                    role: roles.get(&n.id).copied().unwrap_or_default(),
-                    problems,
-                }
-            })
-            .collect())
+        let me = self.file.node_id;
+        let roles = &roles;
+        let asks = nodes.iter().map(|n| async move {
+            let problems = if n.id == me {
+                self.host().problems()
+            } else {
+                self.ask_node::<Vec<String>>(n.id, &n.cluster_addr, ServiceRequest::LocalHealth)
+                    .await
+                    .unwrap_or_else(|| {
+                        vec![format!("unreachable: node {me} gets no answer from it")]
+                    })
+            };
+            NodeHealth {
+                id: n.id,
+                role: roles.get(&n.id).copied().unwrap_or_default(),
+                problems,
+            }
+        });
+        Ok(futures::future::join_all(asks).await)
     }
 
     /// Every node's replicas and leaders (as the groups' leaders report them) against the

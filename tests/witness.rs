@@ -227,3 +227,127 @@ fn the_witness_purges_what_both_data_nodes_hold_and_steps_out_for_a_third() {
     let d4 = c.node(4).data().to_string();
     check_readable(&c, &d4, &acked);
 }
+
+/// The greeting of node `id`'s SMTP listener.
+fn smtp_greeting(c: &Cluster, id: u64) -> String {
+    use std::io::BufRead;
+    let addr = c.listener(id, "smtp");
+    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .unwrap();
+    line
+}
+
+#[test]
+fn a_data_node_whose_disk_fails_stalls_or_fills_gives_way_to_the_other() {
+    // Goal: the HA pair's disk faults. A data node whose syncs fail with EIO, or stop
+    // returning, stops leading and voting at once (the other data node and the witness take
+    // every partition), refuses mail with a temporary error, reports the failure in `status`
+    // and `/metrics`, acknowledges nothing it could not make durable, and comes back as a
+    // voter only when restarted with a working disk. A full disk refuses new mail with
+    // 452 4.3.1 and recovers by itself.
+    let _serial = serial();
+    let mut c = Cluster::start_witness(PARTITIONS, 1000, USERS, &ENV);
+    let users = user_per_partition();
+    let fault = |id: u64| c.root.path().join(format!("disk-fault-{id}"));
+    let (f1, f2) = (fault(1), fault(2));
+    for (id, f) in [(1, &f1), (2, &f2)] {
+        std::fs::write(f, "").unwrap();
+        c.restart_env(id, &[("MAILGRID_DISK_FAULT_FILE", path(f))]);
+    }
+    c.wait_healthy(3);
+    let (d1, d2) = (c.node(1).data().to_string(), c.node(2).data().to_string());
+    let mut acked = round(&c, &d1, &users, "before");
+
+    for (bad, good, f, what, why) in [
+        (1, &d2, &f1, "eio", "a sync failed"),
+        (2, &d1, &f2, "stall", "disk stalled"),
+    ] {
+        std::fs::write(f, what).unwrap();
+        acked.extend(round(&c, good, &users, &format!("{what}-on-{bad}")));
+        // Every group is led elsewhere, and the node says why.
+        eventually(
+            Duration::from_secs(60),
+            "the failed node leads nothing",
+            || {
+                let s = c.status_via(good)?;
+                let leads = s["groups"]
+                    .as_array()?
+                    .iter()
+                    .any(|g| g["leader"] == bad || g["healthy"] != true);
+                let node = s["nodes"].as_array()?.iter().find(|n| n["id"] == bad)?;
+                let said = node["problems"]
+                    .as_array()?
+                    .iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.contains(why)));
+                (!leads && said).then_some(())
+            },
+        );
+        assert_eq!(metric_of(&c, bad, "mailgrid_disk_failed"), 1);
+        let greeting = smtp_greeting(&c, bad);
+        assert!(greeting.starts_with("421 4.3.0"), "{greeting}");
+        acked.extend(round(&c, good, &users, &format!("after-{what}-on-{bad}")));
+        // A working disk again is not enough: the node stays out until it restarts.
+        std::fs::write(f, "").unwrap();
+        assert_eq!(metric_of(&c, bad, "mailgrid_disk_failed"), 1);
+        c.restart_env(bad, &[("MAILGRID_DISK_FAULT_FILE", path(f))]);
+        c.wait_converged(PARTITIONS as u64, &[1, 2]);
+        assert_eq!(metric_of(&c, bad, "mailgrid_disk_failed"), 0);
+    }
+    // A full disk: new mail is refused with 452 4.3.1 at MAIL FROM, `status` and `/metrics`
+    // say so, and the node takes mail again by itself once space returns.
+    std::fs::write(&f1, "full").unwrap();
+    eventually(Duration::from_secs(30), "the full disk is reported", || {
+        let s = c.status_via(&d2)?;
+        let node = s["nodes"].as_array()?.iter().find(|n| n["id"] == 1)?;
+        let said = node["problems"]
+            .as_array()?
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.contains("disk almost full")));
+        said.then_some(())
+    });
+    assert_eq!(metric_of(&c, 1, "mailgrid_disk_full"), 1);
+    assert!(mail_from(&c, 1).starts_with("452 4.3.1"));
+    std::fs::write(&f1, "").unwrap();
+    eventually(Duration::from_secs(30), "mail taken again", || {
+        mail_from(&c, 1).starts_with("250").then_some(())
+    });
+    assert_eq!(metric_of(&c, 1, "mailgrid_disk_full"), 0);
+    acked.extend(round(&c, &d1, &users, "after-full"));
+    check_readable(&c, &d1, &acked);
+    check_readable(&c, &d2, &acked);
+}
+
+/// The answer of node `id`'s MX to `MAIL FROM` after `EHLO`.
+fn mail_from(c: &Cluster, id: u64) -> String {
+    use std::io::{BufRead, Write};
+    let addr = c.listener(id, "smtp");
+    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    let mut read_reply = |reader: &mut std::io::BufReader<std::net::TcpStream>| loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.len() < 4 || line.as_bytes()[3] != b'-' {
+            return line.clone();
+        }
+    };
+    read_reply(&mut reader);
+    writer.write_all(b"EHLO test.example\r\n").unwrap();
+    read_reply(&mut reader);
+    writer
+        .write_all(b"MAIL FROM:<someone@remote.example>\r\n")
+        .unwrap();
+    let answer = read_reply(&mut reader);
+    let _ = writer.write_all(b"QUIT\r\n");
+    answer
+}

@@ -52,6 +52,8 @@ pub struct Cluster {
     pub endpoints: Endpoints,
     /// The witness's id, in the two-data-nodes-and-a-witness topology.
     pub witness: Option<u64>,
+    /// Whether nodes run with a disk fault file (see [`Cluster::set_disk`]).
+    disk_faults: bool,
 }
 
 /// Where clients reach a node.
@@ -119,6 +121,8 @@ pub struct Layout {
     pub spare_slots: usize,
     /// The last node joins as a witness.
     pub witness: bool,
+    /// Nodes run with a disk fault file each (`storage::disk_fault`), for the disk nemesis.
+    pub disk_faults: bool,
 }
 
 impl Cluster {
@@ -136,6 +140,7 @@ impl Cluster {
             network,
             spare_slots,
             witness,
+            disk_faults,
         } = layout;
         if skewable && !Path::new(FAKETIME_LIB).exists() {
             bail!("the clock nemesis needs {FAKETIME_LIB} (apt-get install faketime)");
@@ -153,6 +158,7 @@ impl Cluster {
             skewable,
             endpoints: Arc::new(Mutex::new(BTreeMap::new())),
             witness: None,
+            disk_faults,
         };
         for slot in 0..nodes as usize {
             if witness && slot + 1 == nodes as usize {
@@ -224,6 +230,18 @@ impl Cluster {
         Ok(id)
     }
 
+    fn disk_file(&self, slot: usize) -> PathBuf {
+        self.dir.join(format!("slot{slot}.disk"))
+    }
+
+    /// Makes node `id`'s disk fail (`"eio"`), stop answering (`"stall"`), or work again
+    /// (`""`), as `storage::disk_fault` reads it.
+    pub fn set_disk(&mut self, id: u64, fault: &str) -> anyhow::Result<()> {
+        let slot = self.node(id).slot;
+        std::fs::write(self.disk_file(slot), fault)?;
+        Ok(())
+    }
+
     /// A network slot no node was ever started in (the `grow` nemesis joins nodes there).
     pub fn free_slot(&self) -> Option<usize> {
         (0..self.net.slots().len()).find(|s| !self.nodes.iter().any(|n| n.slot == *s))
@@ -277,6 +295,7 @@ impl Cluster {
         let index = self.node(id).slot;
         let slot = self.net.slots()[index].clone();
         let clock = self.dir.join(format!("slot{index}.faketime"));
+        let disk = self.disk_faults.then(|| self.disk_file(index));
         let n = self.node(id);
         if n.running || n.removed {
             return Ok(());
@@ -303,6 +322,12 @@ impl Cluster {
                 .env("FAKETIME_CACHE_DURATION", "1")
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
                 .env("FAKETIME_DONT_RESET", "1");
+        }
+        if let Some(disk) = disk {
+            if !disk.exists() {
+                std::fs::write(&disk, "")?;
+            }
+            cmd.env(storage::disk_fault::ENV, &disk);
         }
         let child = cmd.spawn().context("starting a node")?;
         n.child = Some(child);

@@ -167,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             // `grow` joins one node into a slot of its own.
             spare_slots: usize::from(faults.contains(&Fault::Grow)),
             witness: cli.witness,
+            disk_faults: faults.contains(&Fault::Disk),
         },
     )
     .await?;

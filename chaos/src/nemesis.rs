@@ -36,10 +36,14 @@ pub enum Fault {
     /// for good), or a node drained or given a heavier weight, undone when healed, so
     /// replicas move both ways, often while earlier moves are still running.
     Grow,
+    /// One node's disk fails (syncs return EIO), stops answering (syncs block), or fills up;
+    /// healed by a working disk and, for the first two, a restart, since a node gives up on a
+    /// failed disk for good.
+    Disk,
 }
 
 impl Fault {
-    pub const ALL: [(&'static str, Fault); 9] = [
+    pub const ALL: [(&'static str, Fault); 10] = [
         ("kill", Fault::Kill),
         ("kill-leader", Fault::KillLeader),
         ("kill-minority", Fault::KillMinority),
@@ -49,6 +53,7 @@ impl Fault {
         ("clock", Fault::Clock),
         ("membership", Fault::Membership),
         ("grow", Fault::Grow),
+        ("disk", Fault::Disk),
     ];
 
     /// Faults from a comma-separated list; unknown names are an error that lists the known.
@@ -154,6 +159,23 @@ pub async fn run(
                 eprintln!("[{:>6} ms] nemesis: partition {detail}", ms());
                 tokio::time::sleep(hold).await;
                 cluster.net.heal()?;
+            }
+            Fault::Disk => {
+                // A failed disk stays failed until the node restarts (its data read back
+                // from the disk), so healing is a working disk and a restart.
+                let id = *ids.choose(&mut rng).expect("nodes");
+                let what = *["eio", "stall", "full"].choose(&mut rng).expect("faults");
+                cluster.set_disk(id, what)?;
+                nodes = vec![id];
+                detail = format!("node {id} disk {what}");
+                eprintln!("[{:>6} ms] nemesis: {detail}", ms());
+                tokio::time::sleep(hold).await;
+                cluster.set_disk(id, "")?;
+                // A full disk recovers by itself once space returns.
+                if what != "full" {
+                    cluster.kill(id);
+                    cluster.restart(id)?;
+                }
             }
             Fault::Clock => {
                 // A witness stamps no mail, so a jump of its clock would show nowhere the

@@ -41,6 +41,11 @@ pub struct HostConfig {
     /// This node is a witness: it votes and keeps logs but holds no mailbox state, serves no
     /// reads or writes, and leads a group only to hand a lagging data voter the log.
     pub witness: bool,
+    /// A store sync running this long is taken for a disk that stopped answering.
+    pub disk_stall: Duration,
+    /// Below this many free bytes the disk counts as full: new mail is refused and no new
+    /// replica is placed on the node, until space returns.
+    pub disk_free_min: u64,
 }
 
 /// Most voters in the meta group; further nodes follow it as learners.
@@ -74,6 +79,13 @@ impl HostConfig {
             // No per-group ticker: elections and heartbeats of idle groups are timed by the
             // node's liveness loop (`liveness`), so an idle group costs nothing.
             enable_tick: false,
+            // A leader replicates entries before its own copy is durable, and followers alone
+            // can commit them; restarted after a crash (or a failed or stalled disk) it may
+            // have lost that tail. Restored as leader of the same term without an election,
+            // it would write new, different entries at the same indexes under the same term,
+            // which followers take for the ones they hold: replicas diverge (the disk
+            // nemesis found it). A restarted node is a follower and must be elected again.
+            enable_leader_restore: Some(false),
             ..Default::default()
         };
         config
@@ -162,6 +174,10 @@ pub struct RaftHost {
     /// On a witness: when it last refused a data voter's (pre-)vote in each group because its
     /// own log was further on. Only then does it stand for election (see `liveness_loop`).
     ahead: std::sync::Mutex<BTreeMap<GroupId, std::time::Instant>>,
+    /// Set once this node stopped its groups because its disk failed (see `check_disk`).
+    stopped_for_disk: std::sync::atomic::AtomicBool,
+    /// Free bytes on the store's filesystem at the last check, while below `disk_free_min`.
+    disk_low: std::sync::Mutex<Option<u64>>,
     store: Store,
     transport: Arc<Transport>,
     /// Every group this node hosts, by id. Replaced entries come from supervision restarts.
@@ -247,6 +263,8 @@ impl RaftHost {
             witness_config,
             witnesses: Arc::new(RwLock::new(BTreeSet::new())),
             ahead: std::sync::Mutex::new(BTreeMap::new()),
+            stopped_for_disk: std::sync::atomic::AtomicBool::new(false),
+            disk_low: std::sync::Mutex::new(None),
             store,
             transport,
             groups: RwLock::new(BTreeMap::new()),
@@ -294,6 +312,115 @@ impl RaftHost {
     /// Whether this node is a witness.
     pub fn is_witness(&self) -> bool {
         self.config.witness
+    }
+
+    /// Why this node's disk is failed, if it is: a sync failed, or one ran past
+    /// `disk_stall`. Sticky until the process restarts (see `storage::Store::failure`).
+    pub fn disk_failure(&self) -> Option<String> {
+        self.store.failure()
+    }
+
+    /// What is wrong with this node, one plain sentence each (empty when healthy).
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(why) = self.disk_failure() {
+            out.push(format!(
+                "disk failed ({why}): it leads and votes in nothing and refuses mail; restart it \
+                 once the disk works (its data is read back and checked on open)"
+            ));
+        }
+        if let Some(free) = self.disk_low() {
+            out.push(format!(
+                "disk almost full: {} MiB free, below {} MiB: new mail is refused (452 4.3.1) \
+                 and no new replica is placed here until space returns",
+                free >> 20,
+                self.config.disk_free_min >> 20
+            ));
+        }
+        out
+    }
+
+    /// Free bytes on this node's disk while it is below `disk_free_min` (else `None`).
+    pub fn disk_low(&self) -> Option<u64> {
+        *self.disk_low.lock().expect("disk low lock")
+    }
+
+    /// Refuses a command that brings new mail (a delivery, an APPEND, a queued message) while
+    /// this node's disk is full; everything else, deletions included, goes on.
+    fn refuse_new_mail_on_full_disk(
+        &self,
+        group: GroupId,
+        cmd: &Command,
+    ) -> Result<(), GroupError> {
+        fn brings_mail(cmd: &storage::partition::PartitionCommand) -> bool {
+            use storage::partition::PartitionCommand as P;
+            match cmd {
+                P::Deliver { .. } | P::Append { .. } | P::Enqueue { .. } => true,
+                P::Once { command, .. } => brings_mail(command),
+                _ => false,
+            }
+        }
+        let new_mail = matches!(cmd, Command::Partition(c) if brings_mail(c));
+        match self.disk_low() {
+            Some(free) if new_mail => Err(GroupError::Unavailable {
+                group,
+                reason: format!("disk full on node {}: {} MiB free", self.id(), free >> 20),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives up on a disk that failed or stopped answering: every group's core is stopped at
+    /// once, so the node leads nothing, votes for nothing and acknowledges nothing more, and
+    /// its beats claim no group (the other voters elect new leaders within `dead_after`).
+    /// Called every liveness round.
+    async fn check_disk(&self) {
+        if let Ok(free) = self.store.free_bytes() {
+            let low = (free < self.config.disk_free_min).then_some(free);
+            let was = std::mem::replace(&mut *self.disk_low.lock().expect("disk low lock"), low);
+            match (was, low) {
+                (None, Some(free)) => tracing::warn!(
+                    free_mib = free >> 20,
+                    "disk almost full: refusing new mail and new replicas"
+                ),
+                (Some(_), None) => tracing::warn!("disk space is back: taking new mail again"),
+                _ => {}
+            }
+        }
+        if let Some(running) = self.store.sync_running_for() {
+            if running >= self.config.disk_stall {
+                self.store.fail(format!(
+                    "disk stalled: a sync has not returned for {:.1} s",
+                    running.as_secs_f64()
+                ));
+            }
+        }
+        let Some(why) = self.store.failure() else {
+            return;
+        };
+        if self
+            .stopped_for_disk
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        tracing::error!(error = %why, "disk failed: stopping every group on this node");
+        for g in self.all_groups() {
+            // Not awaited: a core blocked on the stalled disk must not hold up the others.
+            tokio::spawn(async move {
+                let _ = g.raft.shutdown().await;
+            });
+        }
+    }
+
+    fn refuse_on_failed_disk(&self, group: GroupId) -> Result<(), GroupError> {
+        match self.disk_failure() {
+            Some(why) => Err(GroupError::Unavailable {
+                group,
+                reason: format!("this node's disk failed: {why}"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// A witness serves no reads or writes: a group it leads for a moment (to hand a data
@@ -448,6 +575,8 @@ impl RaftHost {
     /// Proposes `cmd` to `group` on this node, which must be its leader. Returns once the
     /// entry is committed (durable on a majority) and applied here.
     pub async fn write(&self, group: GroupId, cmd: Command) -> Result<Response, GroupError> {
+        self.refuse_on_failed_disk(group)?;
+        self.refuse_new_mail_on_full_disk(group, &cmd)?;
         self.refuse_on_witness(group)?;
         let g = self.group(group)?;
         self.renew_lease(&g).await;
@@ -497,6 +626,7 @@ impl RaftHost {
     /// group away, its reads take the full ReadIndex round (a majority confirms it still
     /// leads), as they do whenever the lease has run out.
     pub async fn read(&self, group: GroupId) -> Result<Arc<GroupMachine>, GroupError> {
+        self.refuse_on_failed_disk(group)?;
         self.refuse_on_witness(group)?;
         let g = self.group(group)?;
         if !self.transferred_recently(group)
@@ -579,6 +709,7 @@ impl RaftHost {
     }
 
     pub fn status(&self) -> Vec<GroupStatus> {
+        let disk_failed = self.disk_failure().is_some();
         let groups = self.groups_by_id();
         groups
             .into_iter()
@@ -587,7 +718,12 @@ impl RaftHost {
                 let membership = m.membership_config.membership();
                 GroupStatus {
                     group,
-                    state: format!("{:?}", m.state),
+                    // Stopped for a failed disk: its last metrics are no longer true.
+                    state: if disk_failed {
+                        "Stopped".to_string()
+                    } else {
+                        format!("{:?}", m.state)
+                    },
                     leader: m.current_leader,
                     term: m.current_term,
                     last_applied: m.last_applied.as_ref().map(|l| l.index),
@@ -598,7 +734,7 @@ impl RaftHost {
                         .iter()
                         .map(|c| c.iter().copied().collect())
                         .collect(),
-                    healthy: m.running_state.is_ok(),
+                    healthy: m.running_state.is_ok() && !disk_failed,
                 }
             })
             .collect()
@@ -628,6 +764,39 @@ impl RaftHost {
         let mut views = futures::future::join_all(calls).await;
         views.push(Some(self.status()));
         leader_views(views.iter().flatten().flatten())
+    }
+
+    /// The nodes in `nodes` whose disk is full (this one without a call); a node that does
+    /// not answer counts as not full (its moves then wait on the node itself).
+    async fn full_disks(&self, nodes: &[NodeRecord]) -> BTreeSet<NodeId> {
+        let calls = nodes
+            .iter()
+            .filter(|n| n.id != self.id() && self.peer_alive(n.id))
+            .map(|n| async move {
+                let request = codec::encode(&Request::DiskLow);
+                let answer = self
+                    .transport
+                    .call(
+                        crate::transport::Peer::Node(n.id),
+                        &n.cluster_addr,
+                        &request,
+                        None,
+                        OBSERVE_TIMEOUT,
+                    )
+                    .await
+                    .ok()?;
+                let low = codec::decode::<Reply<Option<u64>>>(&answer).ok()?.ok()?;
+                low.map(|_| n.id)
+            });
+        let mut full: BTreeSet<NodeId> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if self.disk_low().is_some() {
+            full.insert(self.id());
+        }
+        full
     }
 
     /// This node's replicas against the plan, from its own groups and its copy of the meta
@@ -709,13 +878,20 @@ impl RaftHost {
         if peer.is_none() {
             return reply::<(), _>(Err("raft requests need a node certificate"));
         }
+        if let Some(why) = self.disk_failure() {
+            return reply::<(), _>(Err(format!("this node's disk failed: {why}")));
+        }
         let group_id = match &request {
             Request::Append { group, .. }
             | Request::Vote { group, .. }
             | Request::PreVote { group, .. }
             | Request::Snapshot { group, .. }
             | Request::TransferLeader { group, .. } => *group,
-            Request::Service(_) | Request::Beat(_) | Request::Groups | Request::Progress => {
+            Request::Service(_)
+            | Request::Beat(_)
+            | Request::Groups
+            | Request::Progress
+            | Request::DiskLow => {
                 unreachable!("service requests, beats and views are dispatched elsewhere")
             }
         };
@@ -772,9 +948,11 @@ impl RaftHost {
                 };
                 reply(g.raft.install_full_snapshot(vote, snapshot).await)
             }
-            Request::Service(_) | Request::Beat(_) | Request::Groups | Request::Progress => {
-                unreachable!()
-            }
+            Request::Service(_)
+            | Request::Beat(_)
+            | Request::Groups
+            | Request::Progress
+            | Request::DiskLow => unreachable!(),
         }
     }
 
@@ -811,6 +989,9 @@ impl RaftHost {
     /// For every group this node leads, the log index each of its data voters holds (the
     /// answer to `Request::Progress`, which a witness purges by).
     pub fn data_progress(&self) -> Vec<DataProgress> {
+        if self.disk_failure().is_some() {
+            return Vec::new();
+        }
         let witnesses = self.witnesses();
         let me = self.id();
         self.groups_by_id()
@@ -841,8 +1022,12 @@ impl RaftHost {
             .collect()
     }
 
-    /// Restarts groups whose core stopped with a fatal error (openraft leaves them stuck).
+    /// Restarts groups whose core stopped with a fatal error (openraft leaves them stuck),
+    /// unless the disk failed (then they stay stopped until the process restarts).
     async fn supervise(&self) {
+        if self.disk_failure().is_some() {
+            return;
+        }
         let failed: Vec<GroupId> = self
             .groups
             .read()
@@ -898,6 +1083,11 @@ impl Handler for Dispatch {
                     Some(service) => service.handle(peer, bytes).await,
                     None => codec::encode(&Reply::<()>::Err("node is starting".into())),
                 },
+                // A node whose disk failed sends and answers no beat: its peers take it for
+                // dead, so none of them hands it a group or waits for it.
+                Request::Beat(_) if host.disk_failure().is_some() => {
+                    codec::encode(&Reply::<()>::Err("this node's disk failed".into()))
+                }
                 Request::Beat(beat) => match peer {
                     Some(peer) => {
                         let t = host.config.timing();
@@ -913,6 +1103,12 @@ impl Handler for Dispatch {
                     Some(_) => codec::encode(&Reply::<Vec<GroupStatus>>::Ok(host.status())),
                     None => codec::encode(&Reply::<()>::Err(
                         "group views need a node certificate".into(),
+                    )),
+                },
+                Request::DiskLow => match peer {
+                    Some(_) => codec::encode(&Reply::<Option<u64>>::Ok(host.disk_low())),
+                    None => codec::encode(&Reply::<()>::Err(
+                        "disk state needs a node certificate".into(),
                     )),
                 },
                 Request::Progress => match peer {
@@ -1035,9 +1231,17 @@ async fn liveness_loop(host: Weak<RaftHost>) {
             judge_from = now + timing.beat * 2;
         }
         last_round = now;
+        host.check_disk().await;
+        let disk_failed = host.disk_failure().is_some();
         let (groups, peers) = host.group_views();
-        *host.leads.lock().expect("leads lock") = host.announced_leads(&groups);
-        for (peer, addr) in peers {
+        // A node whose disk failed claims no group (its stopped cores' last metrics may still
+        // say "leader"), so the other voters elect new leaders.
+        *host.leads.lock().expect("leads lock") = if disk_failed {
+            Vec::new()
+        } else {
+            host.announced_leads(&groups)
+        };
+        for (peer, addr) in peers.into_iter().filter(|_| !disk_failed) {
             if !host
                 .liveness
                 .should_call(host.config.id, peer, now, timing.beat)
@@ -1055,7 +1259,7 @@ async fn liveness_loop(host: Weak<RaftHost>) {
             });
         }
         let (views, revived) = host.liveness.take();
-        if now < judge_from {
+        if now < judge_from || disk_failed {
             continue;
         }
         let witnesses = host.witnesses();
@@ -1239,6 +1443,9 @@ async fn renew_lease(g: &Group, lease: Duration, timeout: Duration) {
 }
 
 async fn reconcile(host: &RaftHost) -> Result<(), String> {
+    if host.disk_failure().is_some() {
+        return Ok(());
+    }
     host.refresh_witnesses();
     if host.config.witness {
         // A witness changes no membership and keeps no placement: it only hands on groups.
@@ -1367,6 +1574,11 @@ async fn rebalance(
         return Ok(());
     }
     let observed = host.observe(nodes).await;
+    let full = if changed.is_empty() {
+        BTreeSet::new()
+    } else {
+        host.full_disks(nodes).await
+    };
     let now = std::time::Instant::now();
     let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
     let mut in_flight: BTreeSet<u32> = BTreeSet::new();
@@ -1419,6 +1631,9 @@ async fn rebalance(
         let from: BTreeSet<NodeId> = record.replicas.iter().copied().collect();
         let to: BTreeSet<NodeId> = planned.replicas.iter().copied().collect();
         let moving: Vec<NodeId> = from.symmetric_difference(&to).copied().collect();
+        if to.difference(&from).any(|n| full.contains(n)) {
+            continue; // a full disk takes no new replica; the move waits for space
+        }
         if !moving.is_empty() {
             let refill = short(record);
             if in_flight.contains(&record.id) && !refill {

@@ -56,6 +56,9 @@ pub enum Request {
     /// For every group the receiver leads, the log index every data voter holds
     /// (`Vec<DataProgress>`): how a witness learns which entries it may purge.
     Progress,
+    /// Whether the receiver's disk is full (`Option<u64>`: its free bytes when it is): the
+    /// rebalancer places no new replica there.
+    DiskLow,
 }
 
 /// What a group's leader knows of its data voters' logs (the answer to `Request::Progress`).

@@ -103,12 +103,17 @@ impl Imap {
     async fn connection(self: Arc<Self>, kind: ImapKind, mut stream: TcpStream, peer: SocketAddr) {
         let refusal = |r| match r {
             Refusal::Busy => "* BYE [UNAVAILABLE] too many connections, try again later\r\n".into(),
+            Refusal::Unhealthy => {
+                "* BYE [UNAVAILABLE] this server's storage failed, try another\r\n".into()
+            }
             Refusal::TooManyFromAddress => {
                 "* BYE [UNAVAILABLE] too many connections from your address\r\n".into()
             }
         };
+        let healthy = self.node.host().disk_failure().is_none();
         let admitted = admit_or_refuse(
             &self.connections,
+            healthy,
             &mut stream,
             peer.ip(),
             kind == ImapKind::Tls,

@@ -86,12 +86,17 @@ impl Pop3 {
     async fn connection(self: Arc<Self>, kind: Pop3Kind, mut stream: TcpStream, peer: SocketAddr) {
         let refusal = |r| match r {
             Refusal::Busy => "-ERR [SYS/TEMP] too many connections, try again later\r\n".into(),
+            Refusal::Unhealthy => {
+                "-ERR [SYS/TEMP] this server's storage failed, try another\r\n".into()
+            }
             Refusal::TooManyFromAddress => {
                 "-ERR [SYS/TEMP] too many connections from your address\r\n".into()
             }
         };
+        let healthy = self.node.host().disk_failure().is_none();
         let admitted = admit_or_refuse(
             &self.connections,
+            healthy,
             &mut stream,
             peer.ip(),
             kind == Pop3Kind::Tls,

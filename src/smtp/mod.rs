@@ -106,12 +106,17 @@ impl Smtp {
     ) {
         let refusal = |r| match r {
             Refusal::Busy => "421 4.3.2 Too many connections, try again later\r\n".into(),
+            Refusal::Unhealthy => {
+                "421 4.3.0 This server cannot store mail now (disk failure); try another\r\n".into()
+            }
             Refusal::TooManyFromAddress => {
                 "421 4.7.0 Too many connections from your address, try again later\r\n".into()
             }
         };
+        let healthy = self.node.host().disk_failure().is_none();
         let admitted = admit_or_refuse(
             &self.connections,
+            healthy,
             &mut stream,
             peer.ip(),
             kind == ListenerKind::Submissions,

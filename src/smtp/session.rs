@@ -469,6 +469,12 @@ impl Session {
         if !utf8 && !from.is_ascii() {
             return self.error(Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"));
         }
+        if self.smtp.node.host().disk_low().is_some() {
+            // RFC 5321 4.5.3.1.10: full storage is a temporary condition; the sender retries.
+            let text = "Insufficient system storage, try again later";
+            self.reply(Reply::new(452, "4.3.1", text));
+            return Flow::Continue;
+        }
         let max = self.smtp.policy.cluster_message_bytes_max();
         if size > max {
             let text = format!("Message size exceeds the limit of {max} bytes");

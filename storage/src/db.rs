@@ -42,6 +42,13 @@ struct StoreInner {
     /// Requests for the syncer thread. Bounded: a full queue makes writers wait (back-pressure).
     sync_tx: mpsc::SyncSender<SyncCallback>,
     stats: Arc<SyncStats>,
+    /// Set for good by the first failed sync (or a stall the node gave up on): after a failed
+    /// fdatasync the kernel may have dropped the dirty pages, so nothing written since the last
+    /// good sync can be trusted to reach the disk, and no later sync is attempted. Only a
+    /// restart, which reads the store back from the disk, clears it.
+    failed: Mutex<Option<String>>,
+    /// When the sync under way started, if one is.
+    syncing_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -80,6 +87,8 @@ impl Store {
             data_file: Mutex::new(data_file),
             sync_tx,
             stats: stats.clone(),
+            failed: Mutex::new(None),
+            syncing_since: Mutex::new(None),
         });
         let weak = Arc::downgrade(&inner);
         thread::Builder::new()
@@ -140,6 +149,39 @@ impl Store {
         self.inner.sync_now()
     }
 
+    /// Why this store stopped making writes durable, once a sync failed or stalled (for good;
+    /// see the field).
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failed.lock().expect("failed lock").clone()
+    }
+
+    /// Marks the store failed, as a failed sync does: a sync that has not returned for too
+    /// long means the disk stopped answering.
+    pub fn fail(&self, why: String) {
+        let mut failed = self.inner.failed.lock().expect("failed lock");
+        if failed.is_none() {
+            tracing::error!(error = %why, "storage failed; nothing more is made durable");
+            *failed = Some(why);
+        }
+    }
+
+    /// How long the sync under way has been running, if one is.
+    pub fn sync_running_for(&self) -> Option<std::time::Duration> {
+        self.inner
+            .syncing_since
+            .lock()
+            .expect("syncing lock")
+            .map(|at| at.elapsed())
+    }
+
+    /// Bytes free for this store on its filesystem (zero while a `full` disk fault is made).
+    pub fn free_bytes(&self) -> Result<u64, StorageError> {
+        if crate::disk_fault::current() == Some(crate::disk_fault::Fault::Full) {
+            return Ok(0);
+        }
+        fs2::available_space(&self.inner.dir).map_err(|e| StorageError::io(&self.inner.dir, e))
+    }
+
     /// Calls `done` once everything written before this call is durable. Callers that arrive
     /// while a sync is running share the next one.
     pub fn sync_then(&self, done: SyncCallback) {
@@ -151,10 +193,37 @@ impl Store {
 
 impl StoreInner {
     fn sync_now(&self) -> Result<(), StorageError> {
+        if let Some(why) = self.failed.lock().expect("failed lock").clone() {
+            return Err(StorageError::Failed(why));
+        }
+        *self.syncing_since.lock().expect("syncing lock") = Some(std::time::Instant::now());
+        let result = self.flush_and_sync();
+        *self.syncing_since.lock().expect("syncing lock") = None;
+        match result {
+            Err(e) => {
+                let why = format!("a sync failed: {e}");
+                let mut failed = self.failed.lock().expect("failed lock");
+                if failed.is_none() {
+                    tracing::error!(error = %why, "storage failed; nothing more is made durable");
+                    *failed = Some(why.clone());
+                }
+                Err(StorageError::Failed(why))
+            }
+            // A sync that returned after the node gave up on it (a stall) does not undo that.
+            Ok(()) => match self.failed.lock().expect("failed lock").clone() {
+                Some(why) => Err(StorageError::Failed(why)),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn flush_and_sync(&self) -> Result<(), StorageError> {
+        let db_path = self.dir.join("db");
+        crate::disk_fault::before_sync().map_err(|e| StorageError::io(&db_path, e))?;
         self.db.flush()?;
         let file = self.data_file.lock().expect("data file lock poisoned");
         file.sync_data()
-            .map_err(|e| StorageError::io(&self.dir.join("db"), e))?;
+            .map_err(|e| StorageError::io(&db_path, e))?;
         self.stats
             .syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -258,5 +327,22 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed)
                 == 50
         );
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_one() {
+        // Goal: after one sync failed (or the store was failed for a stall), no later sync
+        // reports success, even one the disk would now complete: acknowledgements stop.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), true).unwrap();
+        store.sync().unwrap();
+        assert_eq!(store.failure(), None);
+        store.fail("disk stalled".into());
+        assert!(matches!(store.sync(), Err(StorageError::Failed(_))));
+        let (tx, rx) = mpsc::channel();
+        store.sync_then(Box::new(move |r| tx.send(r).unwrap()));
+        assert!(rx.recv().unwrap().is_err());
+        assert_eq!(store.failure().as_deref(), Some("disk stalled"));
+        assert!(store.free_bytes().unwrap() > 0);
     }
 }

@@ -7,6 +7,7 @@
 pub mod chunk;
 pub mod codec;
 pub mod db;
+pub mod disk_fault;
 pub mod log;
 pub mod machine;
 pub mod meta;
@@ -36,6 +37,9 @@ pub enum StorageError {
     Codec(#[from] codec::CodecError),
     #[error("snapshot rejected: {0}")]
     Snapshot(String),
+    /// The disk failed (or stopped answering) earlier: nothing more is made durable.
+    #[error("storage failed: {0}")]
+    Failed(String),
 }
 
 impl StorageError {
