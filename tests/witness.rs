@@ -51,9 +51,21 @@ fn round(c: &Cluster, via: &str, users: &[String], round: &str) -> Vec<(String, 
         .map(|user| {
             let subject = format!("{round}-{user}");
             let body = format!("Subject: {subject}\r\n\r\nround {round}\r\n");
-            eventually(Duration::from_secs(60), "delivery acknowledged", || {
-                c.deliver(via, &[user], body.as_bytes(), &subject).ok()
-            });
+            let mut last = String::new();
+            eventually(
+                Duration::from_secs(60),
+                "delivery acknowledged",
+                || match c.deliver(via, &[user], body.as_bytes(), &subject) {
+                    Ok(_) => Some(()),
+                    Err(e) => {
+                        if e != last {
+                            eprintln!("delivery of {subject} via {via}: {}", e.trim());
+                            last = e;
+                        }
+                        None
+                    }
+                },
+            );
             (user.clone(), subject)
         })
         .collect()

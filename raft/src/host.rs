@@ -1036,7 +1036,33 @@ impl RaftHost {
             .filter(|(_, g)| g.raft.metrics().borrow_watched().running_state.is_err())
             .map(|(id, _)| *id)
             .collect();
-        for group in failed {
+        // A leader that began a leadership transfer refuses writes for the rest of its term
+        // and openraft cannot cancel the transfer. When the target never takes over (it died
+        // or its disk failed right then) another voter normally elects itself, but there may
+        // be none: beside a witness, this leader is the only data voter left. Reopened, its
+        // core is a follower (no leader restore) and stands like any voter.
+        let stuck_for = Duration::from_millis(4 * self.config.election_min_ms);
+        let stuck: Vec<GroupId> = {
+            let transfers = self.transfers.lock().expect("transfers lock");
+            self.groups_by_id()
+                .into_iter()
+                .filter(|(group, g)| {
+                    let m = g.raft.metrics().borrow_watched().clone();
+                    m.state == ServerState::Leader
+                        && transfers.get(group).is_some_and(|t| {
+                            t.term == m.current_term && t.at.elapsed() >= stuck_for
+                        })
+                })
+                .map(|(group, _)| group)
+                .collect()
+        };
+        for group in &stuck {
+            tracing::warn!(
+                group,
+                "leadership transfer never completed; reopening the group to elect again"
+            );
+        }
+        for group in failed.into_iter().chain(stuck) {
             tracing::error!(group, "raft group stopped; restarting it");
             if let Ok(old) = self.group(group) {
                 let _ = old.raft.shutdown().await;
