@@ -264,6 +264,11 @@ fn a_data_node_whose_disk_fails_stalls_or_fills_gives_way_to_the_other() {
     // voter only when restarted with a working disk. A full disk refuses new mail with
     // 452 4.3.1 and recovers by itself.
     let _serial = serial();
+    eprintln!(
+        "disk faults are made with MAILGRID_DISK_FAULT_FILE, at the node's own fdatasync: a \
+         device-mapper error or delay target would need a spare block device and root on the \
+         test machine"
+    );
     let mut c = Cluster::start_witness(PARTITIONS, 1000, USERS, &ENV);
     let users = user_per_partition();
     let fault = |id: u64| c.root.path().join(format!("disk-fault-{id}"));
