@@ -740,58 +740,64 @@ impl RaftHost {
             .collect()
     }
 
-    /// Every group's membership as seen by its leader (the leader's view with the highest
-    /// term), gathered from every live node in `nodes`, this one without a call.
-    pub async fn observe(&self, nodes: &[NodeRecord]) -> BTreeMap<GroupId, GroupStatus> {
+    /// `request` sent to every live node of `nodes` but this one, at once; the answers that
+    /// came back within `OBSERVE_TIMEOUT` and decoded, by node.
+    async fn ask_peers<T: serde::de::DeserializeOwned>(
+        &self,
+        nodes: &[NodeRecord],
+        request: &Request,
+    ) -> Vec<(NodeId, T)> {
+        let request = codec::encode(request);
         let calls = nodes
             .iter()
             .filter(|n| n.id != self.id() && self.peer_alive(n.id))
-            .map(|n| async move {
-                let request = codec::encode(&Request::Groups);
-                let answer = self
-                    .transport
-                    .call(
-                        crate::transport::Peer::Node(n.id),
-                        &n.cluster_addr,
-                        &request,
-                        None,
-                        OBSERVE_TIMEOUT,
-                    )
-                    .await
-                    .ok()?;
-                codec::decode::<Reply<Vec<GroupStatus>>>(&answer).ok()?.ok()
+            .map(|n| {
+                let request = &request;
+                async move {
+                    let answer = self
+                        .transport
+                        .call(
+                            crate::transport::Peer::Node(n.id),
+                            &n.cluster_addr,
+                            request,
+                            None,
+                            OBSERVE_TIMEOUT,
+                        )
+                        .await
+                        .ok()?;
+                    let value = codec::decode::<Reply<T>>(&answer).ok()?.ok()?;
+                    Some((n.id, value))
+                }
             });
-        let mut views = futures::future::join_all(calls).await;
-        views.push(Some(self.status()));
-        leader_views(views.iter().flatten().flatten())
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Every group's membership as seen by its leader (the leader's view with the highest
+    /// term), gathered from every live node in `nodes`, this one without a call.
+    pub async fn observe(&self, nodes: &[NodeRecord]) -> BTreeMap<GroupId, GroupStatus> {
+        let mut views: Vec<Vec<GroupStatus>> = self
+            .ask_peers(nodes, &Request::Groups)
+            .await
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        views.push(self.status());
+        leader_views(views.iter().flatten())
     }
 
     /// The nodes in `nodes` whose disk is full (this one without a call); a node that does
     /// not answer counts as not full (its moves then wait on the node itself).
     async fn full_disks(&self, nodes: &[NodeRecord]) -> BTreeSet<NodeId> {
-        let calls = nodes
-            .iter()
-            .filter(|n| n.id != self.id() && self.peer_alive(n.id))
-            .map(|n| async move {
-                let request = codec::encode(&Request::DiskLow);
-                let answer = self
-                    .transport
-                    .call(
-                        crate::transport::Peer::Node(n.id),
-                        &n.cluster_addr,
-                        &request,
-                        None,
-                        OBSERVE_TIMEOUT,
-                    )
-                    .await
-                    .ok()?;
-                let low = codec::decode::<Reply<Option<u64>>>(&answer).ok()?.ok()?;
-                low.map(|_| n.id)
-            });
-        let mut full: BTreeSet<NodeId> = futures::future::join_all(calls)
+        let mut full: BTreeSet<NodeId> = self
+            .ask_peers::<Option<u64>>(nodes, &Request::DiskLow)
             .await
             .into_iter()
-            .flatten()
+            .filter(|(_, low)| low.is_some())
+            .map(|(id, _)| id)
             .collect();
         if self.disk_low().is_some() {
             full.insert(self.id());
@@ -1362,34 +1368,18 @@ impl RaftHost {
     /// Per group, what the data leader at the highest term says every data voter holds.
     async fn gather_progress(&self) -> BTreeMap<GroupId, DataProgress> {
         let witnesses = self.witnesses();
-        let nodes = self.meta().read_meta(|m| m.nodes()).unwrap_or_default();
-        let calls = nodes
-            .iter()
-            .filter(|n| n.id != self.id() && !witnesses.contains(&n.id) && self.peer_alive(n.id))
-            .map(|n| async move {
-                let request = codec::encode(&Request::Progress);
-                let answer = self
-                    .transport
-                    .call(
-                        crate::transport::Peer::Node(n.id),
-                        &n.cluster_addr,
-                        &request,
-                        None,
-                        OBSERVE_TIMEOUT,
-                    )
-                    .await
-                    .ok()?;
-                codec::decode::<Reply<Vec<DataProgress>>>(&answer)
-                    .ok()?
-                    .ok()
-            });
-        let mut best: BTreeMap<GroupId, DataProgress> = BTreeMap::new();
-        for p in futures::future::join_all(calls)
-            .await
+        let nodes: Vec<NodeRecord> = self
+            .meta()
+            .read_meta(|m| m.nodes())
+            .unwrap_or_default()
             .into_iter()
-            .flatten()
-            .flatten()
-        {
+            .filter(|n| !witnesses.contains(&n.id))
+            .collect();
+        let mut best: BTreeMap<GroupId, DataProgress> = BTreeMap::new();
+        let answers = self
+            .ask_peers::<Vec<DataProgress>>(&nodes, &Request::Progress)
+            .await;
+        for p in answers.into_iter().flat_map(|(_, p)| p) {
             if best.get(&p.group).is_none_or(|b| b.term < p.term) {
                 best.insert(p.group, p);
             }
