@@ -1062,6 +1062,9 @@ impl RaftHost {
                 .map(|(group, _)| group)
                 .collect()
         };
+        for group in &failed {
+            tracing::error!(group, "raft group stopped; restarting it");
+        }
         for group in &stuck {
             tracing::warn!(
                 group,
@@ -1069,7 +1072,6 @@ impl RaftHost {
             );
         }
         for group in failed.into_iter().chain(stuck) {
-            tracing::error!(group, "raft group stopped; restarting it");
             if let Ok(old) = self.group(group) {
                 let _ = old.raft.shutdown().await;
             }
