@@ -12,11 +12,11 @@ use storage::codec;
 use storage::meta::{ClusterInfo, NodeRecord};
 use storage::partition::{Quota, RecipientOutcome};
 
-use crate::api::*;
-use crate::client::Client;
-use crate::datadir::{self, NodeFile};
-use crate::node::{JoinToken, Node, NodeOptions};
-use crate::router::raft_service;
+use service::api::*;
+use service::client::Client;
+use service::datadir::{self, NodeFile};
+use service::node::{JoinToken, Node, NodeOptions};
+use service::router::raft_service;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -477,10 +477,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             print_status(&status, placement.as_ref(), &health, json)
         }
         Cmd::Inspect { data, group } => {
-            let file = crate::datadir::NodeFile::load(&data)?;
+            let file = service::datadir::NodeFile::load(&data)?;
             // Opening takes sled's lock: a running node's store is refused here.
             let store =
-                storage::Store::open(&crate::datadir::db_dir(&data), false).map_err(|e| {
+                storage::Store::open(&service::datadir::db_dir(&data), false).map_err(|e| {
                     anyhow::anyhow!("{}: {e} (is the node still running?)", data.display())
                 })?;
             let groups: Vec<u64> = match group {
@@ -627,7 +627,7 @@ pub async fn init(
         cluster_id: cluster_id.clone(),
         partitions,
         replicas,
-        created: crate::mail::now(),
+        created: service::mail::now(),
     };
     let record = NodeRecord {
         id: node_id,
@@ -892,7 +892,7 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
                     a.address,
                     a.usage.bytes,
                     a.usage.messages,
-                    crate::mail::password_scheme_name(&a.password_hash)
+                    service::mail::password_scheme_name(&a.password_hash)
                 );
             }
         }
@@ -934,7 +934,7 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         ClientReply::Digests(d) => println!("{}", serde_json::to_string(&d)?),
         ClientReply::Record(record) => println!("{record}"),
         ClientReply::Queue(entries) => {
-            let now = crate::mail::now();
+            let now = service::mail::now();
             if !queue_json {
                 println!("id\tage\tsize\tattempts\tsender\tpending\tstate\tlast error");
             }

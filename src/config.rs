@@ -38,7 +38,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::node::NodeOptions;
+use imap::ImapConfig;
+use outbound::{OutboundConfig, Relay, RelayTls};
+use pop3::Pop3Config;
+use service::node::NodeOptions;
+use service::policy::throttle::AuthLimits;
+use smtp::SmtpConfig;
 
 /// Everything `serve` needs beyond the data directory.
 #[derive(Clone, Debug)]
@@ -56,78 +61,6 @@ pub struct ServeConfig {
     pub outbound: OutboundConfig,
 }
 
-/// Delivery of queued mail to other domains (like Postfix's `smtp` client settings).
-#[derive(Clone, Debug)]
-pub struct OutboundConfig {
-    /// DNS server for MX and address lookups; `None` uses the system's (/etc/resolv.conf).
-    pub resolver: Option<SocketAddr>,
-    /// TCP port of remote mail exchangers (25; other values are for tests).
-    pub port: u16,
-    /// Wait before the first retry; each further retry waits twice as long, up to `retry_max`.
-    pub retry_min: Duration,
-    pub retry_max: Duration,
-    /// Age at which undelivered recipients are given up on and bounced.
-    pub lifetime: Duration,
-    pub connect_timeout: Duration,
-    /// Longest wait for any one reply (the greeting, EHLO, each command, the end of DATA).
-    pub reply_timeout: Duration,
-    /// Messages being delivered at once by this node, and to any one destination domain.
-    pub concurrency_max: usize,
-    pub per_destination_max: usize,
-    /// Use STARTTLS when the remote server offers it (without checking its certificate, as
-    /// opportunistic TLS does).
-    pub starttls: bool,
-    /// How often a partition leader looks for due queue entries.
-    pub poll: Duration,
-    /// A smarthost for every remote domain instead of MX delivery...
-    pub relay: Option<Relay>,
-    /// ...or for some domains only (these take precedence).
-    pub domain_relays: std::collections::BTreeMap<String, Relay>,
-}
-
-/// How the connection to a smarthost is protected.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RelayTls {
-    /// STARTTLS, required: a relay that does not offer it gets nothing.
-    StartTls,
-    /// TLS from the first byte (port 465).
-    Implicit,
-    /// Plain text (a relay on a trusted network).
-    None,
-}
-
-/// A relay host (smarthost), as enterprises behind a mail gateway use.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Relay {
-    pub host: String,
-    pub port: u16,
-    pub tls: RelayTls,
-    /// AUTH PLAIN credentials (only over TLS).
-    pub auth: Option<(String, String)>,
-    /// PEM roots the relay's certificate must chain to; `None` accepts any certificate.
-    pub ca_file: Option<PathBuf>,
-}
-
-impl Default for OutboundConfig {
-    fn default() -> OutboundConfig {
-        OutboundConfig {
-            resolver: None,
-            port: 25,
-            retry_min: Duration::from_secs(300),
-            retry_max: Duration::from_secs(4_000),
-            lifetime: Duration::from_secs(5 * 24 * 3600),
-            connect_timeout: Duration::from_secs(30),
-            reply_timeout: Duration::from_secs(300),
-            concurrency_max: 32,
-            per_destination_max: 4,
-            starttls: true,
-            poll: Duration::from_secs(1),
-            relay: None,
-            domain_relays: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
 /// Client-facing listeners; `None` is off.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Listen {
@@ -140,127 +73,6 @@ pub struct Listen {
     pub imaps: Option<SocketAddr>,
     /// HTTP: Prometheus metrics at /metrics.
     pub http: Option<SocketAddr>,
-}
-
-#[derive(Clone, Debug)]
-pub struct Pop3Config {
-    pub connections_max: usize,
-    pub connections_per_ip_max: usize,
-    /// RFC 1939 §3: an inactivity autologout timer of at least 10 minutes.
-    pub idle_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    /// How long a maildrop lock outlives its session if the session's node dies.
-    pub lock_lease: Duration,
-    /// Allow USER/PASS and AUTH without TLS (tests, trusted networks only).
-    pub auth_without_tls: bool,
-}
-
-impl Default for Pop3Config {
-    fn default() -> Pop3Config {
-        Pop3Config {
-            connections_max: 1_000,
-            connections_per_ip_max: 50,
-            idle_timeout: Duration::from_secs(600),
-            tls_handshake_timeout: Duration::from_secs(10),
-            lock_lease: Duration::from_secs(30),
-            auth_without_tls: false,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct ImapConfig {
-    pub connections_max: usize,
-    pub connections_per_ip_max: usize,
-    /// RFC 3501 §5.4: an inactivity autologout timer of at least 30 minutes (IDLE included;
-    /// clients re-issue IDLE every 29 minutes).
-    pub idle_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    /// How often a session in IDLE looks for changes made through other nodes.
-    pub idle_poll: Duration,
-    /// Allow LOGIN and AUTHENTICATE without TLS (tests, trusted networks only).
-    pub auth_without_tls: bool,
-    /// Memory for the headers of messages this node has read (FETCH of header fields, and
-    /// SEARCH on them, then need no read at the partition leader); 0 turns it off.
-    pub header_cache_bytes: usize,
-}
-
-impl Default for ImapConfig {
-    fn default() -> ImapConfig {
-        ImapConfig {
-            connections_max: 2_000,
-            connections_per_ip_max: 50,
-            idle_timeout: Duration::from_secs(1800),
-            tls_handshake_timeout: Duration::from_secs(10),
-            idle_poll: Duration::from_millis(500),
-            auth_without_tls: false,
-            header_cache_bytes: 64 << 20,
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct SmtpConfig {
-    /// Recipients accepted in one transaction; further RCPTs get 452 4.5.3.
-    pub recipients_max: usize,
-    /// Open SMTP connections on this node, all listeners together.
-    pub connections_max: usize,
-    /// Open SMTP connections from one client address.
-    pub connections_per_ip_max: usize,
-    /// Longest wait for a command line (RFC 5321 §4.5.3.2 suggests 5 minutes).
-    pub command_timeout: Duration,
-    /// Longest wait for the next block of message data.
-    pub data_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    /// Unknown or malformed commands before the connection is closed.
-    pub errors_max: u32,
-    /// Answer VRFY truthfully (off: 252, the usual policy against address harvesting).
-    pub vrfy: bool,
-    /// Allow AUTH without TLS (for tests and trusted networks only).
-    pub auth_without_tls: bool,
-}
-
-impl Default for SmtpConfig {
-    fn default() -> SmtpConfig {
-        SmtpConfig {
-            recipients_max: 100,
-            connections_max: 1_000,
-            connections_per_ip_max: 50,
-            command_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(180),
-            tls_handshake_timeout: Duration::from_secs(10),
-            errors_max: 10,
-            vrfy: false,
-            auth_without_tls: false,
-        }
-    }
-}
-
-/// Brute-force protection for every protocol that takes passwords.
-#[derive(Clone, Debug)]
-pub struct AuthLimits {
-    /// Failures from one client address within `window` before it is locked out.
-    pub failures_per_ip_max: u32,
-    /// Failures for one account within `window` before it is locked out.
-    pub failures_per_account_max: u32,
-    pub window: Duration,
-    pub lockout: Duration,
-    /// Each earlier failure delays the next answer by this much (up to `delay_max`).
-    pub delay_step: Duration,
-    pub delay_max: Duration,
-}
-
-impl Default for AuthLimits {
-    fn default() -> AuthLimits {
-        AuthLimits {
-            failures_per_ip_max: 10,
-            failures_per_account_max: 5,
-            window: Duration::from_secs(600),
-            lockout: Duration::from_secs(900),
-            delay_step: Duration::from_millis(500),
-            delay_max: Duration::from_secs(4),
-        }
-    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -539,10 +351,10 @@ impl ServeConfig {
             vrfy: s.vrfy.unwrap_or(defaults.vrfy),
             auth_without_tls: s.auth_without_tls.unwrap_or(defaults.auth_without_tls),
         };
-        if smtp.recipients_max == 0 || smtp.recipients_max > crate::mail::RECIPIENTS_MAX {
+        if smtp.recipients_max == 0 || smtp.recipients_max > service::mail::RECIPIENTS_MAX {
             bail!(
                 "smtp.recipients_max must be between 1 and {}",
-                crate::mail::RECIPIENTS_MAX
+                service::mail::RECIPIENTS_MAX
             );
         }
         if smtp.connections_max == 0 || smtp.connections_per_ip_max == 0 {
@@ -720,7 +532,7 @@ mod tests {
         let c = ServeConfig::from_file(f).unwrap();
         assert_eq!(
             c.node.password_scheme,
-            crate::mail::PasswordScheme::Sha512Crypt
+            service::mail::PasswordScheme::Sha512Crypt
         );
         for (bad, key) in [
             (

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::api::{ClientReply, ClientRequest, ClusterStatus};
-use crate::client::Client;
+use service::api::{ClientReply, ClientRequest, ClusterStatus};
+use service::client::Client;
 use storage::partition::Quota;
 
 pub const DEMO_DOMAIN: &str = "example.test";
@@ -110,12 +110,12 @@ pub fn spawn_serve(exe: &Path, dir: &Path, log: &Path) -> anyhow::Result<Child> 
 
 /// Rebuilds the join token of an existing dev cluster from node 1's files.
 pub fn read_token(node1: &Path) -> anyhow::Result<String> {
-    let file = crate::datadir::NodeFile::load(node1)?;
-    let tls = crate::datadir::tls_dir(node1);
-    let read = |name: &str| crate::node::read_file(&tls.join(name));
-    let token = crate::node::JoinToken {
+    let file = service::datadir::NodeFile::load(node1)?;
+    let tls = service::datadir::tls_dir(node1);
+    let read = |name: &str| service::node::read_file(&tls.join(name));
+    let token = service::node::JoinToken {
         cluster_id: file.cluster_id,
-        secret: read(crate::datadir::JOIN_SECRET_FILE)?.trim().to_string(),
+        secret: read(service::datadir::JOIN_SECRET_FILE)?.trim().to_string(),
         ca_pem: read(raft::tls::CA_CERT_FILE)?,
     };
     Ok(token.encode())
@@ -185,7 +185,7 @@ pub async fn run(
         let data = dir.join(format!("node{id}"));
         let data_s = data.to_string_lossy().to_string();
         // A directory from an earlier run is started again as it is.
-        if let Ok(existing) = crate::datadir::NodeFile::load(&data) {
+        if let Ok(existing) = service::datadir::NodeFile::load(&data) {
             if let Some((_, port)) = existing.cluster_addr.rsplit_once(':') {
                 taken.extend(port.parse::<u16>().ok());
             }

@@ -9,17 +9,18 @@ use storage::meta::MetaCommand;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::ServeConfig;
-use crate::imap::{Imap, ImapKind};
-use crate::node::Node;
-use crate::pop3::{Pop3, Pop3Kind};
-use crate::server_tls;
-use crate::smtp::{ListenerKind, Smtp};
-use crate::throttle::AuthThrottle;
+use imap::{Imap, ImapKind};
+use pop3::{Pop3, Pop3Kind};
+use service::metrics::MetricSource;
+use service::node::Node;
+use service::policy::throttle::AuthThrottle;
+use service::server_tls;
+use smtp::{ListenerKind, Smtp};
 
 pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = ServeConfig::load(config_path)?;
     // Nothing is written into a directory that is not a node's.
-    crate::datadir::NodeFile::load(dir)?;
+    service::datadir::NodeFile::load(dir)?;
     let (cert, key) = match &config.tls {
         Some(pair) => pair.clone(),
         None => {
@@ -51,7 +52,8 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     let throttle = Arc::new(AuthThrottle::new(config.auth.clone()));
     let smtp = Smtp::new(
         node.clone(),
-        &config,
+        config.hostname.clone(),
+        config.smtp.clone(),
         Some(acceptor.clone()),
         throttle.clone(),
     );
@@ -69,7 +71,7 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     }
     let pop3 = Pop3::new(
         node.clone(),
-        &config,
+        config.pop3.clone(),
         Some(acceptor.clone()),
         throttle.clone(),
     );
@@ -82,7 +84,7 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }
-    let imap = Imap::new(node.clone(), &config, Some(acceptor), throttle);
+    let imap = Imap::new(node.clone(), config.imap.clone(), Some(acceptor), throttle);
     for (kind, addr) in [
         (ImapKind::Plain, client(config.listen.imap)),
         (ImapKind::Tls, client(config.listen.imaps)),
@@ -92,7 +94,7 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         println!("{} listening on {bound}", kind.name());
         listeners.insert(kind.name().to_string(), bound.to_string());
     }
-    let outbound = crate::outbound::Outbound::new(
+    let outbound = outbound::Outbound::new(
         node.clone(),
         config.outbound.clone(),
         config.hostname.clone(),
@@ -101,7 +103,9 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
         outbound.start();
     }
     if let Some(addr) = config.listen.http {
-        let bound = crate::http::listen(node.clone(), outbound.clone(), imap.clone(), addr).await?;
+        let sources: Vec<Arc<dyn MetricSource>> =
+            vec![outbound.clone(), node.clone(), imap.clone()];
+        let bound = web::listen(sources, addr).await?;
         println!("http listening on {bound}");
         listeners.insert("http".to_string(), bound.to_string());
     }

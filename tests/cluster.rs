@@ -40,7 +40,7 @@ fn acknowledged_delivery_survives_leader_kill_and_is_read_everywhere() {
     }
     // The dead leader's store, read offline, has the delivery applied in the user's group;
     // a running node's store is refused (its database is locked).
-    let group = (mailgrid::router::partition_of(user, PARTITIONS) + 1).to_string();
+    let group = (service::router::partition_of(user, PARTITIONS) + 1).to_string();
     let dead = c.node(leader).data().to_string();
     let out = ok(&["inspect", "--data", &dead, "--group", &group], None);
     assert!(
@@ -93,7 +93,7 @@ fn a_group_whose_raft_core_fails_is_restarted_and_catches_up() {
     let _g = serial();
     let mut c = Cluster::start(3, PARTITIONS, 5000, 4);
     let user = "user0@example.test";
-    let group = mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1;
+    let group = service::router::partition_of(user, PARTITIONS) as u64 + 1;
     let leader = c.leader_of_user(user, PARTITIONS);
     let victim = if leader == 1 { 2 } else { 1 };
     c.restart_env(
@@ -284,7 +284,7 @@ fn a_leadership_transfer_that_never_arrives_does_not_stop_the_group() {
     );
     let user = (0..users)
         .map(|i| format!("user{i}@example.test"))
-        .find(|u| mailgrid::router::partition_of(u, PARTITIONS) as u64 + 1 == stranded)
+        .find(|u| service::router::partition_of(u, PARTITIONS) as u64 + 1 == stranded)
         .expect("some user in every partition");
     eventually(
         Duration::from_secs(60),

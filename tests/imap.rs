@@ -220,7 +220,7 @@ fn a_select_with_nothing_new_to_claim_as_recent_writes_nothing() {
     let c = Cluster::start(3, PARTITIONS, 5000, 1);
     let user = "user0@example.test";
     deliver_tags(&c, user, &["r1", "r2"]);
-    let group = mailgrid::router::partition_of(user, PARTITIONS) as u64 + 1;
+    let group = service::router::partition_of(user, PARTITIONS) as u64 + 1;
     // Once leadership settled on the preferred replica (the placement's first): a transfer
     // appends an entry too.
     let leader = c.wait_healthy(3)["groups"]

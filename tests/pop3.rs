@@ -225,8 +225,8 @@ fn imported_and_configured_password_hashes_log_in_and_other_hashes_are_refused()
         "--password",
         "fresh-pw",
     ]);
-    let hash = mailgrid::mail::hash_password("moved-pw", mailgrid::mail::PasswordScheme::Argon2id)
-        .unwrap();
+    let hash =
+        service::mail::hash_password("moved-pw", service::mail::PasswordScheme::Argon2id).unwrap();
     c.admin(&[
         "user",
         "add",

@@ -32,7 +32,7 @@ fn user_per_partition() -> Vec<String> {
     for i in 0..USERS {
         let user = format!("user{i}@example.test");
         by_partition
-            .entry(mailgrid::router::partition_of(&user, PARTITIONS))
+            .entry(service::router::partition_of(&user, PARTITIONS))
             .or_insert(user);
     }
     assert_eq!(

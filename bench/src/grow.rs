@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mailgrid::api::{ClientReply, ClientRequest};
-use mailgrid::client::Client;
+use service::api::{ClientReply, ClientRequest};
+use service::client::Client;
 
 use crate::smtp_load::{self, Size};
 use crate::DevCluster;

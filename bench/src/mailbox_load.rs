@@ -18,7 +18,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Test nodes have self-signed certificates: the load generator accepts any.
 fn connector() -> tokio_rustls::TlsConnector {
-    mailgrid::client_tls::unverified_connector()
+    service::client_tls::unverified_connector()
 }
 
 pub(crate) struct Conn {

@@ -14,6 +14,7 @@ mod scale;
 mod smtp_load;
 mod spec;
 mod witness;
+mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use mailgrid::api::{ClientReply, ClientRequest, NodeStats};
-use mailgrid::client::Client;
+use service::api::{ClientReply, ClientRequest, NodeStats};
+use service::client::Client;
 use storage::partition::Quota;
 
 #[derive(Parser, Debug)]
@@ -618,7 +619,7 @@ async fn leader_route(
 
 /// Group of a user, per the router's pinned hash.
 fn group_of(user: &str, partitions: u32) -> u64 {
-    mailgrid::router::partition_of(user, partitions) as u64 + 1
+    service::router::partition_of(user, partitions) as u64 + 1
 }
 
 async fn failover(
@@ -921,9 +922,9 @@ async fn main() -> anyhow::Result<()> {
                 bail!("--login-rate must be a positive number of logins a second");
             }
             let hash = match password_hash {
-                Some(h) => mailgrid::mail::check_password_hash(&h).map_err(anyhow::Error::msg)?,
+                Some(h) => service::mail::check_password_hash(&h).map_err(anyhow::Error::msg)?,
                 None => {
-                    mailgrid::mail::hash_password("bench", mailgrid::mail::PasswordScheme::Argon2id)
+                    service::mail::hash_password("bench", service::mail::PasswordScheme::Argon2id)
                         .map_err(anyhow::Error::msg)?
                 }
             };
@@ -1218,7 +1219,7 @@ async fn main() -> anyhow::Result<()> {
             let scheme = scheme.parse().map_err(anyhow::Error::msg)?;
             println!(
                 "{}",
-                mailgrid::mail::hash_password(&password, scheme).map_err(anyhow::Error::msg)?
+                service::mail::hash_password(&password, scheme).map_err(anyhow::Error::msg)?
             );
             Ok(())
         }
@@ -1256,9 +1257,9 @@ async fn main() -> anyhow::Result<()> {
                     }
                     let hash = match password_hash {
                         Some(h) => h,
-                        None => mailgrid::mail::hash_password(
+                        None => service::mail::hash_password(
                             "bench",
-                            mailgrid::mail::PasswordScheme::Argon2id,
+                            service::mail::PasswordScheme::Argon2id,
                         )
                         .map_err(anyhow::Error::msg)?,
                     };

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use mailgrid::api::{ClientReply, ClientRequest};
-use mailgrid::client::Client;
+use service::api::{ClientReply, ClientRequest};
+use service::client::Client;
 use storage::partition::Quota;
 
 use crate::mailbox_load::Conn;

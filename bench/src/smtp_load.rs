@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 pub enum Size {
     /// Every message this many bytes.
     Fixed(usize),
-    /// Each message's size drawn from SPECmail2001's distribution (`spec::SIZES`), the same
+    /// Each message's size drawn from SPECmail2001's distribution (`workload::SIZES`), the same
     /// for message `i` in every run.
     Spec,
 }
@@ -38,7 +38,7 @@ impl Size {
     pub fn of(self, i: usize) -> usize {
         match self {
             Size::Fixed(n) => n,
-            Size::Spec => crate::spec::Rng::new(i as u64).weighted(&crate::spec::SIZES),
+            Size::Spec => crate::workload::Rng::new(i as u64).weighted(&crate::workload::SIZES),
         }
     }
 
@@ -135,7 +135,7 @@ impl Conn {
         }
         let io = c.reader.into_inner().unsplit(c.writer);
         let name = rustls::pki_types::ServerName::try_from("localhost")?.to_owned();
-        let tls = mailgrid::client_tls::unverified_connector()
+        let tls = service::client_tls::unverified_connector()
             .connect(name, io)
             .await
             .with_context(|| format!("TLS with {addr}"))?;
@@ -391,11 +391,11 @@ mod tests {
     /// Like `accepting_server`, but offers STARTTLS (a real rustls handshake, the node's own
     /// self-signed certificate code) and refuses mail until the session is encrypted.
     async fn starttls_server(dir: &std::path::Path) -> String {
-        let (cert, key) = mailgrid::server_tls::default_paths(dir);
+        let (cert, key) = service::server_tls::default_paths(dir);
         std::fs::create_dir_all(cert.parent().unwrap()).unwrap();
-        mailgrid::server_tls::ensure_self_signed(dir, "bench.test").unwrap();
+        service::server_tls::ensure_self_signed(dir, "bench.test").unwrap();
         let acceptor =
-            tokio_rustls::TlsAcceptor::from(mailgrid::server_tls::load(&cert, &key).unwrap());
+            tokio_rustls::TlsAcceptor::from(service::server_tls::load(&cert, &key).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
@@ -472,10 +472,10 @@ mod tests {
         let sizes: Vec<usize> = (0..20_000).map(|i| Size::Spec.of(i)).collect();
         assert!(sizes
             .iter()
-            .all(|s| crate::spec::SIZES.iter().any(|(v, _)| v == s)));
+            .all(|s| crate::workload::SIZES.iter().any(|(v, _)| v == s)));
         assert_eq!(Size::Spec.of(7), sizes[7]);
         let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
-        let expected = crate::spec::mean(&crate::spec::SIZES);
+        let expected = crate::workload::mean(&crate::workload::SIZES);
         assert!((mean / expected - 1.0).abs() < 0.1, "{mean} vs {expected}");
         assert_eq!(Size::parse("spec").unwrap(), Size::Spec);
         assert_eq!(Size::parse(" 4096").unwrap(), Size::Fixed(4096));

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mailgrid::client::Client;
+use service::client::Client;
 
 use crate::dip;
 use crate::smtp_load::{self, Size};

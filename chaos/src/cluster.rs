@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mailgrid::api::{ClientReply, ClientRequest, ClusterStatus};
-use mailgrid::client::Client;
+use service::api::{ClientReply, ClientRequest, ClusterStatus};
+use service::client::Client;
 
 use crate::net::{Blocked, Choice, Net, Slot};
 

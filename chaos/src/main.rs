@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use chaos::{check, check_mailboxes, Delivery, Found, Outcome, Stored, Violation};
 use clap::Parser;
-use mailgrid::api::{ClientReply, ClientRequest};
+use service::api::{ClientReply, ClientRequest};
 use storage::partition::Quota;
 use tokio::time::Instant;
 

@@ -249,7 +249,7 @@ pub async fn run(
 /// change held for `hold` and undone. Refusals (no meta majority under another fault, the
 /// last node not draining) are recorded, not errors: nothing was changed.
 async fn grow(cluster: &mut Cluster, rng: &mut StdRng, hold: Duration) -> (Vec<u64>, String) {
-    use mailgrid::api::{ClientReply, ClientRequest};
+    use service::api::{ClientReply, ClientRequest};
     if let Some(slot) = cluster.free_slot() {
         return match cluster.add_node(slot) {
             Ok(id) => (vec![id], format!("node {id} joined")),

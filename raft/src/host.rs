@@ -22,6 +22,9 @@ use crate::store::{LogStore, SnapshotFile, StateMachine};
 use crate::transport::{Body, Handler, Transport, BODY_BYTES_MAX};
 use crate::types::*;
 
+/// One group's openraft core, over our state machine.
+type Raft = openraft::Raft<TypeConfig, StateMachine>;
+
 /// Timing and sizing of the raft groups; validated once at start.
 #[derive(Clone, Debug)]
 pub struct HostConfig {

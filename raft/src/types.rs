@@ -23,7 +23,6 @@ pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
 pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
 pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
 pub type StoredMembership = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
-pub type Raft = openraft::Raft<TypeConfig, crate::store::StateMachine>;
 
 /// Raft group ids: the meta group is 0, partition `p` is group `p + 1`.
 pub type GroupId = u64;

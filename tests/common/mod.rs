@@ -436,7 +436,7 @@ impl Cluster {
     /// The leader of the partition group holding `user` (with `partitions` partitions),
     /// once every group has one.
     pub fn leader_of_user(&self, user: &str, partitions: u32) -> u64 {
-        let group = mailgrid::router::partition_of(user, partitions) as u64 + 1;
+        let group = service::router::partition_of(user, partitions) as u64 + 1;
         let s = self.wait_healthy(1);
         s["groups"]
             .as_array()
