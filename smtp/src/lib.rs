@@ -2,7 +2,7 @@
 //! (465, implicit TLS). A message is acknowledged with `250` only once every partition it
 //! touches committed it.
 //!
-//! `codec` holds the wire pieces (no I/O); `session` runs one connection; this module owns
+//! `codec` holds the wire pieces (no I/O); `session` runs one connection; the crate root owns
 //! the listeners, connection limits and what sessions share.
 
 // A session's future nests the service's router and mail futures deep; computing its
