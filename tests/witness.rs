@@ -340,6 +340,135 @@ fn a_data_node_whose_disk_fails_stalls_or_fills_gives_way_to_the_other() {
     check_readable(&c, &d2, &acked);
 }
 
+#[test]
+fn a_full_leader_hands_its_groups_to_a_voter_with_room_and_a_full_partition_answers_452() {
+    // Goal: a full disk on the partition leaders, not on the node the client talks to. Three
+    // data nodes, two replicas per partition; nodes 1 and 3 fill up. Every group with a
+    // replica on node 2 is handed to node 2 and takes mail through node 2's SMTP; a partition
+    // held only by nodes 1 and 3 answers 452 4.3.1 at the end of DATA through node 2 (whose
+    // own disk has room), not a generic failure after the write timeout; it takes mail again
+    // once node 1 has room.
+    let _serial = serial();
+    let mut c = Cluster::start_replicas(3, 2, PARTITIONS, 1000, USERS, &ENV);
+    let users = user_per_partition();
+    let fault = |id: u64| c.root.path().join(format!("disk-fault-{id}"));
+    let (f1, f3) = (fault(1), fault(3));
+    for (id, f) in [(1, &f1), (3, &f3)] {
+        std::fs::write(f, "").unwrap();
+        c.restart_env(id, &[("MAILGRID_DISK_FAULT_FILE", path(f))]);
+    }
+    c.wait_healthy(2);
+    let d2 = c.node(2).data().to_string();
+    let status = c.status_via(&d2).unwrap();
+    let voters_of = |user: &str| -> Vec<u64> {
+        let group = service::router::partition_of(user, PARTITIONS) as u64 + 1;
+        let g = status["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["group"] == group);
+        let voters = g.unwrap()["voters"].as_array().unwrap();
+        voters.iter().map(|v| v.as_u64().unwrap()).collect()
+    };
+    let (roomy, full): (Vec<String>, Vec<String>) = users
+        .iter()
+        .cloned()
+        .partition(|u| voters_of(u).contains(&2));
+    assert!(
+        !roomy.is_empty() && !full.is_empty(),
+        "both kinds of partition: {status}"
+    );
+
+    std::fs::write(&f1, "full").unwrap();
+    std::fs::write(&f3, "full").unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "node 2 leads every group it holds",
+        || {
+            let s = c.status_via(&d2)?;
+            let handed = s["groups"]
+                .as_array()?
+                .iter()
+                .filter(|g| g["group"] != 0)
+                .all(|g| {
+                    let has_2 = g["voters"]
+                        .as_array()
+                        .is_some_and(|v| v.contains(&2.into()));
+                    !has_2 || g["leader"] == 2
+                });
+            handed.then_some(())
+        },
+    );
+    let mut acked = Vec::new();
+    for user in &roomy {
+        let subject = format!("roomy-{user}");
+        let answer = smtp_send(&c, 2, user, &subject);
+        assert!(answer.starts_with("250"), "{user}: {answer}");
+        acked.push((user.clone(), subject));
+    }
+    for user in &full {
+        let answer = smtp_send(&c, 2, user, &format!("refused-{user}"));
+        assert!(answer.starts_with("452 4.3.1"), "{user}: {answer}");
+    }
+    // Node 1 has room again: the full partitions' leaders (1 or 3) end up on node 1.
+    std::fs::write(&f1, "").unwrap();
+    for user in &full {
+        let subject = format!("after-{user}");
+        eventually(Duration::from_secs(60), "mail taken again", || {
+            smtp_send(&c, 2, user, &subject)
+                .starts_with("250")
+                .then_some(())
+        });
+        acked.push((user.clone(), subject));
+    }
+    std::fs::write(&f3, "").unwrap();
+    check_readable(&c, &d2, &acked);
+    let d1 = c.node(1).data().to_string();
+    check_readable(&c, &d1, &acked);
+}
+
+/// Sends one message to `to` through node `id`'s MX; the reply to the end of DATA (or to the
+/// command that refused it).
+fn smtp_send(c: &Cluster, id: u64, to: &str, subject: &str) -> String {
+    use std::io::{BufRead, Write};
+    let addr = c.listener(id, "smtp");
+    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut read_reply = || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return line;
+            }
+        }
+    };
+    read_reply();
+    let data = format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n");
+    let steps = [
+        "EHLO test.example\r\n".to_string(),
+        "MAIL FROM:<someone@remote.example>\r\n".to_string(),
+        format!("RCPT TO:<{to}>\r\n"),
+        "DATA\r\n".to_string(),
+        data,
+    ];
+    let mut answer = String::new();
+    for step in steps {
+        writer.write_all(step.as_bytes()).unwrap();
+        answer = read_reply();
+        if !(answer.starts_with('2') || answer.starts_with('3')) {
+            break;
+        }
+    }
+    let _ = writer.write_all(b"QUIT\r\n");
+    answer
+}
+
 /// The answer of node `id`'s MX to `MAIL FROM` after `EHLO`.
 fn mail_from(c: &Cluster, id: u64) -> String {
     use std::io::{BufRead, Write};

@@ -1066,6 +1066,10 @@ impl Session {
             }
             Ok(PartitionResponse::Refused(e)) => mail_error(&e),
             Ok(other) => Done::unavailable(format!("{other:?}")),
+            Err(e) if e.is_disk_full() => {
+                tracing::info!("APPEND refused: {e}");
+                Done::no("[UNAVAILABLE] the server's disk is full; try again later")
+            }
             Err(e) => Done::unavailable(e),
         }
     }

@@ -142,6 +142,22 @@ pub enum GroupError {
     /// The proposal may or may not have been committed.
     #[error("outcome unknown in group {group}: {reason}")]
     Uncertain { group: GroupId, reason: String },
+    /// The group's leader refused new mail: its disk is below `disk_free_min`. Nothing was
+    /// proposed; mail protocols answer with their "insufficient storage" reply (452 4.3.1).
+    /// Appended last: an older node cannot decode it and treats the answer as unknown.
+    #[error("group {group}: disk full on node {node} ({free_mib} MiB free)")]
+    DiskFull {
+        group: GroupId,
+        node: NodeId,
+        free_mib: u64,
+    },
+}
+
+impl GroupError {
+    /// Whether this is a refusal of new mail for lack of disk space (see [`GroupError::DiskFull`]).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, GroupError::DiskFull { .. })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -365,9 +381,10 @@ impl RaftHost {
         }
         let new_mail = matches!(cmd, Command::Partition(c) if brings_mail(c));
         match self.disk_low() {
-            Some(free) if new_mail => Err(GroupError::Unavailable {
+            Some(free) if new_mail => Err(GroupError::DiskFull {
                 group,
-                reason: format!("disk full on node {}: {} MiB free", self.id(), free >> 20),
+                node: self.id(),
+                free_mib: free >> 20,
             }),
             _ => Ok(()),
         }
@@ -1493,6 +1510,9 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
         .map(|n| (n.id, n.cluster_addr.clone()))
         .collect();
     let groups = host.groups_by_id();
+    // The nodes whose disk is full, asked at most once a round and only when a leadership
+    // decision needs it.
+    let mut full: Option<BTreeSet<NodeId>> = None;
     // A group that cannot take a step now (no quorum, a leader handing over) is logged and
     // passed over, so it never holds up the groups after it.
     for (group, g) in groups {
@@ -1522,8 +1542,20 @@ async fn reconcile(host: &RaftHost) -> Result<(), String> {
                     .iter()
                     .find(|p| partition_group(p.id) == group)
                     .and_then(|p| p.replicas.first().copied());
-                if let Some(preferred) = preferred {
-                    balance_leader(host, group, &g, preferred).await
+                if host.disk_low().is_some() {
+                    // A full leader refuses new mail; a data voter with room takes it.
+                    let full = full_once(host, &nodes, &mut full).await;
+                    hand_to_data_voter(host, group, &g, full, "disk full: handing the group on")
+                        .await;
+                } else if let Some(preferred) = preferred.filter(|p| *p != host.id()) {
+                    // Never back to a preferred leader whose disk is full: it would hand the
+                    // group straight back.
+                    if !full_once(host, &nodes, &mut full)
+                        .await
+                        .contains(&preferred)
+                    {
+                        balance_leader(host, group, &g, preferred).await
+                    }
                 }
             }
             Ok(_) => {}
@@ -1727,9 +1759,42 @@ async fn balance_leader(host: &RaftHost, group: GroupId, g: &Group, preferred: N
     }
 }
 
+/// The nodes whose disk is full, asked of the live peers the first time a round needs it.
+async fn full_once<'a>(
+    host: &RaftHost,
+    nodes: &[NodeRecord],
+    full: &'a mut Option<BTreeSet<NodeId>>,
+) -> &'a BTreeSet<NodeId> {
+    if full.is_none() {
+        *full = Some(host.full_disks(nodes).await);
+    }
+    full.get_or_insert_with(BTreeSet::new)
+}
+
 /// On a witness that leads `group` (it was elected to hand a lagging data voter the log):
 /// transfers the leadership to a live data voter holding the whole log, as soon as one does.
 async fn hand_over(host: &RaftHost, group: GroupId, g: &Group) {
+    let none = BTreeSet::new();
+    hand_to_data_voter(
+        host,
+        group,
+        g,
+        &none,
+        "witness hands the group to a data voter",
+    )
+    .await
+}
+
+/// Transfers the leadership of `group`, which this node leads, to a live data voter that holds
+/// the whole log and is not in `avoid`, once per term; logs `why` when it does. Nothing happens
+/// while no voter qualifies (the group stays here).
+async fn hand_to_data_voter(
+    host: &RaftHost,
+    group: GroupId,
+    g: &Group,
+    avoid: &BTreeSet<NodeId>,
+    why: &str,
+) {
     let m = g.raft.metrics().borrow_watched().clone();
     if m.state != ServerState::Leader {
         return;
@@ -1739,6 +1804,7 @@ async fn hand_over(host: &RaftHost, group: GroupId, g: &Group) {
     let replication = m.replication.clone().unwrap_or_default();
     let target = m.membership_config.membership().voter_ids().find(|v| {
         !witnesses.contains(v)
+            && !avoid.contains(v)
             && *v != host.id()
             && host.peer_alive(*v)
             && replication.get(v).cloned().flatten().map(|l| l.index) == Some(last)
@@ -1753,12 +1819,7 @@ async fn hand_over(host: &RaftHost, group: GroupId, g: &Group) {
     if already {
         return;
     }
-    tracing::info!(
-        group,
-        to = target,
-        term = m.current_term,
-        "witness hands the group to a data voter"
-    );
+    tracing::info!(group, to = target, term = m.current_term, "{why}");
     host.transfers.lock().expect("transfers lock").insert(
         group,
         Transfer {

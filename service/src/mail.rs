@@ -39,6 +39,14 @@ pub enum MailServiceError {
     Unexpected(String),
 }
 
+impl MailServiceError {
+    /// Whether the cluster refused new mail because a leader's disk is full (mail protocols
+    /// answer with their "insufficient storage" reply, 452 4.3.1 in SMTP).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, MailServiceError::Group(e) if e.is_disk_full())
+    }
+}
+
 /// What an address resolves to for delivery.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Resolved {

@@ -270,6 +270,10 @@ impl Router {
                     failed = Some((target_id, tokio::time::Instant::now()));
                     None
                 }
+                // The leader is fine but has no room for new mail: say so at once (no other
+                // node could take this proposal; the leader hands the group to a voter with
+                // room, and the sender's retry goes there).
+                Err(e @ GroupError::DiskFull { .. }) => return Err(e),
                 Err(e) => {
                     self.forget_leader(group, target_id);
                     return Err(e);

@@ -470,9 +470,7 @@ impl Session {
             return self.error(Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8"));
         }
         if self.smtp.node.host().disk_low().is_some() {
-            // RFC 5321 4.5.3.1.10: full storage is a temporary condition; the sender retries.
-            let text = "Insufficient system storage, try again later";
-            self.reply(Reply::new(452, "4.3.1", text));
+            self.reply(insufficient_storage());
             return Flow::Continue;
         }
         let max = self.smtp.policy.cluster_message_bytes_max();
@@ -771,6 +769,9 @@ impl Session {
             .await;
             if let Err(e) = result {
                 tracing::info!("message {id} not queued: {e}");
+                if e.is_disk_full() {
+                    return insufficient_storage();
+                }
                 let text = "Temporary failure: the message could not be queued, try again later";
                 return Reply::new(451, "4.3.0", text);
             }
@@ -799,6 +800,9 @@ impl Session {
             Ok(o) => o,
             Err(e) => {
                 tracing::info!("delivery {id} not committed: {e}");
+                if e.is_disk_full() {
+                    return insufficient_storage();
+                }
                 let text = "Temporary failure: the message could not be stored, try again later";
                 return Reply::new(451, "4.3.0", text);
             }
@@ -872,4 +876,10 @@ impl Session {
         }
         Flow::Continue
     }
+}
+
+/// RFC 5321 4.5.3.1.10: a full disk (this node's, or a partition leader's) is a temporary
+/// condition; the sender retries, by then on a leader with room.
+fn insufficient_storage() -> Reply {
+    Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
 }

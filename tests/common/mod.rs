@@ -227,6 +227,24 @@ impl Cluster {
         cluster
     }
 
+    /// `n` data nodes with replication factor `replicas` (fewer than `n`, so some nodes hold
+    /// no replica of a partition), every node started with `env`.
+    pub fn start_replicas(
+        n: u64,
+        replicas: u64,
+        partitions: u32,
+        snapshot_logs: u64,
+        users: usize,
+        env: &[(&str, &str)],
+    ) -> Cluster {
+        let mut cluster = Self::start_first(replicas, partitions, snapshot_logs, users, "", env);
+        for id in 2..=n {
+            cluster.join(id);
+        }
+        cluster.wait_healthy(replicas as usize);
+        cluster
+    }
+
     /// Node 1 of a new cluster (replication factor `replicas`), with domain example.test and
     /// its users.
     fn start_first(
