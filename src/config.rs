@@ -200,6 +200,7 @@ struct RaftSection {
     move_mib_per_s: Option<u64>,
     disk_stall_ms: Option<u64>,
     disk_free_min_mib: Option<u64>,
+    stale_replica_s: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -313,6 +314,12 @@ impl ServeConfig {
         }
         if let Some(mib) = r.disk_free_min_mib {
             node.disk_free_min = mib << 20;
+        }
+        if let Some(secs) = r.stale_replica_s {
+            if secs > 0 && !(5..=86_400 * 30).contains(&secs) {
+                bail!("raft.stale_replica_s must be 0 (keep) or between 5 and 2592000");
+            }
+            node.stale_replica_after = (secs > 0).then(|| Duration::from_secs(secs));
         }
         if let Some(mib) = r.move_mib_per_s {
             if mib > 100_000 {

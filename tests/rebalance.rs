@@ -99,9 +99,10 @@ fn joined_nodes_take_their_share_weights_count_and_a_drained_node_leaves_empty()
     // leaders (3.2), and nothing acknowledged is lost or doubled. (2) Weight 2 on node 1 gives
     // it twice the replicas of the others (16 against 8). (3) A drained node ends with no
     // replicas, `status` says it is safe to remove, and the cluster stays whole through its
-    // removal.
+    // removal. (4) The nodes that gave replicas away drop their copies of those groups.
     let _g = serial();
-    let mut c = Cluster::start(3, PARTITIONS, 5000, USERS);
+    // Copies of left groups are dropped 5 s after the move (60 s by default).
+    let mut c = Cluster::start_with(3, PARTITIONS, 5000, USERS, "stale_replica_s = 5\n");
     let via1 = c.node(1).data().to_string();
     let mut acked: Vec<usize> = (0..16).collect();
     for k in &acked {
@@ -146,6 +147,14 @@ fn joined_nodes_take_their_share_weights_count_and_a_drained_node_leaves_empty()
         let via = c.node(n).data().to_string();
         check_all_readable(&c, &via, &acked);
     }
+    // Nodes 1-3 gave replicas away: their copies of those groups are dropped, freeing space,
+    // while every remaining replica still agrees with the others of its group.
+    let left = wait_copies_dropped(&c, &[1, 2, 3, 4, 5]);
+    assert!(left >= 16, "replicas moved off nodes 1-3: {left}");
+    assert_eq!(
+        metric_sum(&c, "mailgrid_stale_replicas_dropped_total"),
+        left as u64
+    );
 
     // Weights: node 1 counts twice.
     c.admin(&["node", "weight", "1", "2"]);
@@ -193,6 +202,55 @@ fn joined_nodes_take_their_share_weights_count_and_a_drained_node_leaves_empty()
         let via = c.node(n).data().to_string();
         check_all_readable(&c, &via, &acked);
     }
+    // Node 1 took replicas back after dropping them (weight 2): those were rebuilt from the
+    // group, and agree with the other replicas.
+    wait_copies_dropped(&c, &[1, 3, 4, 5]);
+}
+
+/// Waits until, in every partition group, the voters' replicas agree and every other node of
+/// `nodes` holds an empty copy (it dropped what it had of a group it left); the number of such
+/// empty copies on nodes that once held a replica.
+fn wait_copies_dropped(c: &Cluster, nodes: &[u64]) -> usize {
+    eventually(
+        Duration::from_secs(90),
+        "left groups' copies dropped",
+        || {
+            let s = c.status_via(c.any())?;
+            let mut dropped = 0;
+            for group in 1..=PARTITIONS as u64 {
+                let g = s["groups"]
+                    .as_array()?
+                    .iter()
+                    .find(|g| g["group"] == group)?;
+                let voters: Vec<u64> = g["voters"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|v| v.as_u64())
+                    .collect();
+                let digests = c.digests(c.any(), group);
+                let digest = |n: u64| {
+                    digests
+                        .get(&n.to_string())
+                        .and_then(|d| d.as_str().map(str::to_string))
+                };
+                let first = digest(voters[0])?;
+                if voters
+                    .iter()
+                    .any(|v| digest(*v).as_deref() != Some(first.as_str()))
+                {
+                    return None;
+                }
+                for n in nodes.iter().filter(|n| !voters.contains(n)) {
+                    if digest(*n)? != EMPTY_DIGEST {
+                        return None;
+                    }
+                    // Nodes 4 and 5 started empty; nodes 1-3 held every group.
+                    dropped += usize::from(*n <= 3);
+                }
+            }
+            Some(dropped)
+        },
+    )
 }
 
 #[test]
@@ -200,7 +258,8 @@ fn a_node_killed_mid_move_leaves_every_group_its_replicas_and_the_move_resumes()
     // Goal: issue 23's safety under faults. Node 4 joins and is killed -9 while replicas are
     // moving to it: every group keeps a leader and at least three voters (a move adds before
     // it removes), deliveries go on, and once node 4 is back the rebalance finishes with its
-    // share (16 x 3 / 4 = 12) and every message readable through it.
+    // share (16 x 3 / 4 = 12) and every message readable through it. Then node 5 dies
+    // mid-move for good: removing it abandons its moves and leaves three voters everywhere.
     let _g = serial();
     let mut c = Cluster::start(3, PARTITIONS, 5000, USERS);
     let via1 = c.node(1).data().to_string();
@@ -238,4 +297,48 @@ fn a_node_killed_mid_move_leaves_every_group_its_replicas_and_the_move_resumes()
     assert_eq!(balanced[&4].0, 12);
     let via4 = c.node(4).data().to_string();
     check_all_readable(&c, &via4, &acked);
+
+    // A move abandoned: node 5 joins, dies mid-move and never comes back; `node remove 5`
+    // takes it out of the plan and of every group it had reached, and the partitions it was
+    // to hold are back on three voters of nodes 1-4.
+    c.join(5);
+    eventually(
+        Duration::from_secs(60),
+        "a move to node 5 under way",
+        || {
+            let s = c.status_via(&via1)?;
+            let node5 = s["placement"]["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["id"] == 5)?;
+            (node5["replicas"].as_u64()? > 0 && node5["replicas"] != node5["replicas_target"])
+                .then_some(())
+        },
+    );
+    c.node(5).kill9();
+    c.admin(&["node", "remove", "5"]);
+    let balanced = wait_balanced(&c, "the move to node 5 abandoned");
+    println!("after node 5 was removed: {balanced:?}");
+    assert!(!balanced.contains_key(&5));
+    assert_eq!(balanced.values().map(|b| b.0).sum::<u64>(), 48);
+    let s = c.wait_healthy(3);
+    for g in s["groups"].as_array().unwrap() {
+        let voters = g["voters"].as_array().unwrap();
+        // Partitions have three voters; the meta group has every node (up to five).
+        let want = if g["group"] == 0 { 4 } else { 3 };
+        assert_eq!(voters.len(), want, "group {}: {g}", g["group"]);
+        assert!(!voters.contains(&5.into()), "group {}: {g}", g["group"]);
+        assert!(
+            !g["learners"].as_array().unwrap().contains(&5.into()),
+            "{g}"
+        );
+    }
+    for k in 200..208 {
+        deliver_acked(&via4, k);
+        acked.push(k);
+    }
+    for n in 1..=4 {
+        let via = c.node(n).data().to_string();
+        check_all_readable(&c, &via, &acked);
+    }
 }

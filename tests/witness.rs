@@ -23,8 +23,6 @@ const PARTITIONS: u32 = 8;
 const USERS: usize = 32;
 /// The witness logs when it hands a group on (info level).
 const ENV: [(&str, &str); 1] = [("MAILGRID_LOG", "warn,raft::host=info")];
-/// The digest of a partition replica holding no record: what a witness has.
-const EMPTY_DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
 
 /// One user in each partition, so a round of deliveries writes to every partition group.
 fn user_per_partition() -> Vec<String> {

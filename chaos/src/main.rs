@@ -371,6 +371,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             );
         }
     }
+    let dropped = lines_in_logs(&results.join("cluster"), DROPPED_LINE);
+    verdict.push_str(&format!(
+        "grow: {dropped} copies of groups a node had left were dropped (node logs)\n"
+    ));
     let count = |o: Outcome| ops.iter().filter(|op| op.outcome == o).count();
     verdict.insert_str(
         verdict.find('\n').map_or(0, |i| i + 1),
@@ -471,3 +475,20 @@ fn subject(body: &[u8]) -> String {
 
 /// The digest of a partition replica holding no record (blake3 of nothing): a witness's.
 const EMPTY_DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
+/// What a node logs when it drops its copy of a group it left (`raft::host`).
+const DROPPED_LINE: &str = "dropped the copy of a group this node left";
+
+/// How many lines of the node logs (`*.log` in `dir`) contain `needle`.
+fn lines_in_logs(dir: &std::path::Path, needle: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|text| text.lines().filter(|l| l.contains(needle)).count())
+        .sum()
+}

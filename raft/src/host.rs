@@ -49,6 +49,10 @@ pub struct HostConfig {
     /// Below this many free bytes the disk counts as full: new mail is refused and no new
     /// replica is placed on the node, until space returns.
     pub disk_free_min: u64,
+    /// A partition group this node has left for this long (the meta state and the group's
+    /// leader agree it holds no replica) has its local copy dropped (see `drop_replica`);
+    /// `None` keeps stale copies forever.
+    pub stale_replica_after: Option<Duration>,
 }
 
 /// Most voters in the meta group; further nodes follow it as learners.
@@ -56,6 +60,8 @@ pub const META_VOTERS_MAX: usize = 5;
 /// A learner this close to the leader's log is promoted to voter.
 const CATCH_UP_ENTRIES: u64 = 64;
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a node looks for copies of groups it has left (see `drop_stale_replicas`).
+const STALE_SCAN_INTERVAL: Duration = Duration::from_secs(5);
 const MEMBERSHIP_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a leader heartbeats an idle group's followers when nothing else prompts it.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
@@ -181,6 +187,9 @@ struct Group {
     sm: StateMachine,
     /// When this core was opened: it refuses votes for one lease after (see `handle_raft`).
     opened: std::time::Instant,
+    /// Set once this replica's data was dropped after it left the group: the last log id it
+    /// held. No candidate whose log is behind it gets this replica's vote.
+    floor: Option<LogId>,
 }
 
 pub struct RaftHost {
@@ -210,6 +219,14 @@ pub struct RaftHost {
     transfers: std::sync::Mutex<BTreeMap<GroupId, Transfer>>,
     /// The replica moves this node started as meta leader (see `rebalance`).
     moves: std::sync::Mutex<Moves>,
+    /// Groups this node has left whose copy it still holds, with when that was first seen,
+    /// and when it last looked (see `drop_stale_replicas`).
+    stale: std::sync::Mutex<(
+        BTreeMap<GroupId, std::time::Instant>,
+        Option<std::time::Instant>,
+    )>,
+    /// Copies of left groups dropped since this process started.
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 /// Replica moves the meta leader started and has seen finish. In memory only: a new meta
@@ -292,6 +309,8 @@ impl RaftHost {
             leads: std::sync::Mutex::new(Vec::new()),
             transfers: std::sync::Mutex::new(BTreeMap::new()),
             moves: std::sync::Mutex::new(Moves::default()),
+            stale: std::sync::Mutex::new((BTreeMap::new(), None)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
         });
         for group in 0..=host.config.partitions as GroupId {
             let g = host.open_group(group).await?;
@@ -456,17 +475,29 @@ impl RaftHost {
         Ok(())
     }
 
+    fn snapshot_dir(&self, group: GroupId) -> PathBuf {
+        self.config
+            .data_dir
+            .join("snapshots")
+            .join(group.to_string())
+    }
+
     async fn open_group(&self, group: GroupId) -> Result<Group, String> {
         let io = |e: &dyn std::fmt::Display| format!("group {group}: {e}");
-        let log = LogStore::new(GroupLog::open(&self.store, group).map_err(|e| io(&e))?);
+        let group_log = GroupLog::open(&self.store, group).map_err(|e| io(&e))?;
         let machine = Arc::new(
             GroupMachine::open(&self.store, group, group_kind(group)).map_err(|e| io(&e))?,
         );
-        let snapshot_dir = self
-            .config
-            .data_dir
-            .join("snapshots")
-            .join(group.to_string());
+        let snapshot_dir = self.snapshot_dir(group);
+        if crate::store::drop_interrupted(&group_log).map_err(|e| io(&e))? {
+            tracing::warn!(
+                group,
+                "finishing the interrupted drop of a left group's copy"
+            );
+            crate::store::finish_drop(&group_log, &machine, &snapshot_dir).map_err(|e| io(&e))?;
+        }
+        let floor = crate::store::floor(&group_log).map_err(|e| io(&e))?;
+        let log = LogStore::new(group_log);
         let witness_partition = self.config.witness && group != META_GROUP;
         let sm =
             StateMachine::open(machine, snapshot_dir, witness_partition).map_err(|e| io(&e))?;
@@ -488,6 +519,7 @@ impl RaftHost {
             raft,
             sm,
             opened: std::time::Instant::now(),
+            floor,
         })
     }
 
@@ -937,12 +969,18 @@ impl RaftHost {
                 if !rpc.leadership_transfer && g.opened.elapsed() < lease {
                     return reply::<(), _>(Err("no votes within a lease of opening"));
                 }
+                if let Some(why) = below_floor(&g, rpc.last_log_id.as_ref()) {
+                    return reply::<(), _>(Err(why));
+                }
                 let asked = rpc.last_log_id;
                 let answer = g.raft.vote(rpc).await;
                 self.note_refusal(group_id, &asked, answer.as_ref().ok());
                 reply(answer)
             }
             Request::PreVote { rpc, .. } => {
+                if let Some(why) = below_floor(&g, rpc.last_log_id.as_ref()) {
+                    return reply::<(), _>(Err(why));
+                }
                 let asked = rpc.last_log_id;
                 let answer = g.raft.pre_vote(rpc).await;
                 self.note_refusal(group_id, &asked, answer.as_ref().ok());
@@ -1048,6 +1086,129 @@ impl RaftHost {
             .collect()
     }
 
+    /// Copies of left groups this node dropped since it started (for `/metrics`).
+    pub fn stale_replicas_dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Drops this node's copy of each partition group it has left, once the meta state has
+    /// no replica of it here and the group's leader has had a single configuration without
+    /// this node for `stale_replica_after` (observed every `STALE_SCAN_INTERVAL`): growing the
+    /// cluster frees space on the nodes that gave replicas away. The meta group is kept whole
+    /// everywhere.
+    async fn drop_stale_replicas(&self) {
+        let Some(after) = self.config.stale_replica_after else {
+            return;
+        };
+        if self.disk_failure().is_some() {
+            return;
+        }
+        {
+            let mut stale = self.stale.lock().expect("stale lock");
+            if stale.1.is_some_and(|t| t.elapsed() < STALE_SCAN_INTERVAL) {
+                return;
+            }
+            stale.1 = Some(std::time::Instant::now());
+        }
+        let Some((nodes, left)) = self.left_groups() else {
+            return;
+        };
+        let views = if left.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.observe(&nodes).await
+        };
+        let me = self.id();
+        let now = std::time::Instant::now();
+        let due: Vec<GroupId> = {
+            let mut stale = self.stale.lock().expect("stale lock");
+            stale.0.retain(|g, _| left.contains(g));
+            let mut due = Vec::new();
+            for group in &left {
+                let gone = views.get(group).is_some_and(|v| {
+                    v.leader.is_some_and(|l| l != me)
+                        && v.configs.len() <= 1
+                        && !v.voters.contains(&me)
+                        && !v.learners.contains(&me)
+                });
+                if !gone {
+                    stale.0.remove(group);
+                    continue;
+                }
+                let since = *stale.0.entry(*group).or_insert(now);
+                if now.duration_since(since) >= after {
+                    due.push(*group);
+                }
+            }
+            due
+        };
+        for group in due {
+            // Asked again right before: the rebalancer may have given the partition back.
+            if !self
+                .left_groups()
+                .is_some_and(|(_, left)| left.contains(&group))
+            {
+                continue;
+            }
+            self.drop_replica(group).await;
+            self.stale.lock().expect("stale lock").0.remove(&group);
+        }
+    }
+
+    /// The live nodes, and the partition groups whose recorded replicas exclude this node
+    /// while its local copy still holds something (log entries or applied state).
+    fn left_groups(&self) -> Option<(Vec<NodeRecord>, BTreeSet<GroupId>)> {
+        let me = self.id();
+        let (nodes, partitions) = self
+            .meta()
+            .read_meta(|m| -> Result<_, storage::StorageError> {
+                Ok((m.nodes()?, m.partitions()?))
+            })
+            .ok()?;
+        let groups = self.groups.read().expect("groups lock");
+        let left = partitions
+            .iter()
+            .filter(|r| !r.replicas.contains(&me))
+            .map(|r| partition_group(r.id))
+            .filter(|group| {
+                groups.get(group).is_some_and(|g| {
+                    let m = g.raft.metrics().borrow_watched().clone();
+                    m.state != ServerState::Leader
+                        && (m.last_log_index.is_some() || m.last_applied.is_some())
+                })
+            })
+            .collect();
+        Some((nodes, left))
+    }
+
+    /// Stops the group's core, drops its data (`store::drop_replica`) and opens it again,
+    /// empty but for the vote and the floor.
+    async fn drop_replica(&self, group: GroupId) {
+        let Ok(old) = self.group(group) else { return };
+        let _ = old.raft.shutdown().await;
+        let dropped = GroupLog::open(&self.store, group)
+            .map_err(|e| e.to_string())
+            .and_then(|log| {
+                crate::store::drop_replica(&log, old.sm.machine(), &self.snapshot_dir(group))
+                    .map_err(|e| e.to_string())
+            });
+        match dropped {
+            Ok(floor) => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(group, ?floor, "dropped the copy of a group this node left");
+            }
+            Err(e) => tracing::error!(group, error = %e, "dropping a left group's copy failed"),
+        }
+        // Opened again either way: an interrupted drop is finished on open.
+        match self.open_group(group).await {
+            Ok(g) => {
+                self.groups.write().expect("groups lock").insert(group, g);
+            }
+            Err(e) => tracing::error!(group, error = %e, "reopening a dropped group failed"),
+        }
+    }
+
     /// Restarts groups whose core stopped with a fatal error (openraft leaves them stuck),
     /// unless the disk failed (then they stay stopped until the process restarts).
     async fn supervise(&self) {
@@ -1103,6 +1264,14 @@ impl RaftHost {
             }
         }
     }
+}
+
+/// Why a candidate gets no vote from a replica whose data was dropped: its log is behind the
+/// replica's floor (see [`Group::floor`]), so it lacks the change that removed the replica.
+fn below_floor(g: &Group, candidate: Option<&LogId>) -> Option<&'static str> {
+    let floor = g.floor.as_ref()?;
+    let behind = candidate.is_none_or(|c| c < floor);
+    behind.then_some("the candidate's log is behind what this replica held before it left")
 }
 
 /// A leadership transfer this node started as a group's leader.
@@ -1197,6 +1366,7 @@ async fn reconcile_loop(host: Weak<RaftHost>) {
         tokio::time::sleep(RECONCILE_INTERVAL).await;
         let Some(host) = host.upgrade() else { return };
         host.supervise().await;
+        host.drop_stale_replicas().await;
         if let Err(e) = reconcile(&host).await {
             tracing::debug!(error = %e, "reconcile step");
         }

@@ -15,7 +15,7 @@ use openraft::{
     EntryPayload, LogState, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot,
 };
 use storage::codec;
-use storage::log::{COMMITTED, PURGED, VOTE};
+use storage::log::{COMMITTED, FLOOR, PURGED, RESETTING, VOTE};
 use storage::machine::GroupKind;
 use storage::{GroupLog, GroupMachine};
 
@@ -155,6 +155,67 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(to_io)?;
         self.log.purge_upto(log_id.index()).map_err(to_io)
     }
+}
+
+/// The last log id a group's log holds (its last entry, else where it was purged up to).
+fn last_log_id(log: &GroupLog) -> io::Result<Option<LogId>> {
+    match log.last().map_err(to_io)? {
+        Some((_, bytes)) => Ok(Some(
+            codec::decode::<Entry>(&bytes).map_err(to_io)?.log_id(),
+        )),
+        None => match log.mark(PURGED).map_err(to_io)? {
+            Some(bytes) => codec::decode(&bytes).map_err(to_io),
+            None => Ok(None),
+        },
+    }
+}
+
+/// The floor of a replica whose data was dropped (see [`drop_replica`]), if it ever was.
+pub fn floor(log: &GroupLog) -> io::Result<Option<LogId>> {
+    match log.mark(FLOOR).map_err(to_io)? {
+        Some(bytes) => Ok(Some(codec::decode::<LogId>(&bytes).map_err(to_io)?)),
+        None => Ok(None),
+    }
+}
+
+/// Whether a drop of this replica's data was interrupted (finish it with [`finish_drop`]
+/// before the group's core opens).
+pub fn drop_interrupted(log: &GroupLog) -> io::Result<bool> {
+    Ok(log.mark(RESETTING).map_err(to_io)?.is_some())
+}
+
+/// Drops this node's copy of a group it has left: log, state and snapshot files. What its
+/// votes depend on stays: the vote (so no term is voted in twice) and a floor, the last log
+/// id it held (or an earlier, higher floor). A candidate whose log is behind the floor gets no
+/// vote from it (see `raft::host`): every legitimate candidate holds the membership change
+/// that removed this replica, which is past anything the replica held, so the replica votes
+/// as its old log would have. Call with the group's core shut down. Crash-safe: the
+/// `RESETTING` mark is durable before anything is removed, and [`finish_drop`] redoes it.
+pub fn drop_replica(
+    log: &GroupLog,
+    machine: &GroupMachine,
+    snapshot_dir: &Path,
+) -> io::Result<Option<LogId>> {
+    let floor = last_log_id(log)?.max(floor(log)?);
+    if let Some(f) = &floor {
+        log.set_mark(FLOOR, &codec::encode(f)).map_err(to_io)?;
+    }
+    log.set_mark(RESETTING, b"1").map_err(to_io)?;
+    log.store().sync().map_err(to_io)?;
+    finish_drop(log, machine, snapshot_dir)?;
+    Ok(floor)
+}
+
+/// The removal half of [`drop_replica`]; idempotent.
+pub fn finish_drop(log: &GroupLog, machine: &GroupMachine, snapshot_dir: &Path) -> io::Result<()> {
+    machine.reset().map_err(to_io)?;
+    match std::fs::remove_dir_all(snapshot_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    log.clear().map_err(to_io)?;
+    log.remove_mark(RESETTING).map_err(to_io)?;
+    log.store().sync().map_err(to_io)
 }
 
 /// The applied-state record stored atomically with every apply.
@@ -471,6 +532,59 @@ mod tests {
             self.dirs.lock().unwrap().push(dir);
             Ok(((), log, sm))
         }
+    }
+
+    #[test]
+    fn a_dropped_replica_keeps_its_vote_and_a_floor_and_nothing_else() {
+        // Goal: dropping a left group's copy removes its log, state and snapshots, keeps the
+        // vote, and records the last log id held as the floor (never lowering an older one);
+        // a drop interrupted after its mark is finished by `finish_drop`.
+        use openraft::testing::blank_ent;
+        let dir = tempfile::tempdir().unwrap();
+        let store = storage::Store::open(&dir.path().join("db"), true).unwrap();
+        let log = GroupLog::open(&store, 4).unwrap();
+        let machine = GroupMachine::open(&store, 4, GroupKind::Partition).unwrap();
+        let empty = machine.digest().unwrap();
+        let snapshots = dir.path().join("snapshots");
+        std::fs::create_dir_all(&snapshots).unwrap();
+        std::fs::write(snapshots.join("1-2-3.snap"), b"old snapshot").unwrap();
+        let append = |term: u64, index: u64| {
+            let entry = blank_ent::<TypeConfig>(term, 1, index);
+            log.append([(index, &codec::encode(&entry)[..])]).unwrap();
+            entry.log_id()
+        };
+        append(2, 1);
+        let last = append(3, 2);
+        log.set_mark(VOTE, b"the vote").unwrap();
+        log.set_mark(PURGED, &codec::encode(&last)).unwrap();
+
+        assert_eq!(
+            drop_replica(&log, &machine, &snapshots).unwrap(),
+            Some(last)
+        );
+        assert_eq!(floor(&log).unwrap(), Some(last));
+        assert_eq!(log.last().unwrap(), None);
+        assert_eq!(log.mark(PURGED).unwrap(), None);
+        assert_eq!(log.mark(VOTE).unwrap().as_deref(), Some(&b"the vote"[..]));
+        assert_eq!(machine.digest().unwrap(), empty);
+        assert!(!snapshots.exists());
+        assert!(!drop_interrupted(&log).unwrap());
+
+        // A second drop with less in the log keeps the higher floor.
+        append(1, 1);
+        assert_eq!(
+            drop_replica(&log, &machine, &snapshots).unwrap(),
+            Some(last)
+        );
+        assert_eq!(floor(&log).unwrap(), Some(last));
+
+        // Interrupted after the mark: the open finishes it.
+        append(4, 3);
+        log.set_mark(RESETTING, b"1").unwrap();
+        assert!(drop_interrupted(&log).unwrap());
+        finish_drop(&log, &machine, &snapshots).unwrap();
+        assert_eq!(log.last().unwrap(), None);
+        assert!(!drop_interrupted(&log).unwrap());
     }
 
     #[test]

@@ -74,6 +74,12 @@ impl MetricSource for Node {
             "Raft log entries this node keeps over all its groups (appended, not yet purged).",
             &[("", host.log_entries())],
         );
+        out.metric(
+            "mailgrid_stale_replicas_dropped_total",
+            "counter",
+            "Copies of partition groups this node had left that it dropped (space freed after a move), since it started.",
+            &[("", host.stale_replicas_dropped())],
+        );
         let placement = host.placement_gauges();
         let moves = host.move_stats();
         out.metric(

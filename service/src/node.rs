@@ -42,6 +42,9 @@ pub struct NodeOptions {
     pub disk_stall: Duration,
     /// Free space below which the disk counts as full (`[raft] disk_free_min_mib`).
     pub disk_free_min: u64,
+    /// How long after leaving a partition group this node drops its copy; `None` keeps it
+    /// (`[raft] stale_replica_s`, 0 = keep).
+    pub stale_replica_after: Option<Duration>,
 }
 
 impl Default for NodeOptions {
@@ -59,6 +62,7 @@ impl Default for NodeOptions {
             password_scheme: mail::PasswordScheme::default(),
             disk_stall: Duration::from_secs(5),
             disk_free_min: 128 << 20,
+            stale_replica_after: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -135,6 +139,7 @@ impl Node {
             witness: file.witness,
             disk_stall: options.disk_stall,
             disk_free_min: options.disk_free_min,
+            stale_replica_after: options.stale_replica_after,
         };
         transport.set_body_rate(options.move_bytes_per_s);
         let host = RaftHost::start(config, store, transport)

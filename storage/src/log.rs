@@ -13,6 +13,11 @@ use crate::{chunk, StorageError, Store};
 pub const VOTE: &str = "vote";
 pub const COMMITTED: &str = "committed";
 pub const PURGED: &str = "purged";
+/// The last log id this replica held when its data was dropped (it had left the group): no
+/// candidate whose log is behind it gets this replica's vote (see `raft::host`).
+pub const FLOOR: &str = "floor";
+/// Set while this replica's data is being dropped; a reset found set on open is redone.
+pub const RESETTING: &str = "resetting";
 
 #[derive(Clone, Debug)]
 pub struct GroupLog {
@@ -117,6 +122,21 @@ impl GroupLog {
         Ok(())
     }
 
+    /// Removes every entry and the `COMMITTED` and `PURGED` marks; the vote and the other
+    /// marks stay. Not durable until synced.
+    pub fn clear(&self) -> Result<(), StorageError> {
+        self.remove_range(Vec::new(), None)?;
+        self.marks.remove(COMMITTED)?;
+        self.marks.remove(PURGED)?;
+        Ok(())
+    }
+
+    /// Removes a mark. Not durable until synced.
+    pub fn remove_mark(&self, name: &str) -> Result<(), StorageError> {
+        self.marks.remove(name)?;
+        Ok(())
+    }
+
     pub fn mark(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.marks.get(name)?.map(|v| v.to_vec()))
     }
@@ -145,6 +165,30 @@ fn split_key(k: &[u8]) -> Result<(u64, u32), StorageError> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn clear_drops_entries_and_positions_but_keeps_the_vote() {
+        // Goal: dropping a replica's log keeps what its votes depend on (the vote and the
+        // floor) and nothing else, across a reopen.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), true).unwrap();
+        let log = GroupLog::open(&store, 3).unwrap();
+        log.append([(1, &b"a"[..]), (2, &b"b"[..])]).unwrap();
+        for mark in [VOTE, COMMITTED, PURGED, FLOOR] {
+            log.set_mark(mark, mark.as_bytes()).unwrap();
+        }
+        log.clear().unwrap();
+        store.sync().unwrap();
+        drop(log);
+        drop(store);
+        let store = Store::open(dir.path(), false).unwrap();
+        let log = GroupLog::open(&store, 3).unwrap();
+        assert_eq!(log.last().unwrap(), None);
+        assert_eq!(log.mark(VOTE).unwrap().as_deref(), Some(VOTE.as_bytes()));
+        assert_eq!(log.mark(FLOOR).unwrap().as_deref(), Some(FLOOR.as_bytes()));
+        assert_eq!(log.mark(COMMITTED).unwrap(), None);
+        assert_eq!(log.mark(PURGED).unwrap(), None);
+    }
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]

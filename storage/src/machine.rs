@@ -213,12 +213,41 @@ impl GroupMachine {
         self.install_records(path, true)
     }
 
+    /// Drops every record (applied state included): this replica holds nothing, as if the
+    /// group had just been created here. Durable on return.
+    pub fn reset(&self) -> Result<(), StorageError> {
+        let (generation, fresh) = self.fresh_generation()?;
+        self.switch_to(generation, fresh)
+    }
+
+    /// The next generation's tree, emptied (a crash may have left one half written).
+    fn fresh_generation(&self) -> Result<(u64, sled::Tree), StorageError> {
+        let generation = self.tree.read().expect("machine lock poisoned").0 + 1;
+        let fresh = self.store.tree(&tree_name(self.group, generation))?;
+        fresh.clear()?;
+        Ok((generation, fresh))
+    }
+
+    /// Makes `fresh` this group's state: one durable write of the generation pointer, then
+    /// the old generation is dropped.
+    fn switch_to(&self, generation: u64, fresh: sled::Tree) -> Result<(), StorageError> {
+        self.store.sync()?;
+        let generations = self.store.tree(GENERATIONS)?;
+        generations.insert(self.group.to_be_bytes(), &generation.to_be_bytes())?;
+        self.store.sync()?;
+        let old = {
+            let mut guard = self.tree.write().expect("machine lock poisoned");
+            let old = guard.0;
+            *guard = (generation, fresh);
+            old
+        };
+        self.store.drop_tree(&tree_name(self.group, old))?;
+        Ok(())
+    }
+
     fn install_records(&self, path: &Path, state_only: bool) -> Result<(), StorageError> {
         for_each_record(path, |_, _| Ok(()))?;
-        let generation = self.tree.read().expect("machine lock poisoned").0 + 1;
-        let name = tree_name(self.group, generation);
-        let fresh = self.store.tree(&name)?;
-        fresh.clear()?;
+        let (generation, fresh) = self.fresh_generation()?;
         let mut batch = sled::Batch::default();
         let mut pending = 0;
         for_each_record(path, |k, v| {
@@ -234,19 +263,7 @@ impl GroupMachine {
             Ok(())
         })?;
         fresh.apply_batch(batch)?;
-        self.store.sync()?;
-        // The switch: one durable write of the generation pointer.
-        let generations = self.store.tree(GENERATIONS)?;
-        generations.insert(self.group.to_be_bytes(), &generation.to_be_bytes())?;
-        self.store.sync()?;
-        let old = {
-            let mut guard = self.tree.write().expect("machine lock poisoned");
-            let old = guard.0;
-            *guard = (generation, fresh);
-            old
-        };
-        self.store.drop_tree(&tree_name(self.group, old))?;
-        Ok(())
+        self.switch_to(generation, fresh)
     }
 }
 

@@ -582,6 +582,10 @@ pub fn path(p: &Path) -> &str {
 }
 
 /// A metric summed over every running node's /metrics (fetched with curl).
+/// The digest of a group replica holding no record: what a witness has of a partition, and a
+/// node that dropped its copy of a group it left.
+pub const EMPTY_DIGEST: &str = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+
 pub fn metric_sum(c: &Cluster, name: &str) -> u64 {
     c.nodes
         .iter()
