@@ -114,10 +114,11 @@ pub struct MessageRecord {
     pub modseq: ModSeq,
 }
 
+/// A stored body's reference count (messages pointing at it) and size.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct BodyMeta {
-    refs: u64,
-    size: u64,
+pub struct BodyMeta {
+    pub refs: u64,
+    pub size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,16 +332,19 @@ pub enum PartitionResponse {
     Refused(MailError),
 }
 
+/// What a `Once` key remembers: when it was first applied and what it answered. (The stored
+/// records are public so the golden-format tests can name them.)
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct OnceRecord {
-    at: UnixSeconds,
-    response: PartitionResponse,
+pub struct OnceRecord {
+    pub at: UnixSeconds,
+    pub response: PartitionResponse,
 }
 
+/// What a delivery key remembers: when it was applied and the recipient's outcome.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct DeliveryKeyRecord {
-    at: UnixSeconds,
-    outcome: RecipientOutcome,
+pub struct DeliveryKeyRecord {
+    pub at: UnixSeconds,
+    pub outcome: RecipientOutcome,
 }
 
 // Key prefixes of the partition keyspace.
@@ -361,10 +365,11 @@ const EXPUNGED: u8 = b'X';
 const ONCE_KEY: u8 = b'O';
 const ONCE_KEY_BY_TIME: u8 = b'Q';
 
+/// A POP3 maildrop lock: the session holding it and when its lease ends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct MaildropLock {
-    holder: [u8; 16],
-    until: UnixSeconds,
+pub struct MaildropLock {
+    pub holder: [u8; 16],
+    pub until: UnixSeconds,
 }
 
 fn key(prefix: u8, parts: &[&[u8]]) -> Vec<u8> {
