@@ -189,12 +189,27 @@ enum AdminCmd {
     },
     /// Digest of every replica of a group (0 = meta, p + 1 = partition p).
     Digest { group: u64 },
+    /// The cluster's active format and every node's release; rolling upgrades.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
     /// Show the cluster-wide limits, or change them.
     Limits {
         /// Largest message accepted by any domain without its own limit.
         #[arg(long)]
         message_bytes_max: Option<u64>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// The active cluster format and the release and formats of every node.
+    Version,
+    /// After a rolling upgrade (every node restarted on the new release): let the cluster use
+    /// what the new release added. Refused, naming them, while any node runs an older release
+    /// or does not answer. It cannot be undone: older releases cannot join afterwards.
+    UpgradeFinish,
 }
 
 #[derive(Subcommand, Debug)]
@@ -474,7 +489,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 Ok(ClientReply::Health(h)) => h,
                 _ => Vec::new(),
             };
-            print_status(&status, placement.as_ref(), &health, json)
+            let versions = match client.request(ClientRequest::Versions).await {
+                Ok(ClientReply::Versions(v)) => Some(v),
+                _ => None,
+            };
+            print_status(
+                &status,
+                placement.as_ref(),
+                &health,
+                versions.as_ref(),
+                json,
+            )
         }
         Cmd::Inspect { data, group } => {
             let file = service::datadir::NodeFile::load(&data)?;
@@ -857,6 +882,10 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         },
         AdminCmd::Fetch { address, mailbox } => ClientRequest::Fetch { address, mailbox },
         AdminCmd::Digest { group } => ClientRequest::Digests(group),
+        AdminCmd::Cluster { command } => match command {
+            ClusterCmd::Version => ClientRequest::Versions,
+            ClusterCmd::UpgradeFinish => ClientRequest::UpgradeFinish,
+        },
         AdminCmd::Limits { message_bytes_max } => {
             ClientRequest::ClusterLimits { message_bytes_max }
         }
@@ -932,6 +961,7 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
             }
         }
         ClientReply::Digests(d) => println!("{}", serde_json::to_string(&d)?),
+        ClientReply::Versions(v) => print_versions(&v),
         ClientReply::Record(record) => println!("{record}"),
         ClientReply::Queue(entries) => {
             let now = service::mail::now();
@@ -970,6 +1000,32 @@ async fn admin(target: &Target, command: AdminCmd) -> anyhow::Result<()> {
         other => bail!("unexpected answer {other:?}"),
     }
     Ok(())
+}
+
+/// The active cluster format, then each node's release and formats.
+fn print_versions(v: &service::api::ClusterVersions) {
+    println!("cluster format {}", v.active_format);
+    for (id, version) in &v.nodes {
+        match version {
+            Some(n) => println!(
+                "node {id:>3}  mailgrid {}  formats {}-{}",
+                n.binary, n.format_min, n.format_max
+            ),
+            None => println!("node {id:>3}  no answer (down, or older than mailgrid 0.2.0)"),
+        }
+    }
+    let newest = v
+        .nodes
+        .values()
+        .flatten()
+        .map(|n| n.format_max)
+        .min()
+        .filter(|_| v.nodes.values().all(Option::is_some));
+    if let Some(newest) = newest.filter(|n| *n > v.active_format) {
+        println!(
+            "every node speaks format {newest}: run `mailgrid admin cluster upgrade-finish` to use it"
+        );
+    }
 }
 
 /// Per node its replicas and leaders against the plan, then the moves.
@@ -1100,8 +1156,14 @@ fn print_status(
     status: &ClusterStatus,
     placement: Option<&PlacementStatus>,
     health: &[NodeHealth],
+    versions: Option<&service::api::ClusterVersions>,
     json: bool,
 ) -> anyhow::Result<()> {
+    let version = |id: u64| {
+        versions
+            .and_then(|v| v.nodes.get(&id).cloned().flatten())
+            .map(|n| n.binary)
+    };
     let degraded = degraded(status, health);
     let role = |id: u64| {
         health
@@ -1118,7 +1180,7 @@ fn print_status(
             "{}",
             serde_json::to_string(&serde_json::json!({
                 "cluster": status.cluster,
-                "nodes": status.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cluster_addr": n.cluster_addr, "listeners": n.listeners, "reachable": n.reachable, "role": role(n.id),
+                "nodes": status.nodes.iter().map(|n| serde_json::json!({"id": n.id, "cluster_addr": n.cluster_addr, "listeners": n.listeners, "reachable": n.reachable, "role": role(n.id), "version": version(n.id),
                     "problems": health.iter().find(|h| h.id == n.id).map(|h| h.problems.clone()).unwrap_or_default()})).collect::<Vec<_>>(),
                 "groups": status.partitions.iter().map(|p| serde_json::json!({
                     "group": p.group, "partition": p.partition, "placement": p.placement, "voters": p.voters,
@@ -1127,13 +1189,17 @@ fn print_status(
                 "views": status.views,
                 "placement": placement,
                 "degraded": degraded,
+                "format": versions.map(|v| v.active_format),
             }))?
         );
         return Ok(());
     }
     if let Some(c) = &status.cluster {
+        let format = versions
+            .map(|v| format!(", format {}", v.active_format))
+            .unwrap_or_default();
         println!(
-            "cluster {}: {} partitions, replication factor {}",
+            "cluster {}: {} partitions, replication factor {}{format}",
             c.cluster_id, c.partitions, c.replicas
         );
     }
@@ -1148,8 +1214,11 @@ fn print_status(
         } else {
             ""
         };
+        let release = version(n.id)
+            .map(|v| format!(" mailgrid {v}"))
+            .unwrap_or_default();
         println!(
-            "node {:>3}  {:<22} {:<12} {}{role}",
+            "node {:>3}  {:<22} {:<12} {}{role}{release}",
             n.id,
             n.cluster_addr,
             if n.reachable { "up" } else { "UNREACHABLE" },

@@ -113,12 +113,27 @@ pub async fn run(dir: &Path, config_path: Option<&Path>) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     tokio::spawn(publish_listeners(node.clone(), listeners));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let result = tokio::select! {
+        _ = tokio::signal::ctrl_c() => Ok(()),
+        _ = term.recv() => Ok(()),
+        why = unsupported_format(node.clone()) => Err(anyhow::anyhow!(why)),
+    };
     node.host().shutdown().await;
-    Ok(())
+    result
+}
+
+/// Returns (ending the process) once this node's copy of the meta state shows an active
+/// cluster format this binary does not speak: it would meet messages and records it cannot
+/// read. Checked at start and whenever the meta state may have moved on.
+async fn unsupported_format(node: Arc<Node>) -> String {
+    loop {
+        let active = node.host().meta().read_meta(|m| m.cluster_format());
+        if let Some(why) = active.ok().and_then(storage::version::unsupported) {
+            tracing::error!("{why}");
+            return why;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Records the node's listeners in the meta state (so `status` shows where to connect),

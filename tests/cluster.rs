@@ -58,10 +58,25 @@ fn acknowledged_delivery_survives_leader_kill_and_is_read_everywhere() {
 #[test]
 fn writes_resume_after_a_node_dies_and_it_catches_up() {
     // Goal (b): after kill -9 of one of three nodes every partition accepts writes again, and
-    // the node catches up when restarted (its replicas match the others').
+    // the node catches up when restarted (its replicas match the others'). Also issue 22's
+    // upgrade-finish: refused, naming the node, while a node does not answer; once every node
+    // speaks the newest format, it raises the cluster's format, which `status` shows.
     let _g = serial();
     let mut c = Cluster::start(3, PARTITIONS, 5000, 8);
+    let version = c.admin(&["cluster", "version"]);
+    assert!(version.starts_with("cluster format 1\n"), "{version}");
+    let release = format!("mailgrid {}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(version.matches(&release).count(), 3, "{version}");
+    assert!(version.contains("upgrade-finish"), "{version}");
     c.node(1).kill9();
+    let refused = run(
+        &["admin", "--data", c.any(), "cluster", "upgrade-finish"],
+        None,
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("node 1 does not answer"), "{stderr}");
+    assert_eq!(c.status_via(c.any()).unwrap()["format"], 1);
     let via = c.node(2).data().to_string();
     for i in 0..8 {
         let user = format!("user{i}@example.test");
@@ -77,8 +92,23 @@ fn writes_resume_after_a_node_dies_and_it_catches_up() {
     }
     c.restart(1);
     c.wait_healthy(3);
+    let raised = eventually(Duration::from_secs(30), "upgrade-finish taken", || {
+        let out = run(
+            &["admin", "--data", c.any(), "cluster", "upgrade-finish"],
+            None,
+        );
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
+    assert!(raised.starts_with("cluster format 2\n"), "{raised}");
     c.wait_converged(PARTITIONS as u64, &[1, 2, 3]);
     let n1 = c.node(1).data().to_string();
+    let status = c.status_via(&n1).unwrap();
+    assert_eq!(status["format"], 2, "{status}");
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(n["version"], env!("CARGO_PKG_VERSION"), "{n}");
+    }
     for i in 0..8 {
         assert_eq!(c.fetch(&n1, &format!("user{i}@example.test")).len(), 1);
     }

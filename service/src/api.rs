@@ -39,6 +39,37 @@ pub enum ServiceRequest {
     JoinWitness(JoinRequest),
     /// What is wrong with the receiving node (`Vec<String>`, empty when healthy).
     LocalHealth,
+    /// The receiving node's release and the cluster formats it speaks (`NodeVersion`).
+    /// Format 2; asked of any peer: one that predates it cannot decode it and gives no
+    /// answer, which reads as "older than 0.2.0".
+    LocalVersion,
+}
+
+/// A node's release and the range of cluster formats it speaks (`storage::version`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeVersion {
+    pub binary: String,
+    pub format_min: u32,
+    pub format_max: u32,
+}
+
+impl NodeVersion {
+    /// This binary's.
+    pub fn this() -> NodeVersion {
+        NodeVersion {
+            binary: storage::version::BINARY.to_string(),
+            format_min: storage::version::FORMAT_MIN,
+            format_max: storage::version::FORMAT_MAX,
+        }
+    }
+}
+
+/// The cluster's active format and what each node runs (`None`: it gave no answer; it is
+/// down, or runs a release older than 0.2.0).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterVersions {
+    pub active_format: u32,
+    pub nodes: BTreeMap<u64, Option<NodeVersion>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -273,6 +304,11 @@ pub enum ClientRequest {
     Placement,
     /// Every node's role and what is wrong with it (`Vec<NodeHealth>`).
     Health,
+    /// The active cluster format and every node's release (`ClusterVersions`).
+    Versions,
+    /// Raises the active cluster format to the newest every node speaks, once every node
+    /// runs a binary that speaks this one's newest (`ClusterVersions` after the change).
+    UpgradeFinish,
 }
 
 /// What an operator does to a queue entry.
@@ -304,6 +340,7 @@ pub enum ClientReply {
     Record(String),
     Placement(PlacementStatus),
     Health(Vec<NodeHealth>),
+    Versions(ClusterVersions),
 }
 
 /// One node's role and its problems, as the answering node knows them.

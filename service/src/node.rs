@@ -247,6 +247,7 @@ impl Node {
             ServiceRequest::Client(c) => codec::encode(&self.client(c).await),
             ServiceRequest::MoveStats => codec::encode(&self.host().move_stats()),
             ServiceRequest::LocalHealth => codec::encode(&self.host().problems()),
+            ServiceRequest::LocalVersion => codec::encode(&NodeVersion::this()),
         }
     }
 
@@ -491,6 +492,8 @@ impl Node {
             ),
             ClientRequest::Placement => Ok(ClientReply::Placement(self.placement().await?)),
             ClientRequest::Health => Ok(ClientReply::Health(self.health().await?)),
+            ClientRequest::Versions => Ok(ClientReply::Versions(self.versions().await?)),
+            ClientRequest::UpgradeFinish => Ok(ClientReply::Versions(self.upgrade_finish().await?)),
             ClientRequest::Digests(group) => Ok(ClientReply::Digests(self.digests(group).await)),
             ClientRequest::NodeStats => Ok(ClientReply::NodeStats(NodeStats {
                 node_id: self.file.node_id,
@@ -865,6 +868,76 @@ impl Node {
             ));
         }
         Ok(())
+    }
+
+    /// The active cluster format and every node's release, as each node reports it.
+    async fn versions(&self) -> Result<ClusterVersions, String> {
+        let (nodes, active_format) = self
+            .host()
+            .meta()
+            .read_meta(|m| Ok::<_, storage::StorageError>((m.nodes()?, m.cluster_format()?)))
+            .map_err(|e| e.to_string())?;
+        let me = self.file.node_id;
+        let asks = nodes.iter().map(|n| async move {
+            let version = if n.id == me {
+                Some(NodeVersion::this())
+            } else {
+                self.ask_node::<NodeVersion>(n.id, &n.cluster_addr, ServiceRequest::LocalVersion)
+                    .await
+            };
+            (n.id, version)
+        });
+        Ok(ClusterVersions {
+            active_format,
+            nodes: futures::future::join_all(asks).await.into_iter().collect(),
+        })
+    }
+
+    /// `admin cluster upgrade-finish`: raises the active format to this binary's newest once
+    /// every member node answers that it speaks it; refused, naming the nodes, otherwise (a
+    /// node that does not answer counts as not upgraded: it may be down on the old binary).
+    async fn upgrade_finish(&self) -> Result<ClusterVersions, String> {
+        let versions = self.versions().await?;
+        let target = storage::version::FORMAT_MAX;
+        if versions.active_format >= target {
+            return Ok(versions);
+        }
+        let behind: Vec<String> = versions
+            .nodes
+            .iter()
+            .filter_map(|(id, v)| match v {
+                None => Some(format!(
+                    "node {id} does not answer (down, or older than mailgrid 0.2.0)"
+                )),
+                Some(v) if v.format_max < target => Some(format!(
+                    "node {id} runs mailgrid {} (formats up to {})",
+                    v.binary, v.format_max
+                )),
+                Some(_) => None,
+            })
+            .collect();
+        if !behind.is_empty() {
+            return Err(format!(
+                "not every node speaks format {target} yet: {}; upgrade them (and start them),                  then run upgrade-finish again",
+                behind.join("; ")
+            ));
+        }
+        let response = self
+            .router
+            .meta_write(MetaCommand::SetClusterFormat(target))
+            .await
+            .map_err(|e| e.to_string())?;
+        meta_done(response)?;
+        tracing::warn!(
+            from = versions.active_format,
+            to = target,
+            "cluster format raised"
+        );
+        // Committed; this node's own copy of the meta state may not have applied it yet.
+        Ok(ClusterVersions {
+            active_format: target,
+            ..versions
+        })
     }
 
     /// Every node's role and problems, as each node reports its own (a failed disk); one

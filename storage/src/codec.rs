@@ -1,7 +1,10 @@
 //! The one place where values are turned into bytes and back, for disk and wire alike.
 //!
 //! Every encoded value starts with a format-version byte so a future layout can be told apart,
-//! and decoding is bounded so a corrupt length prefix cannot make us allocate gigabytes.
+//! and decoding is bounded so a corrupt length prefix cannot make us allocate gigabytes. A
+//! value that cannot be read is refused with an error naming the type asked for (and, for a
+//! newer layout, both versions); it is never taken for something else. Which *cluster format*
+//! may be sent or proposed at all is `crate::version`'s business.
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -15,10 +18,16 @@ pub const DECODE_BYTES_MAX: usize = 128 * 1024 * 1024;
 pub enum CodecError {
     #[error("empty value")]
     Empty,
-    #[error("unknown format version {0} (this build reads version {FORMAT_VERSION})")]
-    Version(u8),
-    #[error("malformed value: {0}")]
-    Decode(String),
+    #[error(
+        "{type_name} in encoding version {found}, newer than this build reads \
+         (version {FORMAT_VERSION})"
+    )]
+    Version { type_name: &'static str, found: u8 },
+    #[error("malformed {type_name}: {why}")]
+    Decode {
+        type_name: &'static str,
+        why: String,
+    },
     #[error("cannot encode value: {0}")]
     Encode(String),
     #[error("trailing bytes after value")]
@@ -39,12 +48,19 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let type_name = std::any::type_name::<T>();
     let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     if version != FORMAT_VERSION {
-        return Err(CodecError::Version(version));
+        return Err(CodecError::Version {
+            type_name,
+            found: version,
+        });
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (value, used) =
+        bincode::serde::decode_from_slice(body, config()).map_err(|e| CodecError::Decode {
+            type_name,
+            why: e.to_string(),
+        })?;
     if used != body.len() {
         return Err(CodecError::Trailing);
     }
@@ -62,10 +78,14 @@ mod tests {
         let bytes = encode(&v);
         assert_eq!(decode::<(u64, String, Vec<u8>)>(&bytes).unwrap(), v);
         assert!(matches!(decode::<u64>(&[]), Err(CodecError::Empty)));
-        assert!(matches!(
-            decode::<u64>(&[9, 1]),
-            Err(CodecError::Version(9))
-        ));
+        let newer = decode::<u64>(&[9, 1]).unwrap_err();
+        assert!(matches!(newer, CodecError::Version { found: 9, .. }));
+        assert_eq!(
+            newer.to_string(),
+            "u64 in encoding version 9, newer than this build reads (version 1)"
+        );
+        let wrong = decode::<bool>(&[FORMAT_VERSION, 7]).unwrap_err();
+        assert!(wrong.to_string().starts_with("malformed bool: "), "{wrong}");
         let mut trailing = encode(&7u64);
         trailing.push(0);
         assert!(matches!(

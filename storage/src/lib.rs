@@ -13,6 +13,7 @@ pub mod machine;
 pub mod meta;
 pub mod partition;
 pub mod types;
+pub mod version;
 
 pub use db::Store;
 pub use log::GroupLog;

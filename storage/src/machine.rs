@@ -432,6 +432,50 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_cluster_format_starts_at_one_goes_up_and_never_down() {
+        // Goal: a cluster without a format record is at format 1 (release 0.1.0);
+        // SetClusterFormat raises it, and a lower one is refused, the same on every replica.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), true).unwrap();
+        let m = GroupMachine::open(&store, 0, GroupKind::Meta).unwrap();
+        let meta = |index: u64, cmd: meta::MetaCommand| match m
+            .apply(Some(&Command::Meta(cmd)), &index.to_be_bytes())
+            .unwrap()
+        {
+            Response::Meta(r) => r,
+            other => panic!("unexpected {other:?}"),
+        };
+        let info = meta::ClusterInfo {
+            cluster_id: "c".into(),
+            partitions: 1,
+            replicas: 1,
+            created: 0,
+        };
+        let node = meta::NodeRecord {
+            id: 1,
+            cluster_addr: "127.0.0.1:1".into(),
+            listeners: Default::default(),
+            joined: 0,
+        };
+        meta(1, meta::MetaCommand::Init { info, node });
+        let format = || m.read_meta(|v| v.cluster_format()).unwrap();
+        assert_eq!(format(), crate::version::FORMAT_INITIAL);
+        assert_eq!(
+            meta(2, meta::MetaCommand::SetClusterFormat(2)),
+            meta::MetaResponse::Done
+        );
+        assert_eq!(format(), 2);
+        assert_eq!(
+            meta(3, meta::MetaCommand::SetClusterFormat(1)),
+            meta::MetaResponse::Refused(meta::MetaError::FormatDown {
+                active: 2,
+                asked: 1
+            })
+        );
+        assert_eq!(format(), 2);
+    }
+
     fn account(address: &str, quota: Quota) -> PartitionCommand {
         PartitionCommand::CreateAccount {
             address: address.into(),
