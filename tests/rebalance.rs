@@ -151,10 +151,12 @@ fn joined_nodes_take_their_share_weights_count_and_a_drained_node_leaves_empty()
     // while every remaining replica still agrees with the others of its group.
     let left = wait_copies_dropped(&c, &[1, 2, 3, 4, 5]);
     assert!(left >= 16, "replicas moved off nodes 1-3: {left}");
-    assert_eq!(
-        metric_sum(&c, "mailgrid_stale_replicas_dropped_total"),
-        left as u64
-    );
+    // A partition without mail has the empty digest before its copy is dropped too (and a
+    // drop is put off when the copy's membership changed meanwhile): wait for every drop.
+    eventually(Duration::from_secs(60), "every left copy dropped", || {
+        let dropped = metric_sum(&c, "mailgrid_stale_replicas_dropped_total");
+        (dropped == left as u64).then_some(())
+    });
 
     // Weights: node 1 counts twice.
     c.admin(&["node", "weight", "1", "2"]);

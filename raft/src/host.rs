@@ -219,14 +219,21 @@ pub struct RaftHost {
     transfers: std::sync::Mutex<BTreeMap<GroupId, Transfer>>,
     /// The replica moves this node started as meta leader (see `rebalance`).
     moves: std::sync::Mutex<Moves>,
-    /// Groups this node has left whose copy it still holds, with when that was first seen,
-    /// and when it last looked (see `drop_stale_replicas`).
-    stale: std::sync::Mutex<(
-        BTreeMap<GroupId, std::time::Instant>,
-        Option<std::time::Instant>,
-    )>,
+    /// Groups this node has left whose copy it still holds, with when that was first seen
+    /// and the log id of the membership its own copy had then, and when it last looked (see
+    /// `drop_stale_replicas`).
+    stale: std::sync::Mutex<StaleCopies>,
     /// Copies of left groups dropped since this process started.
     dropped: std::sync::atomic::AtomicU64,
+}
+
+/// Copies of left groups a node still holds (see `RaftHost::drop_stale_replicas`).
+#[derive(Debug, Default)]
+struct StaleCopies {
+    /// Per group: when it was first seen gone, and its copy's membership log id then.
+    seen: BTreeMap<GroupId, (std::time::Instant, Option<LogId>)>,
+    /// When the last scan ran.
+    scanned: Option<std::time::Instant>,
 }
 
 /// Replica moves the meta leader started and has seen finish. In memory only: a new meta
@@ -309,7 +316,7 @@ impl RaftHost {
             leads: std::sync::Mutex::new(Vec::new()),
             transfers: std::sync::Mutex::new(BTreeMap::new()),
             moves: std::sync::Mutex::new(Moves::default()),
-            stale: std::sync::Mutex::new((BTreeMap::new(), None)),
+            stale: std::sync::Mutex::new(StaleCopies::default()),
             dropped: std::sync::atomic::AtomicU64::new(0),
         });
         for group in 0..=host.config.partitions as GroupId {
@@ -1105,10 +1112,13 @@ impl RaftHost {
         }
         {
             let mut stale = self.stale.lock().expect("stale lock");
-            if stale.1.is_some_and(|t| t.elapsed() < STALE_SCAN_INTERVAL) {
+            if stale
+                .scanned
+                .is_some_and(|t| t.elapsed() < STALE_SCAN_INTERVAL)
+            {
                 return;
             }
-            stale.1 = Some(std::time::Instant::now());
+            stale.scanned = Some(std::time::Instant::now());
         }
         let Some((nodes, left)) = self.left_groups() else {
             return;
@@ -1120,9 +1130,9 @@ impl RaftHost {
         };
         let me = self.id();
         let now = std::time::Instant::now();
-        let due: Vec<GroupId> = {
+        let due: Vec<(GroupId, Option<LogId>)> = {
             let mut stale = self.stale.lock().expect("stale lock");
-            stale.0.retain(|g, _| left.contains(g));
+            stale.seen.retain(|g, _| left.contains(g));
             let mut due = Vec::new();
             for group in &left {
                 let gone = views.get(group).is_some_and(|v| {
@@ -1132,17 +1142,18 @@ impl RaftHost {
                         && !v.learners.contains(&me)
                 });
                 if !gone {
-                    stale.0.remove(group);
+                    stale.seen.remove(group);
                     continue;
                 }
-                let since = *stale.0.entry(*group).or_insert(now);
+                let membership = self.local_membership(*group);
+                let (since, seen) = *stale.seen.entry(*group).or_insert((now, membership));
                 if now.duration_since(since) >= after {
-                    due.push(*group);
+                    due.push((*group, seen));
                 }
             }
             due
         };
-        for group in due {
+        for (group, seen) in due {
             // Asked again right before: the rebalancer may have given the partition back.
             if !self
                 .left_groups()
@@ -1150,9 +1161,16 @@ impl RaftHost {
             {
                 continue;
             }
-            self.drop_replica(group).await;
-            self.stale.lock().expect("stale lock").0.remove(&group);
+            self.drop_replica(group, seen).await;
+            self.stale.lock().expect("stale lock").seen.remove(&group);
         }
+    }
+
+    /// The log id of the membership this node's own copy of `group` has.
+    fn local_membership(&self, group: GroupId) -> Option<LogId> {
+        let g = self.group(group).ok()?;
+        let m = g.raft.metrics().borrow_watched().clone();
+        *m.membership_config.log_id()
     }
 
     /// The live nodes, and the partition groups whose recorded replicas exclude this node
@@ -1182,18 +1200,35 @@ impl RaftHost {
     }
 
     /// Stops the group's core, drops its data (`store::drop_replica`) and opens it again,
-    /// empty but for the vote and the floor.
-    async fn drop_replica(&self, group: GroupId) {
+    /// empty but for the vote and the floor. `seen`: the membership log id the copy had when
+    /// the group was first seen gone. If it has another once the core is stopped (so nothing
+    /// more can arrive), a leader has sent it a membership change since — it may be being
+    /// given the partition back, as a learner or even a voter that acknowledged entries — and
+    /// nothing is dropped.
+    async fn drop_replica(&self, group: GroupId, seen: Option<LogId>) {
         let Ok(old) = self.group(group) else { return };
         let _ = old.raft.shutdown().await;
-        let dropped = GroupLog::open(&self.store, group)
-            .map_err(|e| e.to_string())
-            .and_then(|log| {
-                crate::store::drop_replica(&log, old.sm.machine(), &self.snapshot_dir(group))
-                    .map_err(|e| e.to_string())
-            });
+        let now = *old
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .log_id();
+        let dropped = if now != seen {
+            tracing::info!(group, "a left group's copy got a membership change: kept");
+            Ok(None)
+        } else {
+            GroupLog::open(&self.store, group)
+                .map_err(|e| e.to_string())
+                .and_then(|log| {
+                    crate::store::drop_replica(&log, old.sm.machine(), &self.snapshot_dir(group))
+                        .map(Some)
+                        .map_err(|e| e.to_string())
+                })
+        };
         match dropped {
-            Ok(floor) => {
+            Ok(None) => {}
+            Ok(Some(floor)) => {
                 self.dropped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(group, ?floor, "dropped the copy of a group this node left");
