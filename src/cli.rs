@@ -1011,7 +1011,7 @@ fn print_versions(v: &service::api::ClusterVersions) {
                 "node {id:>3}  mailgrid {}  formats {}-{}",
                 n.binary, n.format_min, n.format_max
             ),
-            None => println!("node {id:>3}  no answer (down, or older than mailgrid 0.2.0)"),
+            None => println!("node {id:>3}  no answer (down or cut off)"),
         }
     }
     let newest = v

@@ -30,6 +30,9 @@ pub struct Node {
     pub paused: bool,
     /// Taken out of the cluster (`node remove`) with its disk wiped; joins again on heal.
     pub removed: bool,
+    /// Runs the release under test; `false` while it still runs `--bin-old` (see
+    /// [`Cluster::upgrade_next`]).
+    pub upgraded: bool,
 }
 
 impl Node {
@@ -40,6 +43,10 @@ impl Node {
 
 pub struct Cluster {
     bin: PathBuf,
+    /// An older release the first nodes start on, upgraded to `bin` one by one (`upgrade`).
+    bin_old: Option<PathBuf>,
+    /// Nodes made now start on `bin_old` (the first ones; later joins run `bin`).
+    start_old: bool,
     pub dir: PathBuf,
     pub net: Net,
     pub nodes: Vec<Node>,
@@ -114,7 +121,7 @@ fn config(slot: &Slot) -> String {
 }
 
 /// How a cluster is laid out.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Layout {
     /// Nodes run under libfaketime so the clock nemesis can move their clocks.
     pub skewable: bool,
@@ -125,6 +132,9 @@ pub struct Layout {
     pub witness: bool,
     /// Nodes run with a disk fault file each (`storage::disk_fault`), for the disk nemesis.
     pub disk_faults: bool,
+    /// An older release to start the first nodes on (the `upgrade` nemesis moves them to the
+    /// release under test).
+    pub bin_old: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -143,6 +153,7 @@ impl Cluster {
             spare_slots,
             witness,
             disk_faults,
+            bin_old,
         } = layout;
         if skewable && !Path::new(FAKETIME_LIB).exists() {
             bail!("the clock nemesis needs {FAKETIME_LIB} (apt-get install faketime)");
@@ -151,6 +162,8 @@ impl Cluster {
         let net = Net::start(nodes as usize + spare_slots, network).await?;
         let mut cluster = Cluster {
             bin: bin.to_path_buf(),
+            start_old: bin_old.is_some(),
+            bin_old,
             dir: dir.to_path_buf(),
             net,
             nodes: Vec::new(),
@@ -176,7 +189,40 @@ impl Cluster {
         }
         cluster.wait_ready(3, READY_TIMEOUT).await?;
         cluster.refresh_listeners().await;
+        cluster.start_old = false;
         Ok(cluster)
+    }
+
+    /// Upgrades the first member still on the older release: stopped, then started on the
+    /// release under test (its data as it was). Its id, or `None` when every member runs it.
+    pub fn upgrade_next(&mut self) -> anyhow::Result<Option<u64>> {
+        let Some(id) = self
+            .nodes
+            .iter()
+            .find(|n| !n.upgraded && !n.removed)
+            .map(|n| n.id)
+        else {
+            return Ok(None);
+        };
+        self.kill(id);
+        self.node(id).upgraded = true;
+        self.restart(id)?;
+        Ok(Some(id))
+    }
+
+    /// Members on the release under test, and all members.
+    pub fn upgraded(&self) -> (usize, usize) {
+        let members = self.nodes.iter().filter(|n| !n.removed);
+        let all = members.clone().count();
+        (members.filter(|n| n.upgraded).count(), all)
+    }
+
+    /// The binary node `id` runs.
+    fn bin_of(&self, upgraded: bool) -> PathBuf {
+        match (&self.bin_old, upgraded) {
+            (Some(old), false) => old.clone(),
+            _ => self.bin.clone(),
+        }
     }
 
     /// Makes a new node (the next id) in `slot`, initialising the cluster when it is the
@@ -186,7 +232,8 @@ impl Cluster {
         self.next_id += 1;
         let s = self.net.slots()[slot].clone();
         let data = self.dir.join(format!("node{id}"));
-        let mut cmd = s.command(&self.bin);
+        let upgraded = !self.start_old;
+        let mut cmd = s.command(&self.bin_of(upgraded));
         if self.token.is_empty() {
             cmd.arg("init")
                 .args(["--partitions", &self.partitions.to_string()])
@@ -223,6 +270,7 @@ impl Cluster {
             running: false,
             paused: false,
             removed: false,
+            upgraded,
         };
         match self.nodes.iter().position(|n| n.slot == slot) {
             Some(i) => self.nodes[i] = node,
@@ -291,7 +339,8 @@ impl Cluster {
     }
 
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
-        let bin = self.bin.clone();
+        let upgraded = self.node(id).upgraded;
+        let bin = self.bin_of(upgraded);
         let log_path = self.dir.join(format!("node{id}.log"));
         let skewable = self.skewable;
         let index = self.node(id).slot;

@@ -69,6 +69,10 @@ struct Cli {
     /// witness, the two-server topology.
     #[arg(long)]
     witness: bool,
+    /// An older release's mailgrid binary: the nodes start on it, and the `upgrade` nemesis
+    /// moves them one by one to `--bin` (a rolling upgrade under the other faults).
+    #[arg(long)]
+    bin_old: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -145,8 +149,20 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         crate::net::Choice::Auto => String::new(),
         crate::net::Choice::Namespaces => " --net namespaces".into(),
         crate::net::Choice::Proxy => " --net proxy".into(),
-    } + if cli.witness { " --witness" } else { "" };
+    } + if cli.witness { " --witness" } else { "" }
+        + &cli
+            .bin_old
+            .as_ref()
+            .map(|b| format!(" --bin-old {}", b.display()))
+            .unwrap_or_default();
     let bin = mailgrid_binary(cli.bin)?;
+    let bin_old = match &cli.bin_old {
+        Some(old) => Some(mailgrid_binary(Some(old.clone()))?),
+        None if faults.contains(&Fault::Upgrade) => {
+            bail!("the upgrade nemesis needs --bin-old: an older release's mailgrid binary")
+        }
+        None => None,
+    };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -168,6 +184,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             spare_slots: usize::from(faults.contains(&Fault::Grow)),
             witness: cli.witness,
             disk_faults: faults.contains(&Fault::Disk),
+            bin_old: bin_old.clone(),
         },
     )
     .await?;
@@ -370,6 +387,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
                 cluster::FAKETIME_LIB
             );
         }
+    }
+    if bin_old.is_some() {
+        let (done, all) = cluster.upgraded();
+        let format = match cluster.request(ClientRequest::Versions).await {
+            Ok(ClientReply::Versions(v)) => v.active_format.to_string(),
+            _ => "unknown (the answering node runs the older release)".into(),
+        };
+        verdict.push_str(&format!(
+            "upgrade: {done} of {all} nodes on the release under test; cluster format {format}\n"
+        ));
     }
     let dropped = lines_in_logs(&results.join("cluster"), DROPPED_LINE);
     verdict.push_str(&format!(

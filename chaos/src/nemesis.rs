@@ -40,10 +40,15 @@ pub enum Fault {
     /// healed by a working disk and, for the first two, a restart, since a node gives up on a
     /// failed disk for good.
     Disk,
+    /// A rolling upgrade (`--bin-old`): the next node still on the older release is stopped
+    /// and started on the release under test; once every node runs it, `admin cluster
+    /// upgrade-finish` raises the cluster's format. Old and new releases serve side by side
+    /// under the other faults until then.
+    Upgrade,
 }
 
 impl Fault {
-    pub const ALL: [(&'static str, Fault); 10] = [
+    pub const ALL: [(&'static str, Fault); 11] = [
         ("kill", Fault::Kill),
         ("kill-leader", Fault::KillLeader),
         ("kill-minority", Fault::KillMinority),
@@ -54,6 +59,7 @@ impl Fault {
         ("membership", Fault::Membership),
         ("grow", Fault::Grow),
         ("disk", Fault::Disk),
+        ("upgrade", Fault::Upgrade),
     ];
 
     /// Faults from a comma-separated list; unknown names are an error that lists the known.
@@ -227,6 +233,10 @@ pub async fn run(
                 (nodes, detail) = grow(cluster, &mut rng, hold).await;
                 eprintln!("[{:>6} ms] nemesis: {detail}", ms());
             }
+            Fault::Upgrade => {
+                (nodes, detail) = upgrade(cluster).await?;
+                eprintln!("[{:>6} ms] nemesis: {detail}", ms());
+            }
         }
         timeline.push(Window {
             fault,
@@ -284,6 +294,37 @@ async fn grow(cluster: &mut Cluster, rng: &mut StdRng, hold: Duration) -> (Vec<u
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     (vec![id], format!("{what}; undoing it failed"))
+}
+
+/// One `upgrade` step: the next node on the older release moves to the release under test
+/// (and the cluster is let heal before the next fault); after the last one, upgrade-finish.
+async fn upgrade(cluster: &mut Cluster) -> anyhow::Result<(Vec<u64>, String)> {
+    use service::api::{ClientReply, ClientRequest};
+    let Some(id) = cluster.upgrade_next()? else {
+        return Ok((Vec::new(), "every node runs the new release".into()));
+    };
+    if let Err(e) = cluster.wait_healthy(Duration::from_secs(30)).await {
+        eprintln!("nemesis: after upgrading node {id}: {e}");
+    }
+    let (done, all) = cluster.upgraded();
+    let mut detail = format!("node {id} upgraded ({done} of {all})");
+    if done == all {
+        // Retried: a node just restarted may not answer its version yet.
+        let mut last = String::new();
+        for _ in 0..20 {
+            match cluster.request(ClientRequest::UpgradeFinish).await {
+                Ok(ClientReply::Versions(v)) => {
+                    last = format!("upgrade-finish: cluster format {}", v.active_format);
+                    break;
+                }
+                Ok(other) => last = format!("upgrade-finish answered {other:?}"),
+                Err(e) => last = format!("upgrade-finish refused: {e:#}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        detail = format!("{detail}; {last}");
+    }
+    Ok((vec![id], detail))
 }
 
 /// The leader of a random partition (a random node when none is known).

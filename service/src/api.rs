@@ -40,8 +40,8 @@ pub enum ServiceRequest {
     /// What is wrong with the receiving node (`Vec<String>`, empty when healthy).
     LocalHealth,
     /// The receiving node's release and the cluster formats it speaks (`NodeVersion`).
-    /// Format 2; asked of any peer: one that predates it cannot decode it and gives no
-    /// answer, which reads as "older than 0.2.0".
+    /// Format 2; asked of any peer: one that predates it cannot decode it and answers with
+    /// an error, which reads as release 0.1.0 (format 1).
     LocalVersion,
 }
 
@@ -65,7 +65,7 @@ impl NodeVersion {
 }
 
 /// The cluster's active format and what each node runs (`None`: it gave no answer; it is
-/// down, or runs a release older than 0.2.0).
+/// down or cut off).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterVersions {
     pub active_format: u32,

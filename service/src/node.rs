@@ -759,14 +759,17 @@ impl Node {
         addr: &str,
         request: ServiceRequest,
     ) -> Option<T> {
+        codec::decode(&self.ask_node_raw(id, addr, request).await?).ok()
+    }
+
+    /// The encoded answer of node `id` to `request`; `None` when it gave none.
+    async fn ask_node_raw(&self, id: u64, addr: &str, request: ServiceRequest) -> Option<Vec<u8>> {
         let bytes = codec::encode(&raft_service(codec::encode(&request)));
-        let response = self
-            .host()
+        self.host()
             .transport()
             .call(Peer::Node(id), addr, &bytes, None, Duration::from_secs(2))
             .await
-            .ok()?;
-        codec::decode(&response).ok()
+            .ok()
     }
 
     async fn status(&self) -> ClusterStatus {
@@ -882,8 +885,18 @@ impl Node {
             let version = if n.id == me {
                 Some(NodeVersion::this())
             } else {
-                self.ask_node::<NodeVersion>(n.id, &n.cluster_addr, ServiceRequest::LocalVersion)
-                    .await
+                let answer = self
+                    .ask_node_raw(n.id, &n.cluster_addr, ServiceRequest::LocalVersion)
+                    .await;
+                // A node that answers something else cannot decode the request: it predates
+                // it, and the only release before it is 0.1.0 (format 1).
+                answer.map(|a| {
+                    codec::decode::<NodeVersion>(&a).unwrap_or(NodeVersion {
+                        binary: "0.1.0".into(),
+                        format_min: 1,
+                        format_max: 1,
+                    })
+                })
             };
             (n.id, version)
         });
@@ -906,9 +919,7 @@ impl Node {
             .nodes
             .iter()
             .filter_map(|(id, v)| match v {
-                None => Some(format!(
-                    "node {id} does not answer (down, or older than mailgrid 0.2.0)"
-                )),
+                None => Some(format!("node {id} does not answer (down or cut off)")),
                 Some(v) if v.format_max < target => Some(format!(
                     "node {id} runs mailgrid {} (formats up to {})",
                     v.binary, v.format_max
@@ -918,7 +929,8 @@ impl Node {
             .collect();
         if !behind.is_empty() {
             return Err(format!(
-                "not every node speaks format {target} yet: {}; upgrade them (and start them),                  then run upgrade-finish again",
+                "not every node speaks format {target} yet: {}; upgrade them (and start them), \
+                 then run upgrade-finish again",
                 behind.join("; ")
             ));
         }
