@@ -269,12 +269,7 @@ fn a_data_node_whose_disk_fails_stalls_or_fills_gives_way_to_the_other() {
     );
     let mut c = Cluster::start_witness(PARTITIONS, 1000, USERS, &ENV);
     let users = user_per_partition();
-    let fault = |id: u64| c.root.path().join(format!("disk-fault-{id}"));
-    let (f1, f2) = (fault(1), fault(2));
-    for (id, f) in [(1, &f1), (2, &f2)] {
-        std::fs::write(f, "").unwrap();
-        c.restart_env(id, &[("MAILGRID_DISK_FAULT_FILE", path(f))]);
-    }
+    let [f1, f2] = with_disk_faults(&mut c, [1, 2]);
     c.wait_healthy(3);
     let (d1, d2) = (c.node(1).data().to_string(), c.node(2).data().to_string());
     let mut acked = round(&c, &d1, &users, "before");
@@ -349,12 +344,7 @@ fn a_full_leader_hands_its_groups_to_a_voter_with_room_and_a_full_partition_answ
     let _serial = serial();
     let mut c = Cluster::start_replicas(3, 2, PARTITIONS, 1000, USERS, &ENV);
     let users = user_per_partition();
-    let fault = |id: u64| c.root.path().join(format!("disk-fault-{id}"));
-    let (f1, f3) = (fault(1), fault(3));
-    for (id, f) in [(1, &f1), (3, &f3)] {
-        std::fs::write(f, "").unwrap();
-        c.restart_env(id, &[("MAILGRID_DISK_FAULT_FILE", path(f))]);
-    }
+    let [f1, f3] = with_disk_faults(&mut c, [1, 3]);
     c.wait_healthy(2);
     let d2 = c.node(2).data().to_string();
     let status = c.status_via(&d2).unwrap();
@@ -425,12 +415,50 @@ fn a_full_leader_hands_its_groups_to_a_voter_with_room_and_a_full_partition_answ
     check_readable(&c, &d1, &acked);
 }
 
+/// Restarts nodes `ids` with a disk fault file each (empty: a working disk); the files.
+fn with_disk_faults<const N: usize>(c: &mut Cluster, ids: [u64; N]) -> [std::path::PathBuf; N] {
+    ids.map(|id| {
+        let f = c.root.path().join(format!("disk-fault-{id}"));
+        std::fs::write(&f, "").unwrap();
+        c.restart_env(id, &[("MAILGRID_DISK_FAULT_FILE", path(&f))]);
+        f
+    })
+}
+
 /// Sends one message to `to` through node `id`'s MX; the reply to the end of DATA (or to the
 /// command that refused it).
 fn smtp_send(c: &Cluster, id: u64, to: &str, subject: &str) -> String {
+    let data = format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n");
+    smtp_dialogue(
+        c,
+        id,
+        &[
+            "EHLO test.example\r\n".to_string(),
+            "MAIL FROM:<someone@remote.example>\r\n".to_string(),
+            format!("RCPT TO:<{to}>\r\n"),
+            "DATA\r\n".to_string(),
+            data,
+        ],
+    )
+}
+
+/// The answer of node `id`'s MX to `MAIL FROM` after `EHLO`.
+fn mail_from(c: &Cluster, id: u64) -> String {
+    smtp_dialogue(
+        c,
+        id,
+        &[
+            "EHLO test.example\r\n".to_string(),
+            "MAIL FROM:<someone@remote.example>\r\n".to_string(),
+        ],
+    )
+}
+
+/// Sends `steps` to node `id`'s MX after its greeting, each after the previous reply, and
+/// stops at the first reply that is not 2xx or 3xx; the last reply read.
+fn smtp_dialogue(c: &Cluster, id: u64, steps: &[String]) -> String {
     use std::io::{BufRead, Write};
-    let addr = c.listener(id, "smtp");
-    let stream = std::net::TcpStream::connect(&addr).unwrap();
+    let stream = std::net::TcpStream::connect(c.listener(id, "smtp")).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -446,16 +474,7 @@ fn smtp_send(c: &Cluster, id: u64, to: &str, subject: &str) -> String {
             }
         }
     };
-    read_reply();
-    let data = format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n");
-    let steps = [
-        "EHLO test.example\r\n".to_string(),
-        "MAIL FROM:<someone@remote.example>\r\n".to_string(),
-        format!("RCPT TO:<{to}>\r\n"),
-        "DATA\r\n".to_string(),
-        data,
-    ];
-    let mut answer = String::new();
+    let mut answer = read_reply();
     for step in steps {
         writer.write_all(step.as_bytes()).unwrap();
         answer = read_reply();
@@ -463,35 +482,6 @@ fn smtp_send(c: &Cluster, id: u64, to: &str, subject: &str) -> String {
             break;
         }
     }
-    let _ = writer.write_all(b"QUIT\r\n");
-    answer
-}
-
-/// The answer of node `id`'s MX to `MAIL FROM` after `EHLO`.
-fn mail_from(c: &Cluster, id: u64) -> String {
-    use std::io::{BufRead, Write};
-    let addr = c.listener(id, "smtp");
-    let stream = std::net::TcpStream::connect(&addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = std::io::BufReader::new(stream);
-    let mut line = String::new();
-    let mut read_reply = |reader: &mut std::io::BufReader<std::net::TcpStream>| loop {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-        if line.len() < 4 || line.as_bytes()[3] != b'-' {
-            return line.clone();
-        }
-    };
-    read_reply(&mut reader);
-    writer.write_all(b"EHLO test.example\r\n").unwrap();
-    read_reply(&mut reader);
-    writer
-        .write_all(b"MAIL FROM:<someone@remote.example>\r\n")
-        .unwrap();
-    let answer = read_reply(&mut reader);
     let _ = writer.write_all(b"QUIT\r\n");
     answer
 }
